@@ -1,0 +1,1 @@
+"""Pure compilers from the model to kernel rule text, one module per backend."""

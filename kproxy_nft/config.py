@@ -1,0 +1,129 @@
+"""Proxy settings: a KubeProxyConfiguration file and command-line flags → `ProxySettings`.
+
+kube-proxy's rule: a flag given on the command line wins over the config file, which wins over
+the built-in default. `Overrides` holds only what the user actually passed (None = not given),
+so `resolve` can apply that rule field by field. Reading the file is the only I/O here.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kproxy_nft.model import MASQUERADE_BIT_DEFAULT, NodeContext
+
+CONFIG_API_VERSIONS = ("kubeproxy.config.k8s.io/v1alpha1",)
+PROXY_MODES = ("iptables", "nftables")
+
+
+class ConfigError(ValueError):
+    """A bad setting; the message names the file (or flag) and the field."""
+
+
+@dataclass(frozen=True)
+class ProxySettings:
+    mode: str
+    node: NodeContext
+
+
+@dataclass(frozen=True)
+class Overrides:
+    """Settings given as flags; None (or empty) means 'not given, use the file or default'."""
+
+    mode: str | None = None
+    hostname: str | None = None
+    node_ips: tuple[str, ...] = ()
+    cluster_cidrs: tuple[str, ...] = ()
+    masquerade_all: bool | None = None
+    masquerade_bit: int | None = None
+    nodeport_addresses: tuple[str, ...] = ()
+    zone: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _split_cidrs(values: Any, where: str) -> tuple[str, ...]:
+    """CIDRs from a comma-separated string or a list (kube-proxy accepts `a,b` for dual-stack)."""
+    if values in (None, ""):
+        return ()
+    items = values.split(",") if isinstance(values, str) else list(values)
+    out = []
+    for item in items:
+        text = str(item).strip()
+        if text == "primary":
+            out.append(text)
+            continue
+        try:
+            ipaddress.ip_network(text, strict=False)
+        except ValueError:
+            raise ConfigError(f"{where}: {text!r} is not a valid CIDR") from None
+        out.append(text)
+    return tuple(out)
+
+
+def _check_ips(values: tuple[str, ...], where: str) -> tuple[str, ...]:
+    for v in values:
+        try:
+            ipaddress.ip_address(v)
+        except ValueError:
+            raise ConfigError(f"{where}: {v!r} is not a valid IP address") from None
+    return values
+
+
+def load_config_file(path: str) -> dict[str, Any]:
+    """The KubeProxyConfiguration document of a file, as a dict."""
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror or e}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: malformed YAML: {e}") from None
+    if not isinstance(data, dict) or data.get("kind") != "KubeProxyConfiguration":
+        raise ConfigError(f"{path}: kind: expected KubeProxyConfiguration")
+    if data.get("apiVersion") not in CONFIG_API_VERSIONS:
+        raise ConfigError(f"{path}: apiVersion: expected one of {', '.join(CONFIG_API_VERSIONS)}")
+    return data
+
+
+def resolve(file_config: dict[str, Any] | None, flags: Overrides, default_hostname: str,
+            source: str = "config") -> ProxySettings:
+    """Merge defaults ← config file ← flags into the settings the compilers use."""
+    cfg = file_config or {}
+    iptables_cfg = cfg.get("iptables") or {}
+    nftables_cfg = cfg.get("nftables") or {}
+    if not isinstance(iptables_cfg, dict) or not isinstance(nftables_cfg, dict):
+        raise ConfigError(f"{source}: iptables/nftables: expected a mapping")
+
+    mode = flags.mode or cfg.get("mode") or "iptables"
+    if mode not in PROXY_MODES:
+        raise ConfigError(f"{source}: mode: unsupported proxy mode {mode!r} ({' or '.join(PROXY_MODES)})")
+
+    hostname = (flags.hostname or cfg.get("hostnameOverride") or default_hostname).strip().lower()
+    cluster_cidrs = flags.cluster_cidrs or _split_cidrs(cfg.get("clusterCIDR"), f"{source}: clusterCIDR")
+    masquerade_all = flags.masquerade_all
+    if masquerade_all is None:
+        masquerade_all = bool(
+            cfg.get("masqueradeAll") or iptables_cfg.get("masqueradeAll") or nftables_cfg.get("masqueradeAll")
+        )
+    bit = flags.masquerade_bit
+    if bit is None:
+        bit = iptables_cfg.get("masqueradeBit", MASQUERADE_BIT_DEFAULT)
+    if not isinstance(bit, int) or not 0 <= bit <= 31:
+        raise ConfigError(f"{source}: iptables.masqueradeBit: must be between 0 and 31, got {bit!r}")
+    nodeport = flags.nodeport_addresses or _split_cidrs(cfg.get("nodePortAddresses"), f"{source}: nodePortAddresses")
+    bind = cfg.get("bindAddress")
+    node_ips = flags.node_ips or ((str(bind),) if bind and bind not in ("0.0.0.0", "::") else ())
+
+    node = NodeContext(
+        hostname=hostname,
+        node_ips=_check_ips(tuple(node_ips), "--node-ip"),
+        zone=flags.zone,
+        cluster_cidrs=cluster_cidrs,
+        masquerade_all=masquerade_all,
+        masquerade_bit=bit,
+        nodeport_addresses=nodeport,
+    )
+    return ProxySettings(mode=mode, node=node)

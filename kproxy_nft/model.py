@@ -1,0 +1,198 @@
+"""The typed, frozen model every other layer speaks: service ports, endpoints, node context.
+
+This is kube-proxy's view of the cluster, reduced to what a node needs to program NAT rules:
+one `ServicePort` per (service, port), the `Endpoint`s behind it, and the `NodeContext` of
+the node doing the programming. Everything here is a value: immutable, hashable, comparable,
+and free of I/O, so the compilers that consume it are pure functions.
+
+Deliberately not here: reading manifests (`sources.manifests`), choosing which endpoints a
+service port uses (`selection`), and anything backend-specific (`compile.*`).
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import TypeVar
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+class Protocol(enum.StrEnum):
+    """The L4 protocols a Service port may use (the API server allows exactly these)."""
+
+    TCP = "TCP"
+    UDP = "UDP"
+    SCTP = "SCTP"
+
+    @property
+    def lower(self) -> str:
+        """The lower-case spelling iptables, nft and kube-proxy's chain hashes use."""
+        return self.value.lower()
+
+
+class IPFamily(enum.IntEnum):
+    """Address family of an IP; the value is the IP version number."""
+
+    V4 = 4
+    V6 = 6
+
+
+def ip_family(ip: str) -> IPFamily:
+    """The family of an IP address or CIDR given as text."""
+    return IPFamily(ipaddress.ip_network(ip, strict=False).version)
+
+
+@dataclass(frozen=True, order=True)
+class ServicePortName:
+    """Identifies one port of one Service, like kube-proxy's `proxy.ServicePortName`.
+
+    `str()` gives `ns/name:port` (or `ns/name` for an unnamed port), the form kube-proxy puts
+    in rule comments and feeds to its chain-name hashes. The protocol is part of the identity
+    (a Service may expose port 53 over both TCP and UDP under different names, and endpoint
+    slices are matched by name *and* protocol) but not of the string.
+    """
+
+    namespace: str
+    name: str
+    port: str
+    protocol: Protocol = Protocol.TCP
+
+    def __str__(self) -> str:
+        base = f"{self.namespace}/{self.name}"
+        return f"{base}:{self.port}" if self.port else base
+
+    @property
+    def service(self) -> tuple[str, str]:
+        """(namespace, name) of the Service this port belongs to."""
+        return (self.namespace, self.name)
+
+
+class TrafficPolicy(enum.StrEnum):
+    """`externalTrafficPolicy` / `internalTrafficPolicy` values."""
+
+    CLUSTER = "Cluster"
+    LOCAL = "Local"
+
+
+@dataclass(frozen=True)
+class ServicePort:
+    """Everything kube-proxy knows about one Service port (its `ServicePort` interface).
+
+    IP lists are tuples in the Service's own order; `cluster_ips` holds one address per family
+    the Service has (dual-stack services have two). `session_affinity_seconds` is None when
+    affinity is off, else the ClientIP timeout.
+    """
+
+    name: ServicePortName
+    port: int
+    target_port: int | str
+    service_type: str = "ClusterIP"
+    cluster_ips: tuple[str, ...] = ()
+    node_port: int | None = None
+    external_ips: tuple[str, ...] = ()
+    load_balancer_ips: tuple[str, ...] = ()
+    load_balancer_source_ranges: tuple[str, ...] = ()
+    external_traffic_policy: TrafficPolicy = TrafficPolicy.CLUSTER
+    internal_traffic_policy: TrafficPolicy = TrafficPolicy.CLUSTER
+    session_affinity_seconds: int | None = None
+    health_check_node_port: int | None = None
+    traffic_distribution: str | None = None
+
+    @property
+    def protocol(self) -> Protocol:
+        return self.name.protocol
+
+    def cluster_ip(self, family: IPFamily) -> str | None:
+        """The cluster IP of the given family, if the service has one."""
+        return next((ip for ip in self.cluster_ips if ip_family(ip) is family), None)
+
+    @property
+    def externally_accessible(self) -> bool:
+        """Reached from outside the cluster (node port, external or load-balancer IPs)."""
+        return bool(self.node_port or self.external_ips or self.load_balancer_ips)
+
+
+@dataclass(frozen=True, order=True)
+class Endpoint:
+    """One backend address:port of a service port, with its EndpointSlice conditions.
+
+    A missing `ready` condition counts as ready and a missing `serving` as equal to `ready`,
+    as the API documents; the manifest reader applies those defaults, so here they are plain
+    booleans. `zone_hints` / `node_hints` come from `hints.forZones` / `hints.forNodes`.
+    """
+
+    ip: str
+    port: int
+    ready: bool = True
+    serving: bool = True
+    terminating: bool = False
+    node_name: str | None = None
+    zone: str | None = None
+    zone_hints: frozenset[str] = frozenset()
+    node_hints: frozenset[str] = frozenset()
+
+    @property
+    def address(self) -> str:
+        """`ip:port`, with brackets around IPv6 (kube-proxy's `Endpoint.String()`)."""
+        return f"[{self.ip}]:{self.port}" if ":" in self.ip else f"{self.ip}:{self.port}"
+
+    @property
+    def family(self) -> IPFamily:
+        return ip_family(self.ip)
+
+
+MASQUERADE_BIT_DEFAULT = 14
+
+
+@dataclass(frozen=True)
+class NodeContext:
+    """The node doing the programming and the proxy's settings that shape the rules.
+
+    `cluster_cidrs` is the local-traffic detector (kube-proxy's `--cluster-cidr`): traffic from
+    outside it that reaches a service is masqueraded. An empty tuple disables that detector, as
+    in kube-proxy. `nodeport_addresses` holds CIDRs or the word `primary`.
+    """
+
+    hostname: str = "localhost"
+    node_ips: tuple[str, ...] = ()
+    zone: str | None = None
+    cluster_cidrs: tuple[str, ...] = ()
+    masquerade_all: bool = False
+    masquerade_bit: int = MASQUERADE_BIT_DEFAULT
+    nodeport_addresses: tuple[str, ...] = ()
+
+    @property
+    def masquerade_mark(self) -> str:
+        """The fwmark bit that flags a packet for SNAT, as kube-proxy writes it (`0x4000`)."""
+        return f"{1 << self.masquerade_bit:#x}"
+
+    def cluster_cidrs_of(self, family: IPFamily) -> tuple[str, ...]:
+        return tuple(c for c in self.cluster_cidrs if ip_family(c) is family)
+
+
+def _frozen_mapping(items: Mapping[K, V]) -> Mapping[K, V]:
+    return MappingProxyType(dict(items))
+
+
+@dataclass(frozen=True)
+class ClusterState:
+    """All service ports and their endpoints, as a node sees them at one moment.
+
+    `endpoints` is keyed like `services`; a service port with no entry has no endpoints.
+    Endpoint tuples are in kube-proxy's order (by `ip:port` text) and hold no duplicates.
+    """
+
+    services: Mapping[ServicePortName, ServicePort] = field(default_factory=dict)
+    endpoints: Mapping[ServicePortName, tuple[Endpoint, ...]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "services", _frozen_mapping(self.services))
+        object.__setattr__(self, "endpoints", _frozen_mapping(self.endpoints))
+
+    def endpoints_of(self, name: ServicePortName) -> tuple[Endpoint, ...]:
+        return self.endpoints.get(name, ())

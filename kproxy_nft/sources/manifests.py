@@ -1,0 +1,203 @@
+"""Read Kubernetes manifests (YAML/JSON files, directories, stdin) into validated objects.
+
+Accepts what people actually have: multi-document YAML, JSON, `kind: List` as
+`kubectl get -o yaml` prints it, directories searched recursively for `*.yaml|*.yml|*.json`,
+and `-` for stdin. Services, EndpointSlices (discovery.k8s.io/v1) and legacy Endpoints (v1,
+converted to slices) are kept; other kinds are skipped with a notice.
+
+Every problem becomes a `ManifestError` whose one-line message names the file, the document
+index (1-based, as a reader counts) and the field, e.g.
+`examples/bad.yaml: document 2 (Service default/web): spec.ports[0].port: must be between 1
+and 65535, inclusive, got 70000`. Nothing half-read is ever returned.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import pydantic
+import yaml
+from kubernetes.client import V1Endpoints, V1EndpointSlice, V1Service
+
+from kproxy_nft.convert import (
+    EndpointsByPort,
+    InvalidObject,
+    ServiceInfo,
+    build_state,
+    convert_endpoint_slice,
+    convert_service,
+    endpoints_to_slice,
+)
+from kproxy_nft.model import ClusterState
+
+try:  # libyaml's C loader is ~10x faster on large clusters; fall back where it is missing.
+    from yaml import CSafeLoader as YamlLoader
+except ImportError:  # pragma: no cover - depends on how PyYAML was built
+    from yaml import SafeLoader as YamlLoader  # type: ignore[assignment]
+
+MANIFEST_SUFFIXES = (".yaml", ".yml", ".json")
+
+# (apiVersion, kind) → the client's model class; anything else is skipped with a notice.
+_KINDS: dict[tuple[str, str], Any] = {
+    ("v1", "Service"): V1Service,
+    ("discovery.k8s.io/v1", "EndpointSlice"): V1EndpointSlice,
+    ("v1", "Endpoints"): V1Endpoints,
+}
+
+
+class ManifestError(ValueError):
+    """A manifest that cannot be used; the message is one line naming file, document and field."""
+
+
+@dataclass(frozen=True)
+class Document:
+    """One object from a manifest, with where it came from (for error messages)."""
+
+    source: str
+    index: int  # 1-based position of the YAML document in its file
+    obj: dict[str, Any]
+
+    def describe(self) -> str:
+        kind = self.obj.get("kind", "object")
+        meta = self.obj.get("metadata") if isinstance(self.obj.get("metadata"), dict) else {}
+        assert isinstance(meta, dict)
+        name = f"{meta.get('namespace') or 'default'}/{meta.get('name', '?')}"
+        return f"{self.source}: document {self.index} ({kind} {name})"
+
+
+@dataclass(frozen=True)
+class Manifests:
+    """What a set of manifest paths holds: typed objects plus notices about skipped ones."""
+
+    services: tuple[V1Service, ...]
+    endpoint_slices: tuple[V1EndpointSlice, ...]
+    notices: tuple[str, ...]
+
+    def cluster_state(self) -> ClusterState:
+        """The proxy's view of these objects (see `convert.build_state`)."""
+        return build_state(self.service_infos(), self.slice_endpoints())
+
+    def service_infos(self) -> tuple[ServiceInfo, ...]:
+        return tuple(convert_service(s) for s in self.services)
+
+    def slice_endpoints(self) -> tuple[EndpointsByPort, ...]:
+        return tuple(convert_endpoint_slice(s) for s in self.endpoint_slices)
+
+
+def expand_paths(paths: Sequence[str]) -> list[str]:
+    """Files named directly, plus manifests found recursively in named directories (sorted)."""
+    files: list[str] = []
+    for path in paths:
+        p = Path(path)
+        if path != "-" and p.is_dir():
+            files.extend(str(f) for f in sorted(p.rglob("*")) if f.suffix in MANIFEST_SUFFIXES and f.is_file())
+        else:
+            files.append(path)
+    return files
+
+
+def _read_text(path: str, stdin: IO[str]) -> str:
+    if path == "-":
+        return stdin.read()
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise ManifestError(f"{path}: cannot read: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise ManifestError(f"{path}: not UTF-8 text") from None
+
+
+def parse_documents(text: str, source: str) -> Iterator[Document]:
+    """The objects in one file's text; `kind: List` items become documents of their own."""
+    try:
+        if source.endswith(".json"):
+            raw: Iterable[Any] = [json.loads(text)]
+        else:
+            raw = list(yaml.load_all(text, Loader=YamlLoader))
+    except (yaml.YAMLError, json.JSONDecodeError) as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1} column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or getattr(e, "msg", None) or str(e)
+        raise ManifestError(f"{source}:{where}: malformed {'JSON' if source.endswith('.json') else 'YAML'}: "
+                            f"{problem}") from None
+    for index, obj in enumerate(raw, start=1):
+        if obj is None:
+            continue  # an empty document (a stray `---`)
+        if not isinstance(obj, dict):
+            raise ManifestError(f"{source}: document {index}: expected a mapping, got {type(obj).__name__}")
+        if obj.get("kind") == "List" or (str(obj.get("kind", "")).endswith("List") and "items" in obj):
+            items = obj.get("items") or []
+            if not isinstance(items, list):
+                raise ManifestError(f"{source}: document {index}: items: expected a list")
+            for item_no, item in enumerate(items):
+                if not isinstance(item, dict):
+                    raise ManifestError(f"{source}: document {index}: items[{item_no}]: expected a mapping")
+                # kubectl's typed lists (ServiceList) omit kind/apiVersion on items.
+                item = dict(item)
+                if "kind" not in item and str(obj.get("kind")).endswith("List") and obj.get("kind") != "List":
+                    item["kind"] = str(obj["kind"])[: -len("List")]
+                    item.setdefault("apiVersion", obj.get("apiVersion"))
+                yield Document(source, index, item)
+        else:
+            yield Document(source, index, obj)
+
+
+def _pydantic_field(loc: tuple[int | str, ...]) -> str:
+    """`('spec', 'ports', 1, 'port')` → `spec.ports[1].port` (dropping union type tags)."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in ("int", "str", "float", "bool") or "[" in part:
+            break  # pydantic names the union member it tried; not a field
+        else:
+            out += f".{part}" if out else part
+    return out or "(document)"
+
+
+def load_document(doc: Document) -> Any | None:
+    """The typed client model of a document, or None for a kind we skip."""
+    api_version, kind = doc.obj.get("apiVersion"), doc.obj.get("kind")
+    cls = _KINDS.get((str(api_version), str(kind)))
+    if cls is None:
+        return None
+    try:
+        obj = cls.model_validate(doc.obj)
+    except pydantic.ValidationError as e:
+        err = e.errors()[0]
+        raise ManifestError(f"{doc.describe()}: {_pydantic_field(err['loc'])}: {err['msg']}") from None
+    try:
+        if kind == "Service":
+            convert_service(obj)
+        elif kind == "EndpointSlice":
+            convert_endpoint_slice(obj)
+        else:
+            obj = endpoints_to_slice(obj)
+            convert_endpoint_slice(obj)
+    except InvalidObject as e:
+        raise ManifestError(f"{doc.describe()}: {e}") from None
+    return obj
+
+
+def read_manifests(paths: Sequence[str], stdin: IO[str] | None = None) -> Manifests:
+    """Read and validate every manifest under `paths`; raise ManifestError on the first problem."""
+    services: list[V1Service] = []
+    slices: list[V1EndpointSlice] = []
+    notices: list[str] = []
+    for path in expand_paths(paths):
+        source = "<stdin>" if path == "-" else path
+        for doc in parse_documents(_read_text(path, stdin or sys.stdin), source):
+            obj = load_document(doc)
+            if obj is None:
+                notices.append(f"{doc.describe()}: skipped: kind {doc.obj.get('apiVersion')}/"
+                               f"{doc.obj.get('kind')} is not used by kproxy-nft")
+            elif isinstance(obj, V1Service):
+                services.append(obj)
+            else:
+                slices.append(obj)
+    return Manifests(tuple(services), tuple(slices), tuple(notices))
