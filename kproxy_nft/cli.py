@@ -15,7 +15,7 @@ import click
 from kproxy_nft.compile import iptables as ipt
 from kproxy_nft.config import ConfigError, Overrides, ProxySettings, load_config_file, resolve
 from kproxy_nft.model import IPFamily
-from kproxy_nft.sources.manifests import Manifests, ManifestError, read_manifests
+from kproxy_nft.sources.manifests import ManifestError, Manifests, read_manifests
 
 F = TypeVar("F", bound=Callable[..., Any])
 

@@ -152,6 +152,8 @@ def service_is_proxied(svc: V1Service) -> bool:
     hands the Service to another proxy (kube-proxy's informer filters those out).
     """
     spec = svc.spec
+    if spec is None:
+        return False
     if SERVICE_PROXY_NAME_LABEL in _labels(svc) or HEADLESS_LABEL in _labels(svc):
         return False
     if spec.type == "ExternalName":
@@ -161,11 +163,13 @@ def service_is_proxied(svc: V1Service) -> bool:
 
 def convert_service(svc: V1Service) -> ServiceInfo:
     """Validate a Service and turn each of its ports into a `ServicePort`."""
-    _check(svc.metadata is not None, "metadata", "required value")
+    if svc.metadata is None:
+        raise InvalidObject("metadata", "required value")
     name = _check_name(svc.metadata.name, "metadata.name", _DNS1035_LABEL, "Service name (DNS-1035 label)", 63)
     namespace = _namespace(svc)
     spec = svc.spec
-    _check(spec is not None, "spec", "required value")
+    if spec is None:
+        raise InvalidObject("spec", "required value")
     svc_type = spec.type or "ClusterIP"
     _check(svc_type in _SERVICE_TYPES, "spec.type", f"unsupported value {svc_type!r}")
 
@@ -299,7 +303,8 @@ def convert_endpoint_slice(eps: V1EndpointSlice) -> EndpointsByPort:
     skipped, and FQDN slices are ignored. Condition defaults follow the API documentation:
     `ready` unset means ready, `serving` unset means the value of `ready`.
     """
-    _check(eps.metadata is not None, "metadata", "required value")
+    if eps.metadata is None:
+        raise InvalidObject("metadata", "required value")
     _check_name(eps.metadata.name, "metadata.name", _DNS1123_SUBDOMAIN, "EndpointSlice name", 253)
     namespace = _namespace(eps)
     service = _labels(eps).get(SERVICE_NAME_LABEL)
@@ -314,7 +319,8 @@ def convert_endpoint_slice(eps: V1EndpointSlice) -> EndpointsByPort:
     if address_type == "FQDN":
         return {}
 
-    endpoints = []
+    # (ip, conditions and topology) of each endpoint; the port comes from the slice's ports.
+    endpoints: list[tuple[str, bool, bool, bool, str | None, str | None, frozenset[str], frozenset[str]]] = []
     for i, ep in enumerate(eps.endpoints or []):
         field = f"endpoints[{i}]"
         _check(bool(ep.addresses), f"{field}.addresses", "required value")
@@ -327,22 +333,9 @@ def convert_endpoint_slice(eps: V1EndpointSlice) -> EndpointsByPort:
         serving = ready if cond is None or cond.serving is None else bool(cond.serving)
         terminating = bool(cond and cond.terminating)
         hints = ep.hints
-        endpoints.append(
-            (
-                ep.addresses[0],
-                dict(
-                    ready=ready,
-                    serving=serving,
-                    terminating=terminating,
-                    node_name=ep.node_name,
-                    zone=ep.zone,
-                    zone_hints=frozenset(z.name for z in (hints.for_zones or [])) if hints else frozenset(),
-                    node_hints=frozenset(n.name for n in (hints.for_nodes or []))
-                    if hints
-                    else frozenset(),
-                ),
-            )
-        )
+        zone_hints = frozenset(z.name for z in (hints.for_zones or [])) if hints else frozenset()
+        node_hints = frozenset(n.name for n in (hints.for_nodes or [])) if hints else frozenset()
+        endpoints.append((ep.addresses[0], ready, serving, terminating, ep.node_name, ep.zone, zone_hints, node_hints))
 
     result: EndpointsByPort = {}
     seen_names: set[tuple[str, Protocol]] = set()
@@ -358,7 +351,10 @@ def convert_endpoint_slice(eps: V1EndpointSlice) -> EndpointsByPort:
             continue
         number = _check_port(port.port, f"{field}.port")
         key = ServicePortName(namespace, service, name, protocol)
-        result[key] = tuple(Endpoint(ip=ip, port=number, **attrs) for ip, attrs in endpoints)
+        result[key] = tuple(
+            Endpoint(ip, number, ready, serving, terminating, node, zone, zone_hints, node_hints)
+            for ip, ready, serving, terminating, node, zone, zone_hints, node_hints in endpoints
+        )
     return result
 
 
@@ -368,7 +364,8 @@ def endpoints_to_slice(ep: V1Endpoints) -> V1EndpointSlice:
     `addresses` become ready endpoints and `notReadyAddresses` not-ready ones; each subset
     becomes its own group of ports, as the controller would split them.
     """
-    _check(ep.metadata is not None and bool(ep.metadata.name), "metadata.name", "required value")
+    if ep.metadata is None or not ep.metadata.name:
+        raise InvalidObject("metadata.name", "required value")
     name = ep.metadata.name
     endpoints: list[dict[str, Any]] = []
     ports: dict[tuple[str, str], CoreV1EndpointPort] = {}
@@ -393,7 +390,7 @@ def endpoints_to_slice(ep: V1Endpoints) -> V1EndpointSlice:
             ports[(port.name or "", port.protocol or "TCP")] = port
     _check(len(families) <= 1, "subsets", "mixes IPv4 and IPv6 addresses")
     address_type = "IPv6" if families == {6} else "IPv4"
-    return V1EndpointSlice.from_dict(
+    slice_ = V1EndpointSlice.from_dict(
         {
             "apiVersion": "discovery.k8s.io/v1",
             "kind": "EndpointSlice",
@@ -407,6 +404,8 @@ def endpoints_to_slice(ep: V1Endpoints) -> V1EndpointSlice:
             "ports": [{"name": p.name, "port": p.port, "protocol": p.protocol or "TCP"} for p in ports.values()],
         }
     )
+    assert slice_ is not None  # from_dict returns None only for None input
+    return slice_
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,7 +12,6 @@ service port uses (`selection`), and anything backend-specific (`compile.*`).
 from __future__ import annotations
 
 import enum
-import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -30,7 +29,7 @@ class Protocol(enum.StrEnum):
     SCTP = "SCTP"
 
     @property
-    def lower(self) -> str:
+    def lowercase(self) -> str:
         """The lower-case spelling iptables, nft and kube-proxy's chain hashes use."""
         return self.value.lower()
 
@@ -43,8 +42,12 @@ class IPFamily(enum.IntEnum):
 
 
 def ip_family(ip: str) -> IPFamily:
-    """The family of an IP address or CIDR given as text."""
-    return IPFamily(ipaddress.ip_network(ip, strict=False).version)
+    """The family of a (validated) IP address or CIDR given as text.
+
+    A colon decides it: only IPv6 text has one. This runs per endpoint per sync, where
+    parsing with `ipaddress` would dominate the compile time.
+    """
+    return IPFamily.V6 if ":" in ip else IPFamily.V4
 
 
 @dataclass(frozen=True, order=True)
@@ -70,6 +73,11 @@ class ServicePortName:
     def service(self) -> tuple[str, str]:
         """(namespace, name) of the Service this port belongs to."""
         return (self.namespace, self.name)
+
+
+def sort_key(name: ServicePortName) -> tuple[str, str, str, str]:
+    """A plain-tuple key for sorting many service ports (dataclass `<` is ~10x slower)."""
+    return (name.namespace, name.name, name.port, name.protocol.value)
 
 
 class TrafficPolicy(enum.StrEnum):

@@ -64,6 +64,8 @@ def _topology_filter(endpoints: Iterable[Endpoint], node: NodeContext) -> Callab
     black-holes traffic.
     """
     ready = [ep for ep in endpoints if ep.ready]
+    if not any(ep.node_hints or ep.zone_hints for ep in ready):
+        return lambda ep: True  # the common case: no hints at all
     if ready and all(ep.node_hints for ep in ready) and any(node.hostname in ep.node_hints for ep in ready):
         return lambda ep: node.hostname in ep.node_hints
     if (

@@ -19,8 +19,9 @@ turns it into `iptables-restore` input. Everything here is a pure function of it
 
 from __future__ import annotations
 
-import base64
+import functools
 import hashlib
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -32,8 +33,9 @@ from kproxy_nft.model import (
     ServicePort,
     ServicePortName,
     TrafficPolicy,
+    sort_key,
 )
-from kproxy_nft.selection import EndpointSelection, categorize_endpoints
+from kproxy_nft.selection import categorize_endpoints
 
 # Chains shared by all services (kube-proxy's names; several are filled in by later features).
 KUBE_SERVICES = "KUBE-SERVICES"
@@ -46,8 +48,14 @@ KUBE_PROXY_FIREWALL = "KUBE-PROXY-FIREWALL"
 
 # Prefixes of the per-service chains. SVC: cluster policy; SVL: local policy; EXT: external
 # traffic entry (NodePort, external and LB IPs); FW: load-balancer source ranges; SEP: endpoint.
-SVC_PREFIX, SVL_PREFIX, EXT_PREFIX, FW_PREFIX, SEP_PREFIX = "KUBE-SVC-", "KUBE-SVL-", "KUBE-EXT-", "KUBE-FW-", "KUBE-SEP-"
+SVC_PREFIX = "KUBE-SVC-"
+SVL_PREFIX = "KUBE-SVL-"
+EXT_PREFIX = "KUBE-EXT-"
+FW_PREFIX = "KUBE-FW-"
+SEP_PREFIX = "KUBE-SEP-"
 SERVICE_CHAIN_PREFIXES = (SVC_PREFIX, SVL_PREFIX, EXT_PREFIX, FW_PREFIX, SEP_PREFIX)
+
+_SAFE_ARGUMENT = re.compile(r"[A-Za-z0-9_./:,=-]+")
 
 NAT_CHAINS = (KUBE_SERVICES, KUBE_NODEPORTS, KUBE_POSTROUTING, KUBE_MARK_MASQ)
 FILTER_CHAINS = (KUBE_NODEPORTS, KUBE_SERVICES, KUBE_EXTERNAL_SERVICES, KUBE_FORWARD, KUBE_PROXY_FIREWALL)
@@ -100,18 +108,37 @@ class Ruleset:
 # ---------------------------------------------------------------------------------------------
 
 
+_B32 = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"
+# Base32 two characters (10 bits) at a time: the stdlib's b32encode is pure Python in 3.11 and
+# was 40% of a 10,000-service compile.
+_B32_PAIRS = tuple(a + b for a in _B32 for b in _B32)
+
+
 def _hash16(text: str) -> str:
-    return base64.b32encode(hashlib.sha256(text.encode()).digest()).decode()[:16]
+    """kube-proxy's chain-name hash: base32(sha256(text))[:16].
+
+    16 base32 characters carry the digest's first 80 bits, encoded here 10 bits at a time
+    from two 40-bit halves (small ints, so no bignum work). Not cached: whole service ports
+    are (`compile_service_port`), so an unchanged service never gets here again.
+    """
+    digest = hashlib.sha256(text.encode()).digest()
+    a = int.from_bytes(digest[:5], "big")
+    b = int.from_bytes(digest[5:10], "big")
+    p = _B32_PAIRS
+    return "".join(
+        (p[a >> 30], p[(a >> 20) & 1023], p[(a >> 10) & 1023], p[a & 1023],
+         p[b >> 30], p[(b >> 20) & 1023], p[(b >> 10) & 1023], p[b & 1023])
+    )
 
 
 def service_chain_name(prefix: str, name: ServicePortName) -> str:
     """KUBE-SVC-/SVL-/EXT-/FW- chain of a service port (kube-proxy's `portProtoHash`)."""
-    return prefix + _hash16(str(name) + name.protocol.lower)
+    return prefix + _hash16(str(name) + name.protocol.lowercase)
 
 
 def endpoint_chain_name(name: ServicePortName, endpoint: Endpoint) -> str:
     """KUBE-SEP- chain of one endpoint of a service port."""
-    return SEP_PREFIX + _hash16(str(name) + name.protocol.lower + endpoint.address)
+    return SEP_PREFIX + _hash16(str(name) + name.protocol.lowercase + endpoint.address)
 
 
 def quote(text: str) -> str:
@@ -120,7 +147,7 @@ def quote(text: str) -> str:
     Names in comments come from the API and are validated, but quoting does not rely on it:
     anything but plain safe characters is double-quoted with `"` and `\\` escaped.
     """
-    if text and all(c.isalnum() or c in "-_./:,=" for c in text):
+    if _SAFE_ARGUMENT.fullmatch(text):
         return text
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
@@ -135,7 +162,7 @@ def probability(n: int) -> str:
 
 
 def _dest(svc: ServicePort, ip: str) -> str:
-    proto = svc.protocol.lower
+    proto = svc.protocol.lowercase
     return f"-m {proto} -p {proto} -d {ip} --dport {svc.port}"
 
 
@@ -145,29 +172,27 @@ def _dest(svc: ServicePort, ip: str) -> str:
 
 
 class _Tables:
-    """Accumulates chains in first-declared order; rules append to their chain."""
+    """Accumulates the shared chains in first-declared order; rules append to their chain."""
 
     def __init__(self) -> None:
         self._chains: dict[str, dict[str, list[str]]] = {"filter": {}, "nat": {}}
-        self._owners: dict[tuple[str, str], ServicePortName] = {}
 
-    def declare(self, table: str, chain: str, owner: ServicePortName | None = None) -> str:
+    def declare(self, table: str, chain: str) -> None:
         self._chains[table].setdefault(chain, [])
-        if owner is not None:
-            self._owners[(table, chain)] = owner
-        return chain
 
     def add(self, table: str, chain: str, rule: str) -> None:
         self._chains[table][chain].append(rule)
 
-    def freeze(self) -> tuple[Table, ...]:
-        return tuple(
-            Table(
-                name,
-                tuple(Chain(c, tuple(rules), self._owners.get((name, c))) for c, rules in chains.items()),
-            )
+    def extend(self, table: str, chain: str, rules: Iterable[str]) -> None:
+        self._chains[table][chain].extend(rules)
+
+    def freeze(self, extra_nat: tuple[Chain, ...]) -> tuple[Table, ...]:
+        """The tables, with the per-service chains after the shared ones in nat."""
+        shared = {
+            name: tuple(Chain(c, tuple(rules)) for c, rules in chains.items())
             for name, chains in self._chains.items()
-        )
+        }
+        return (Table("filter", shared["filter"]), Table("nat", shared["nat"] + extra_nat))
 
 
 def _static_rules(t: _Tables, node: NodeContext) -> None:
@@ -219,93 +244,152 @@ def builtin_jumps() -> tuple[BuiltinJump, ...]:
     )
 
 
-def _endpoint_jumps(
-    t: _Tables, chain: str, svc: ServicePort, endpoints: tuple[Endpoint, ...]
-) -> None:
+@dataclass(frozen=True)
+class ServiceRules:
+    """Everything one service port contributes: its own chains and its lines in shared chains.
+
+    Compiled per service port and memoized, so a sync in which one service changed compiles
+    one service; the shared KUBE-SERVICES chains are assembled from these fragments.
+    """
+
+    name: ServicePortName
+    chains: tuple[Chain, ...]  # nat: KUBE-SVC-/SVL-/SEP- (EXT-/FW- with the Service-types issue)
+    nat_services: tuple[str, ...]  # rules in nat KUBE-SERVICES
+    filter_services: tuple[str, ...]  # rules in filter KUBE-SERVICES
+
+
+class _Names:
+    """Per-service-port strings, computed once instead of once per rule (the hot path)."""
+
+    def __init__(self, svc: ServicePort) -> None:
+        self.name = svc.name
+        self.text = str(svc.name)
+        self.proto = svc.protocol.lowercase
+        self.comment = f"-m comment --comment {quote(self.text)}"
+        self.affinity = svc.session_affinity_seconds
+        # Names are validated DNS labels, so `"ns/svc:port -> ip:port"` needs no escaping;
+        # if one somehow did, every such comment is quoted in full instead.
+        self._safe = _SAFE_ARGUMENT.fullmatch(self.text) is not None
+        self._arrow = f'-m comment --comment "{self.text} -> '
+
+    def arrow_comment(self, address: str) -> str:
+        """The `"ns/svc:port -> ip:port"` comment of a rule that picks an endpoint."""
+        if self._safe:
+            return self._arrow + address + '"'
+        return comment(f"{self.text} -> {address}")
+
+    def endpoint_chain(self, address: str) -> str:
+        return SEP_PREFIX + _hash16(self.text + self.proto + address)
+
+
+@functools.lru_cache(maxsize=4096)
+def _statistic(remaining: int) -> str:
+    # Rule i of n matches with probability 1/(n-i) of what reaches it, so each gets 1/n.
+    return f" -m statistic --mode random --probability {probability(remaining)}"
+
+
+def _endpoint_jumps(names: _Names, addresses: list[str], seps: dict[str, str]) -> list[str]:
     """Rules of a KUBE-SVC-/SVL- chain: affinity checks first, then the random choice."""
-    name = svc.name
-    if svc.session_affinity_seconds is not None:
+    rules = []
+    arrow = names.arrow_comment
+    if names.affinity is not None:
         # ClientIP affinity: a client seen by an endpoint's `recent` list within the timeout
         # goes back to that endpoint; the DNAT rule of the SEP chain records the client.
-        for ep in endpoints:
-            sep = endpoint_chain_name(name, ep)
-            t.add(
-                "nat",
-                chain,
-                f"{comment(f'{name} -> {ep.address}')} -m recent --name {sep} --rcheck "
-                f"--seconds {svc.session_affinity_seconds} --reap -j {sep}",
-            )
-    n = len(endpoints)
-    for i, ep in enumerate(endpoints):
-        # Rule i matches with probability 1/(n-i) of what reaches it, so each endpoint gets 1/n.
-        statistic = f" -m statistic --mode random --probability {probability(n - i)}" if i < n - 1 else ""
-        t.add("nat", chain, f"{comment(f'{name} -> {ep.address}')}{statistic} -j {endpoint_chain_name(name, ep)}")
+        for address in addresses:
+            sep = seps[address]
+            check = f"-m recent --name {sep} --rcheck --seconds {names.affinity} --reap"
+            rules.append(f"{arrow(address)} {check} -j {sep}")
+    last = len(addresses) - 1
+    for i, address in enumerate(addresses):
+        statistic = _statistic(last + 1 - i) if i < last else ""
+        rules.append(f"{arrow(address)}{statistic} -j {seps[address]}")
+    return rules
 
 
-def _endpoint_chain(t: _Tables, svc: ServicePort, ep: Endpoint) -> None:
-    name = svc.name
-    chain = t.declare("nat", endpoint_chain_name(name, ep), name)
+def _endpoint_chains(names: _Names, endpoints: tuple[Endpoint, ...], seps: dict[str, str]) -> list[Chain]:
+    """One KUBE-SEP- chain per endpoint: hairpin masquerade, then DNAT."""
     # Hairpin: a pod reaching itself through the service must be masqueraded, or its reply
     # would go straight back to itself with the wrong source address.
-    t.add("nat", chain, f"{comment(str(name))} -s {ep.ip} -j {KUBE_MARK_MASQ}")
-    recent = f" -m recent --name {chain} --set" if svc.session_affinity_seconds is not None else ""
-    proto = svc.protocol.lower
-    t.add("nat", chain, f"{comment(str(name))}{recent} -m {proto} -p {proto} -j DNAT --to-destination {ep.address}")
+    hairpin = f"{names.comment} -s "
+    hairpin_end = f" -j {KUBE_MARK_MASQ}"
+    dnat = f" -m {names.proto} -p {names.proto} -j DNAT --to-destination "
+    chains = []
+    for ep in endpoints:
+        address = ep.address
+        chain = seps[address]
+        recent = f" -m recent --name {chain} --set" if names.affinity is not None else ""
+        rules = (hairpin + ep.ip + hairpin_end, names.comment + recent + dnat + address)
+        chains.append(Chain(chain, rules, names.name))
+    return chains
 
 
-def _service_port(t: _Tables, svc: ServicePort, sel: EndpointSelection, node: NodeContext, family: IPFamily) -> None:
+@functools.lru_cache(maxsize=1 << 16)
+def compile_service_port(
+    svc: ServicePort, endpoints: tuple[Endpoint, ...], node: NodeContext, family: IPFamily
+) -> ServiceRules:
+    """The rules of one service port for one family (`endpoints` already of that family)."""
     name = svc.name
     cluster_ip = svc.cluster_ip(family)
     if cluster_ip is None:
-        return  # the service has no address of this family: nothing to program here
+        return ServiceRules(name, (), (), ())  # no address of this family: nothing to program
 
+    sel = categorize_endpoints(svc, endpoints, node)
+    names = _Names(svc)
     local_internal = svc.internal_traffic_policy is TrafficPolicy.LOCAL
     internal_endpoints = sel.local if local_internal else sel.cluster
-    # The chains exist only when they have endpoints to jump to (as in kube-proxy).
     svc_chain = service_chain_name(SVC_PREFIX, name)
     svl_chain = service_chain_name(SVL_PREFIX, name)
-    if sel.cluster:
-        t.declare("nat", svc_chain, name)
-    if sel.local:
-        t.declare("nat", svl_chain, name)
     internal_chain = svl_chain if local_internal else svc_chain
+    internal_rules: list[str] = []
+    nat_services: list[str] = []
+    filter_services: list[str] = []
 
     dest = _dest(svc, cluster_ip)
-    cluster_comment = comment(f"{name} cluster IP")
+    cluster_comment = comment(f"{names.text} cluster IP")
     if internal_endpoints:
         detector = node.cluster_cidrs_of(family)
         if node.masquerade_all:
-            t.add("nat", internal_chain, f"{cluster_comment} {dest} -j {KUBE_MARK_MASQ}")
+            internal_rules.append(f"{cluster_comment} {dest} -j {KUBE_MARK_MASQ}")
         elif detector:
             # Off-cluster clients may reach the VIP through a static route to any node; the
             # endpoint may sit on another node, so the reply must come back through this one.
-            t.add("nat", internal_chain, f"{cluster_comment} {dest} ! -s {detector[0]} -j {KUBE_MARK_MASQ}")
-        t.add("nat", KUBE_SERVICES, f"{cluster_comment} {dest} -j {internal_chain}")
+            internal_rules.append(f"{cluster_comment} {dest} ! -s {detector[0]} -j {KUBE_MARK_MASQ}")
+        nat_services.append(f"{cluster_comment} {dest} -j {internal_chain}")
     elif not sel.has_any:
-        t.add("filter", KUBE_SERVICES, f"{comment(f'{name} has no endpoints')} {dest} -j REJECT")
+        filter_services.append(f"{comment(f'{names.text} has no endpoints')} {dest} -j REJECT")
     else:
         # internalTrafficPolicy Local with endpoints only on other nodes: drop, don't reroute.
-        t.add("filter", KUBE_SERVICES, f"{comment(f'{name} has no local endpoints')} {dest} -j DROP")
+        filter_services.append(f"{comment(f'{names.text} has no local endpoints')} {dest} -j DROP")
 
     # Places for the externally reachable rows (NodePort → KUBE-NODEPORTS, external and LB IPs
     # → KUBE-EXT-, source ranges → KUBE-FW-) come here in the Service-types issue.
 
+    # The SVC/SVL chains exist only when they have endpoints to jump to (as in kube-proxy).
+    seps = {ep.address: names.endpoint_chain(ep.address) for ep in sel.all_reachable}
+    chains = []
     if sel.cluster:
-        _endpoint_jumps(t, svc_chain, svc, sel.cluster)
+        rules = internal_rules if not local_internal else []
+        jumps = _endpoint_jumps(names, [ep.address for ep in sel.cluster], seps)
+        chains.append(Chain(svc_chain, (*rules, *jumps), name))
     if sel.local:
-        _endpoint_jumps(t, svl_chain, svc, sel.local)
-    for ep in sel.all_reachable:
-        _endpoint_chain(t, svc, ep)
+        rules = internal_rules if local_internal else []
+        jumps = _endpoint_jumps(names, [ep.address for ep in sel.local], seps)
+        chains.append(Chain(svl_chain, (*rules, *jumps), name))
+    chains.extend(_endpoint_chains(names, sel.all_reachable, seps))
+    return ServiceRules(name, tuple(chains), tuple(nat_services), tuple(filter_services))
 
 
 def compile_ruleset(state: ClusterState, node: NodeContext, family: IPFamily = IPFamily.V4) -> Ruleset:
     """All rules for one IP family (iptables or ip6tables), deterministic for any input order."""
     t = _Tables()
     _static_rules(t, node)
-    for name in sorted(state.services):
-        svc = state.services[name]
+    fragments = []
+    for name in sorted(state.services, key=sort_key):
         endpoints = tuple(ep for ep in state.endpoints_of(name) if ep.family is family)
-        _service_port(t, svc, categorize_endpoints(svc, endpoints, node), node, family)
+        fragments.append(compile_service_port(state.services[name], endpoints, node, family))
+    for fragment in fragments:
+        t.extend("nat", KUBE_SERVICES, fragment.nat_services)
+        t.extend("filter", KUBE_SERVICES, fragment.filter_services)
     # Must stay the last rule of KUBE-SERVICES: node ports are matched only after every VIP.
     t.add(
         "nat",
@@ -313,7 +397,8 @@ def compile_ruleset(state: ClusterState, node: NodeContext, family: IPFamily = I
         f"{comment('kubernetes service nodeports; NOTE: this must be the last rule in this chain')} "
         f"-m addrtype --dst-type LOCAL -j {KUBE_NODEPORTS}",
     )
-    return Ruleset(family, t.freeze(), builtin_jumps())
+    service_chains = tuple(chain for fragment in fragments for chain in fragment.chains)
+    return Ruleset(family, t.freeze(extra_nat=service_chains), builtin_jumps())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,27 @@
+"""Fixtures for kernel tests: a throwaway, unconnected network namespace per test."""
+
+from __future__ import annotations
+
+import secrets
+import subprocess
+from collections.abc import Iterator
+
+import pytest
+
+BACKENDS = ("nft", "legacy")
+
+
+@pytest.fixture
+def netns() -> Iterator[str]:
+    """An empty network namespace `kpn-<random>`, deleted after the test even if it fails."""
+    name = f"kpn-{secrets.token_hex(4)}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "delete", name], check=False)
+
+
+def run_in(ns: str, argv: list[str], stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    """Run a command inside a namespace (argument list, never a shell string)."""
+    return subprocess.run(["ip", "netns", "exec", ns, *argv], input=stdin, capture_output=True, text=True)
