@@ -187,8 +187,9 @@ def convert_service(svc: V1Service) -> ServiceInfo:
     lb_ips = _load_balancer_ips(svc)
     affinity = _affinity_seconds(spec)
     external_policy = _policy(spec.external_traffic_policy, "spec.externalTrafficPolicy")
-    if svc_type not in ("NodePort", "LoadBalancer"):
-        # kube-proxy only honours externalTrafficPolicy for NodePort and LoadBalancer services.
+    if svc_type not in ("NodePort", "LoadBalancer") and not spec.external_ips:
+        # kube-proxy honours externalTrafficPolicy only for externally accessible services
+        # (`apiservice.ExternalPolicyLocal`): node ports, load balancers, or external IPs.
         external_policy = TrafficPolicy.CLUSTER
     internal_policy = _policy(spec.internal_traffic_policy, "spec.internalTrafficPolicy")
     health_check = spec.health_check_node_port if external_policy is TrafficPolicy.LOCAL else None
@@ -330,7 +331,9 @@ def convert_endpoint_slice(eps: V1EndpointSlice) -> EndpointsByPort:
             _check(f"IPv{version}" == address_type, f"{field}.addresses[{j}]", f"must be an {address_type} address")
         cond = ep.conditions
         ready = cond is None or cond.ready is None or bool(cond.ready)
-        serving = ready if cond is None or cond.serving is None else bool(cond.serving)
+        # kube-proxy's slice cache reads an unset `serving` as true (endpointslicecache.go), so
+        # a terminating endpoint that never reported serving still carries its connections.
+        serving = cond is None or cond.serving is None or bool(cond.serving)
         terminating = bool(cond and cond.terminating)
         hints = ep.hints
         zone_hints = frozenset(z.name for z in (hints.for_zones or [])) if hints else frozenset()
@@ -342,13 +345,15 @@ def convert_endpoint_slice(eps: V1EndpointSlice) -> EndpointsByPort:
     for i, port in enumerate(eps.ports or []):
         field = f"ports[{i}]"
         protocol = _protocol(port.protocol, f"{field}.protocol")
-        name = port.name or ""
+        if port.name is None or port.port in (None, 0):
+            # kube-proxy ignores slice ports without a name (the controller writes "" for an
+            # unnamed service port) or without a number; the manifest reader says so.
+            continue
+        name = port.name
         if name:
             _check_name(name, f"{field}.name", _DNS1123_LABEL, "port name (DNS-1123 label)", 63)
         _check((name, protocol) not in seen_names, f"{field}.name", f"duplicate port name {name!r}")
         seen_names.add((name, protocol))
-        if port.port is None:
-            continue
         number = _check_port(port.port, f"{field}.port")
         key = ServicePortName(namespace, service, name, protocol)
         result[key] = tuple(
@@ -379,7 +384,7 @@ def endpoints_to_slice(ep: V1Endpoints) -> V1EndpointSlice:
                 endpoints.append(
                     {
                         "addresses": [ip],
-                        "conditions": {"ready": ready},
+                        "conditions": {"ready": ready, "serving": ready, "terminating": False},
                         "nodeName": address.node_name,
                         "hostname": address.hostname,
                     }
@@ -401,7 +406,7 @@ def endpoints_to_slice(ep: V1Endpoints) -> V1EndpointSlice:
             },
             "addressType": address_type,
             "endpoints": endpoints,
-            "ports": [{"name": p.name, "port": p.port, "protocol": p.protocol or "TCP"} for p in ports.values()],
+            "ports": [{"name": p.name or "", "port": p.port, "protocol": p.protocol or "TCP"} for p in ports.values()],
         }
     )
     assert slice_ is not None  # from_dict returns None only for None input
@@ -414,11 +419,15 @@ def endpoints_to_slice(ep: V1Endpoints) -> V1EndpointSlice:
 
 
 def _preference(ep: Endpoint) -> tuple[object, ...]:
-    """Sort key choosing among duplicate copies of one address: ready first, then a fixed order."""
+    """Sort key choosing among duplicate copies of one address (lowest wins).
+
+    kube-proxy keeps a non-terminating copy over a terminating one; among equals its choice
+    depends on map order, so here a fixed order of the remaining fields decides.
+    """
     return (
+        ep.terminating,
         not ep.ready,
         not ep.serving,
-        ep.terminating,
         ep.node_name or "",
         ep.zone or "",
         sorted(ep.zone_hints),
@@ -430,7 +439,8 @@ def merge_endpoints(parts: Iterable[EndpointsByPort]) -> dict[ServicePortName, t
     """Merge the slices of each service port into one endpoint list, in kube-proxy's order.
 
     An address:port listed by several slices (briefly true while a controller moves endpoints
-    between slices) appears once, preferring a ready copy, as kube-proxy's slice cache does.
+    between slices) appears once, preferring a non-terminating copy, as kube-proxy's slice
+    cache does.
     The result is sorted by `ip:port` text, kube-proxy's `byEndpoint` order.
     """
     merged: dict[ServicePortName, dict[str, Endpoint]] = {}

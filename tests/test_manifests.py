@@ -159,3 +159,39 @@ def test_cli_missing_file_exits_2(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, "-m", "kproxy_nft.cli", "dump", "-f", str(tmp_path / "nope.yaml")],
                             capture_output=True, text=True)
     assert result.returncode == 2 and result.stdout == "" and "cannot read" in result.stderr
+
+
+def test_unset_serving_counts_as_serving_like_kube_proxy(tmp_path: Path) -> None:
+    """A terminating endpoint that never reported `serving` still takes the fallback traffic."""
+    terminating = SLICE.replace("  conditions: {ready: false}", "  conditions: {ready: false, terminating: true}")
+    terminating = terminating.replace("- addresses: [10.1.0.5]\n", "")
+    state = read_manifests([write(tmp_path, "t.yaml", SERVICE + "---\n" + terminating)]).cluster_state()
+    (ep,) = state.endpoints_of(WEB)
+    assert (ep.ready, ep.serving, ep.terminating) == (False, True, True)
+
+
+def test_duplicate_address_across_slices_prefers_the_non_terminating_copy(tmp_path: Path) -> None:
+    second = SLICE.replace("name: web-abc", "name: web-def").replace(
+        "- addresses: [10.1.0.5]\n", "- addresses: [10.1.0.5]\n  conditions: {ready: false, terminating: true}\n")
+    path = write(tmp_path, "d.yaml", SERVICE + "---\n" + second + "---\n" + SLICE)
+    eps = read_manifests([path]).cluster_state().endpoints_of(WEB)
+    assert [(ep.ip, ep.terminating) for ep in eps] == [("10.1.0.5", False), ("10.1.0.6", False)]
+
+
+def test_slice_port_without_a_name_is_ignored_with_a_notice(tmp_path: Path) -> None:
+    unnamed = SLICE.replace("ports: [{name: http, port: 8080, protocol: TCP}]", "ports: [{port: 8080}]")
+    manifests = read_manifests([write(tmp_path, "u.yaml", SERVICE + "---\n" + unnamed)])
+    assert manifests.cluster_state().endpoints_of(WEB) == ()
+    assert any("ports[0]: ignored: no name" in n for n in manifests.notices)
+
+
+def test_external_policy_local_is_honoured_only_for_externally_accessible_services(tmp_path: Path) -> None:
+    from kproxy_nft.model import TrafficPolicy
+
+    local = SERVICE.replace("  clusterIP: 10.96.0.10\n", "  clusterIP: 10.96.0.10\n  externalTrafficPolicy: Local\n")
+    with_external_ip = local.replace("  ports:\n", "  externalIPs: [192.0.2.10]\n  ports:\n")
+    policy = {
+        text: read_manifests([write(tmp_path, "p.yaml", text)]).cluster_state().services[WEB].external_traffic_policy
+        for text in (local, with_external_ip)
+    }
+    assert policy == {local: TrafficPolicy.CLUSTER, with_external_ip: TrafficPolicy.LOCAL}

@@ -413,7 +413,13 @@ def render_table(table: Table, jumps: Iterable[BuiltinJump] = ()) -> list[str]:
     """
     lines = [f"*{table.name}"]
     lines += [f":{c.name} - [0:0]" for c in table.chains]
-    lines += [f"-A {j.chain} {j.rule}" for j in jumps if j.table == table.name]
+    # kube-proxy prepends its jumps, so they run before rules other software appended to the
+    # built-in chains; `-I CHAIN n` keeps that order when loaded with --noflush, too.
+    position: dict[str, int] = {}
+    for j in jumps:
+        if j.table == table.name:
+            position[j.chain] = position.get(j.chain, 0) + 1
+            lines.append(f"-I {j.chain} {position[j.chain]} {j.rule}")
     lines += [f"-A {c.name} {rule}" for c in table.chains for rule in c.rules]
     lines.append("COMMIT")
     return lines

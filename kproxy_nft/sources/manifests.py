@@ -195,8 +195,15 @@ def read_manifests(paths: Sequence[str], stdin: IO[str] | None = None) -> Manife
             obj = load_document(doc)
             if obj is None:
                 notices.append(f"{doc.describe()}: skipped: kind {doc.obj.get('apiVersion')}/"
-                               f"{doc.obj.get('kind')} is not used by kproxy-nft")
-            elif isinstance(obj, V1Service):
+                               f"{doc.obj.get('kind')} is not used here"
+                               + (" (pass it with --config)" if doc.obj.get("kind") == "KubeProxyConfiguration"
+                                  else ""))
+                continue
+            if isinstance(obj, V1EndpointSlice):
+                notices.extend(f"{doc.describe()}: ports[{i}]: ignored: no name (kube-proxy skips it; "
+                               'write name: "" for an unnamed Service port)'
+                               for i, port in enumerate(obj.ports or []) if port.name is None)
+            if isinstance(obj, V1Service):
                 services.append(obj)
             else:
                 slices.append(obj)
