@@ -387,6 +387,7 @@ def endpoints_to_slice(ep: V1Endpoints) -> V1EndpointSlice:
                         "conditions": {"ready": ready, "serving": ready, "terminating": False},
                         "nodeName": address.node_name,
                         "hostname": address.hostname,
+                        "targetRef": address.target_ref.to_dict() if address.target_ref else None,
                     }
                 )
         for j, port in enumerate(subset.ports or []):

@@ -1,0 +1,191 @@
+"""`kproxy-nft demo`: the seed's experiment, replayed with real packets on one machine.
+
+The notes this project started from (shared/seed) run `curl http://10.101.181.214:8080` from a
+throwaway `testpod` again and again and watch three nginx pods answer in turn. Here that
+becomes: a netlab (network namespaces: one node, one namespace per pod of the manifests, the
+seed's `testpod` inside the cluster CIDR and one client outside it), the manifests' rules
+applied in the node namespace, N fresh HTTP GETs per service port, and a table plus bar chart
+of which pod answered and what source address it saw. Everything is removed afterwards, also on
+Ctrl-C or SIGTERM.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import shutil
+import signal
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from types import FrameType
+from typing import TYPE_CHECKING
+
+from rich.bar import Bar
+from rich.console import Console
+from rich.table import Table
+
+from kproxy_nft.model import IPFamily, NodeContext
+from kproxy_nft.sources.manifests import Manifests
+
+if TYPE_CHECKING:
+    from kproxy_nft.netlab import ProbeResult
+
+
+class DemoError(RuntimeError):
+    """Something the demo needs is missing; the message says what and how to get it."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """One service port the clients connect to."""
+
+    label: str  # ns/name:port
+    ip: str
+    port: int
+
+
+def preflight(backend: str) -> None:
+    """Fail early, and clearly, when not root or a tool is missing."""
+    if os.geteuid() != 0:
+        raise DemoError("the demo creates network namespaces and loads NAT rules: run it as root (sudo make demo)")
+    tools = ["ip", "sysctl", f"iptables-{backend}-restore", f"iptables-{backend}-save"]
+    missing = [t for t in tools if shutil.which(t) is None]
+    if missing:
+        raise DemoError(f"missing {', '.join(missing)}: apt-get install iproute2 iptables procps")
+
+
+@dataclass
+class Pod:
+    """A pod of the manifests: its name (from the slices' targetRef) and the TCP ports it serves."""
+
+    ip: str
+    name: str
+    tcp_ports: set[int]
+
+    @property
+    def short(self) -> str:
+        """A name short enough for namespace and interface names: the pod's random suffix."""
+        return self.name.rsplit("-", 1)[-1][:8]
+
+
+def pods_of(manifests: Manifests) -> list[Pod]:
+    """One Pod per endpoint IP of the manifests, in address order."""
+    pods: dict[str, Pod] = {}
+    for eps in manifests.endpoint_slices:
+        tcp_ports = {p.port for p in eps.ports or [] if p.port and (p.protocol or "TCP") == "TCP"}
+        for ep in eps.endpoints or []:
+            ip = ep.addresses[0]
+            pod = pods.setdefault(ip, Pod(ip, "pod-" + ip.replace(".", "-"), set()))
+            if ep.target_ref and ep.target_ref.name:
+                pod.name = ep.target_ref.name
+            pod.tcp_ports |= tcp_ports
+    return sorted(pods.values(), key=lambda p: ipaddress.ip_address(p.ip))
+
+
+def targets_of(manifests: Manifests) -> list[Target]:
+    state = manifests.cluster_state()
+    return [
+        Target(str(name), ip, svc.port)
+        for name, svc in sorted(state.services.items(), key=lambda kv: (kv[1].cluster_ips, kv[1].port))
+        if (ip := svc.cluster_ip(IPFamily.V4)) and svc.protocol == "TCP"
+    ]
+
+
+def _answer_table(pods: list[Pod], results: dict[Target, ProbeResult], count: int, client_ip: str) -> Table:
+    """Rows: service ports; columns: how many of the GETs each pod answered."""
+    table = Table(title=f"{count} fresh HTTP GETs per service port from testpod ({client_ip})")
+    table.add_column("service port")
+    table.add_column("cluster IP")
+    for pod in pods:
+        table.add_column(f"{pod.short}\n{pod.ip}", justify="right")
+    table.add_column("failed", justify="right")
+    for target, result in results.items():
+        counts = result.counts()
+        table.add_row(target.label.split("/", 1)[-1], f"{target.ip}:{target.port}",
+                      *(str(counts.get(pod.short, 0)) for pod in pods), str(len(result.failures)))
+    return table
+
+
+def _share_chart(pods: list[Pod], results: dict[Target, ProbeResult], count: int) -> Table:
+    """A bar per pod and service port: the share of connections it answered (ideal: 1/N)."""
+    chart = Table.grid(padding=(0, 1))
+    for target, result in results.items():
+        counts = result.counts()
+        chart.add_row(f"[bold]{target.ip}:{target.port}[/]", "", "")
+        for pod in pods:
+            share = counts.get(pod.short, 0) / count
+            chart.add_row(f"  {pod.name}", Bar(1.0, 0, share, width=30), f"{share:4.0%}")
+    return chart
+
+
+@contextmanager
+def sigterm_as_exit() -> Iterator[None]:
+    """Turn SIGTERM into SystemExit so `finally` blocks (the lab's cleanup) still run."""
+
+    owner = os.getpid()
+
+    def handler(signum: int, _frame: FrameType | None) -> None:
+        if os.getpid() != owner:
+            # A forked helper (pyroute2 creates namespaces from one) inherits this handler;
+            # it must die the default way, not unwind a copy of the demo.
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run_demo(
+    manifests: Manifests,
+    node: NodeContext,
+    apply_rules: Callable[[str], str],
+    count: int,
+    backend: str,
+    console: Console,
+) -> int:
+    """Build the lab, apply the rules with `apply_rules(node_namespace)`, probe, report.
+
+    `apply_rules` returns a one-line description of what it did. Returns the number of failed
+    connections (0 is a clean run).
+    """
+    from kproxy_nft.netlab import Addressing, ClientSpec, Lab, PodSpec
+
+    preflight(backend)
+    pods = pods_of(manifests)
+    targets = targets_of(manifests)
+    if not pods or not targets:
+        raise DemoError("the manifests hold no ClusterIP service with endpoints to replay")
+    cidr = ipaddress.ip_network(node.cluster_cidrs[0] if node.cluster_cidrs else "10.1.0.0/16")
+    testpod_ip = str(ipaddress.ip_address(pods[-1].ip) + 1)  # the seed's `kubectl run testpod`, next to the pods
+    pod_specs = [PodSpec(pod.short, pod.ip, tuple(sorted(pod.tcp_ports))) for pod in pods]
+    clients = [ClientSpec("testpod", testpod_ip), ClientSpec("outside", "192.168.100.2")]
+    addressing = Addressing(cluster_cidr=str(cidr), pod_gateway=str(cidr.network_address + 1))
+
+    with sigterm_as_exit(), Lab(pod_specs, clients, addressing=addressing) as lab:
+        console.print(f"[bold]lab[/] {lab.run_id}: node [cyan]{lab.node_ns}[/], {len(pods)} pods, "
+                      f"testpod {testpod_ip} (inside {cidr}), an outside client 192.168.100.2")
+        console.print(apply_rules(lab.node_ns))
+        lab.start_servers()
+        failures = 0
+        results = {}
+        for target in targets:
+            results[target] = lab.probe("testpod", target.ip, target.port, count=count)
+            failures += len(results[target].failures)
+        console.print(_answer_table(pods, results, count, testpod_ip))
+        console.print(_share_chart(pods, results, count))
+        first = targets[0]
+        inside = lab.probe("testpod", first.ip, first.port, count=5)
+        outside = lab.probe("outside", first.ip, first.port, count=5)
+        failures += len(inside.failures) + len(outside.failures)
+        console.print(f"source address the pods saw for {first.ip}:{first.port}: "
+                      f"from testpod [green]{', '.join(sorted(inside.seen_ips()))}[/] (inside the cluster CIDR: "
+                      f"no SNAT); from outside [green]{', '.join(sorted(outside.seen_ips()))}[/] "
+                      f"(masqueraded to the node: `! -s {cidr} -j KUBE-MARK-MASQ`)")
+    console.print(f"[bold]done[/]: namespaces of lab {lab.run_id} removed; {failures} failed connections")
+    return failures
