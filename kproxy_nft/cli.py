@@ -162,5 +162,15 @@ def demo(paths: tuple[str, ...], config_path: str | None, count: int, backend: s
     sys.exit(1 if failures else 0)
 
 
+def _register_subcommands() -> None:
+    """Commands that live with their own feature package."""
+    from kproxy_nft.discovery.commands import dns, env
+
+    main.add_command(env)
+    main.add_command(dns)
+
+
+_register_subcommands()
+
 if __name__ == "__main__":  # pragma: no cover
     main()
