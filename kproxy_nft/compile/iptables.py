@@ -196,30 +196,27 @@ class _Tables:
 
 
 def _static_rules(t: _Tables, node: NodeContext) -> None:
-    """The chains every kube-proxy node has, whatever its services."""
+    """The chains every kube-proxy node has, whatever its services, as a table of rules."""
     mark = node.masquerade_mark
     for chain in FILTER_CHAINS:
         t.declare("filter", chain)
     for chain in NAT_CHAINS:
         t.declare("nat", chain)
-
-    t.add("filter", KUBE_FORWARD, "-m conntrack --ctstate INVALID -j DROP")
-    t.add("filter", KUBE_FORWARD, f"{comment('kubernetes forwarding rules')} -m mark --mark {mark}/{mark} -j ACCEPT")
-    t.add(
-        "filter",
-        KUBE_FORWARD,
-        f"{comment('kubernetes forwarding conntrack rule')} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
+    rules = (
+        ("filter", KUBE_FORWARD, "-m conntrack --ctstate INVALID -j DROP"),
+        ("filter", KUBE_FORWARD, f"{comment('kubernetes forwarding rules')} -m mark --mark {mark}/{mark} -j ACCEPT"),
+        ("filter", KUBE_FORWARD,
+         f"{comment('kubernetes forwarding conntrack rule')} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT"),
+        # Only packets marked by KUBE-MARK-MASQ are masqueraded; the mark is cleared first so
+        # a packet re-traversing the stack (e.g. through a tunnel device) is not masqueraded twice.
+        ("nat", KUBE_POSTROUTING, f"-m mark ! --mark {mark}/{mark} -j RETURN"),
+        ("nat", KUBE_POSTROUTING, f"-j MARK --xor-mark {mark}"),
+        ("nat", KUBE_POSTROUTING,
+         f"{comment('kubernetes service traffic requiring SNAT')} -j MASQUERADE --random-fully"),
+        ("nat", KUBE_MARK_MASQ, f"-j MARK --or-mark {mark}"),
     )
-    # Only packets marked by KUBE-MARK-MASQ are masqueraded; the mark is cleared first so that
-    # a packet re-traversing the stack (e.g. through a tunnel device) is not masqueraded twice.
-    t.add("nat", KUBE_POSTROUTING, f"-m mark ! --mark {mark}/{mark} -j RETURN")
-    t.add("nat", KUBE_POSTROUTING, f"-j MARK --xor-mark {mark}")
-    t.add(
-        "nat",
-        KUBE_POSTROUTING,
-        f"{comment('kubernetes service traffic requiring SNAT')} -j MASQUERADE --random-fully",
-    )
-    t.add("nat", KUBE_MARK_MASQ, f"-j MARK --or-mark {mark}")
+    for table, chain, rule in rules:
+        t.add(table, chain, rule)
 
 
 def builtin_jumps() -> tuple[BuiltinJump, ...]:
