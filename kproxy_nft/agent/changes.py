@@ -1,0 +1,169 @@
+"""Change tracking: watch events in, "what changed since the last sync" out.
+
+Like kube-proxy's `ServiceChangeTracker` / `EndpointsChangeTracker`: every Service and
+EndpointSlice event updates the tracker's current view of that object and marks its Service as
+changed; a sync takes a `Snapshot` — the whole `ClusterState` plus the set of services that
+changed since the previous snapshot — so a partial sync recompiles and rewrites only those.
+The rule writers never see events.
+
+The state is kept per object (converted once, when it arrives) and per service, so building a
+snapshot costs O(changed services), not O(cluster): unchanged services reuse the ServicePort
+records and merged endpoint tuples of the previous snapshot. Pure: no I/O, no clock.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kubernetes.client import V1EndpointSlice, V1Service
+
+from kproxy_nft.convert import (
+    SERVICE_NAME_LABEL,
+    EndpointsByPort,
+    InvalidObject,
+    convert_endpoint_slice,
+    convert_service,
+    merge_endpoints,
+)
+from kproxy_nft.model import ClusterState, Endpoint, ServicePort, ServicePortName
+
+ServiceKey = tuple[str, str]  # (namespace, name)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The cluster as of one sync, and which services changed since the previous snapshot."""
+
+    state: ClusterState
+    changed: frozenset[ServiceKey]
+    full: bool  # the first snapshot, or one after `mark_all_changed`
+
+
+def _key(obj: V1Service | V1EndpointSlice) -> ServiceKey:
+    meta = obj.metadata
+    assert meta is not None and meta.name is not None
+    return (meta.namespace or "default", meta.name)
+
+
+def _slice_service(eps: V1EndpointSlice) -> ServiceKey | None:
+    meta = eps.metadata
+    service = (meta.labels or {}).get(SERVICE_NAME_LABEL) if meta else None
+    return (meta.namespace or "default", service) if meta and service else None
+
+
+class ChangeTracker:
+    """Current Services and EndpointSlices, and the services touched since the last snapshot.
+
+    Invalid objects (the API server would not have accepted them, but a manifest might hold
+    one) are dropped with the reason kept in `rejected`, rather than stopping the node.
+    """
+
+    def __init__(self) -> None:
+        self._ports: dict[ServiceKey, tuple[ServicePort, ...]] = {}
+        self._slices: dict[ServiceKey, EndpointsByPort] = {}  # slice key → endpoints by port
+        self._slice_owner: dict[ServiceKey, ServiceKey] = {}  # slice key → its service
+        self._slices_of: dict[ServiceKey, set[ServiceKey]] = {}  # service → its slice keys
+        self._changed: set[ServiceKey] = set()
+        self._full = True
+        self._services: dict[ServicePortName, ServicePort] = {}
+        self._endpoints: dict[ServicePortName, tuple[Endpoint, ...]] = {}
+        self._names_of: dict[ServiceKey, tuple[ServicePortName, ...]] = {}  # in the last snapshot
+        self.rejected: dict[ServiceKey, str] = {}
+        self.service_events = 0
+        self.endpoint_events = 0
+
+    # -- events -----------------------------------------------------------------------------
+
+    def service_updated(self, svc: V1Service) -> None:
+        key = _key(svc)
+        self.service_events += 1
+        try:
+            ports = convert_service(svc).ports
+            self.rejected.pop(key, None)
+        except InvalidObject as e:
+            self.rejected[key] = f"Service {key[0]}/{key[1]}: {e}"
+            ports = ()
+        if self._ports.get(key) != ports:
+            self._ports[key] = ports
+            self._changed.add(key)
+
+    def service_deleted(self, svc: V1Service) -> None:
+        key = _key(svc)
+        self.service_events += 1
+        if self._ports.pop(key, None) is not None:
+            self._changed.add(key)
+
+    def slice_updated(self, eps: V1EndpointSlice) -> None:
+        key = _key(eps)
+        self.endpoint_events += 1
+        owner = _slice_service(eps)
+        try:
+            endpoints = convert_endpoint_slice(eps) if owner else {}
+            self.rejected.pop(key, None)
+        except InvalidObject as e:
+            self.rejected[key] = f"EndpointSlice {key[0]}/{key[1]}: {e}"
+            endpoints = {}
+        self._drop_slice(key)
+        if owner is not None:
+            self._slices[key] = endpoints
+            self._slice_owner[key] = owner
+            self._slices_of.setdefault(owner, set()).add(key)
+            self._changed.add(owner)
+
+    def slice_deleted(self, eps: V1EndpointSlice) -> None:
+        self.endpoint_events += 1
+        self._drop_slice(_key(eps))
+
+    def _drop_slice(self, key: ServiceKey) -> None:
+        owner = self._slice_owner.pop(key, None)
+        self._slices.pop(key, None)
+        if owner is not None:
+            self._slices_of[owner].discard(key)
+            self._changed.add(owner)
+
+    def replace_all(self, services: list[V1Service], slices: list[V1EndpointSlice]) -> None:
+        """A relist: the given objects are now everything; anything else was deleted."""
+        live_services = {_key(s) for s in services}
+        live_slices = {_key(s) for s in slices}
+        for key in [k for k in self._ports if k not in live_services]:
+            del self._ports[key]
+            self._changed.add(key)
+        for key in [k for k in self._slices if k not in live_slices]:
+            self._drop_slice(key)
+        for svc in services:
+            self.service_updated(svc)
+        for eps in slices:
+            self.slice_updated(eps)
+
+    def mark_all_changed(self) -> None:
+        """Make the next snapshot a full one (after a failed sync, or a periodic full resync)."""
+        self._full = True
+
+    @property
+    def pending(self) -> int:
+        """Services changed since the last snapshot."""
+        return len(self._changed)
+
+    # -- snapshots --------------------------------------------------------------------------
+
+    def snapshot(self) -> Snapshot:
+        """The current state and the services changed since the previous snapshot.
+
+        Only changed services are re-merged; the dicts are copied (O(n) pointer copies, no
+        conversion) so earlier snapshots stay valid for whoever still holds them.
+        """
+        for key in self._changed:
+            for name in self._names_of.pop(key, ()):
+                del self._services[name]
+                self._endpoints.pop(name, None)
+            ports = self._ports.get(key, ())
+            self._names_of[key] = tuple(port.name for port in ports)
+            merged = merge_endpoints(self._slices[s] for s in sorted(self._slices_of.get(key, ())))
+            for port in ports:
+                self._services[port.name] = port
+                if port.name in merged:
+                    self._endpoints[port.name] = merged[port.name]
+        changed, full = frozenset(self._changed), self._full
+        self._changed.clear()
+        self._full = False
+        return Snapshot(ClusterState(dict(self._services), dict(self._endpoints)), changed, full)

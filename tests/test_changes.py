@@ -1,0 +1,108 @@
+"""The change tracker hands each sync exactly the services that changed, and the right state."""
+
+from __future__ import annotations
+
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from kubernetes.client import V1EndpointSlice, V1Service
+
+from kproxy_nft.agent.changes import ChangeTracker
+from kproxy_nft.sources.manifests import read_manifests
+from tests.helpers import EXAMPLES
+
+
+def svc(name: str, ip: str, ns: str = "default") -> V1Service:
+    return V1Service.model_validate(yaml.safe_load(f"""
+apiVersion: v1
+kind: Service
+metadata: {{name: {name}, namespace: {ns}}}
+spec: {{clusterIP: {ip}, ports: [{{name: http, port: 80}}]}}
+"""))
+
+
+def eps(name: str, service: str, ips: list[str], ns: str = "default") -> V1EndpointSlice:
+    endpoints = ", ".join(f"{{addresses: [{ip}]}}" for ip in ips)
+    return V1EndpointSlice.model_validate(yaml.safe_load(f"""
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: {name}, namespace: {ns}, labels: {{kubernetes.io/service-name: {service}}}}}
+addressType: IPv4
+ports: [{{name: http, port: 8080}}]
+endpoints: [{endpoints}]
+"""))
+
+
+def test_first_snapshot_is_full_then_only_changes() -> None:
+    t = ChangeTracker()
+    t.service_updated(svc("a", "10.96.0.1"))
+    t.service_updated(svc("b", "10.96.0.2"))
+    t.slice_updated(eps("a-1", "a", ["10.1.0.1"]))
+    first = t.snapshot()
+    assert first.full and first.changed == {("default", "a"), ("default", "b")}
+    assert len(first.state.services) == 2
+    t.slice_updated(eps("a-1", "a", ["10.1.0.1", "10.1.0.2"]))
+    second = t.snapshot()
+    assert not second.full and second.changed == {("default", "a")}
+    (a_port,) = [n for n in second.state.services if n.name == "a"]
+    assert [ep.ip for ep in second.state.endpoints_of(a_port)] == ["10.1.0.1", "10.1.0.2"]
+    # The earlier snapshot is unaffected.
+    assert [ep.ip for ep in first.state.endpoints_of(a_port)] == ["10.1.0.1"]
+    assert t.snapshot().changed == frozenset()
+
+
+def test_unchanged_update_is_not_a_change_and_deletes_are() -> None:
+    t = ChangeTracker()
+    t.service_updated(svc("a", "10.96.0.1"))
+    t.snapshot()
+    t.service_updated(svc("a", "10.96.0.1"))
+    assert t.pending == 0
+    t.service_deleted(svc("a", "10.96.0.1"))
+    snap = t.snapshot()
+    assert snap.changed == {("default", "a")} and not snap.state.services
+
+
+def test_relist_removes_what_is_gone() -> None:
+    t = ChangeTracker()
+    t.replace_all([svc("a", "10.96.0.1"), svc("b", "10.96.0.2")], [eps("b-1", "b", ["10.1.0.9"])])
+    t.snapshot()
+    t.replace_all([svc("a", "10.96.0.1")], [])
+    snap = t.snapshot()
+    assert snap.changed == {("default", "b")}
+    assert [n.name for n in snap.state.services] == ["a"] and not snap.state.endpoints
+
+
+def test_invalid_object_is_rejected_not_fatal() -> None:
+    t = ChangeTracker()
+    bad = svc("a", "10.96.0.1")
+    assert bad.spec is not None and bad.spec.ports is not None
+    bad.spec.ports[0].port = 70000
+    t.service_updated(bad)
+    assert "spec.ports[0].port" in t.rejected[("default", "a")]
+    assert not t.snapshot().state.services
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["a", "b", "c"]), st.sampled_from(["s1", "s2"]),
+                          st.lists(st.integers(1, 6), max_size=4, unique=True)), max_size=12))
+def test_incremental_snapshots_equal_a_fresh_build(events) -> None:  # type: ignore[no-untyped-def]
+    """However events arrive, the tracker's state equals building from the final objects at once."""
+    t = ChangeTracker()
+    for name in ("a", "b", "c"):
+        t.service_updated(svc(name, f"10.96.0.{ord(name)}"))
+    final: dict[str, V1EndpointSlice] = {}
+    for service, slice_name, hosts in events:
+        obj = eps(f"{service}-{slice_name}", service, [f"10.1.0.{h}" for h in hosts])
+        t.slice_updated(obj)
+        final[f"{service}-{slice_name}"] = obj
+        t.snapshot() if hosts and hosts[0] % 2 else None  # snapshot at arbitrary points
+    fresh = ChangeTracker()
+    fresh.replace_all([svc(n, f"10.96.0.{ord(n)}") for n in ("a", "b", "c")], list(final.values()))
+    assert t.snapshot().state == fresh.snapshot().state
+
+
+def test_seed_examples_through_the_tracker_equal_the_manifest_reader() -> None:
+    manifests = read_manifests([str(EXAMPLES)])
+    t = ChangeTracker()
+    t.replace_all(list(manifests.services), list(manifests.endpoint_slices))
+    assert t.snapshot().state == manifests.cluster_state()
