@@ -121,19 +121,26 @@ class ChangeTracker:
             self._slices_of[owner].discard(key)
             self._changed.add(owner)
 
-    def replace_all(self, services: list[V1Service], slices: list[V1EndpointSlice]) -> None:
-        """A relist: the given objects are now everything; anything else was deleted."""
-        live_services = {_key(s) for s in services}
-        live_slices = {_key(s) for s in slices}
-        for key in [k for k in self._ports if k not in live_services]:
+    def replace_services(self, services: list[V1Service]) -> None:
+        """A relist of Services: these are now all of them; any other was deleted."""
+        live = {_key(s) for s in services}
+        for key in [k for k in self._ports if k not in live]:
             del self._ports[key]
             self._changed.add(key)
-        for key in [k for k in self._slices if k not in live_slices]:
-            self._drop_slice(key)
         for svc in services:
             self.service_updated(svc)
+
+    def replace_slices(self, slices: list[V1EndpointSlice]) -> None:
+        """A relist of EndpointSlices: these are now all of them; any other was deleted."""
+        live = {_key(s) for s in slices}
+        for key in [k for k in self._slices if k not in live]:
+            self._drop_slice(key)
         for eps in slices:
             self.slice_updated(eps)
+
+    def replace_all(self, services: list[V1Service], slices: list[V1EndpointSlice]) -> None:
+        self.replace_services(services)
+        self.replace_slices(slices)
 
     def mark_all_changed(self) -> None:
         """Make the next snapshot a full one (after a failed sync, or a periodic full resync)."""

@@ -1,0 +1,137 @@
+"""The Kubernetes API as a source: list, then watch, Services and EndpointSlices.
+
+A `Reflector` per resource runs in its own thread, as client-go's reflector does: it lists
+(everything, with the list's resourceVersion), hands the full list on as one `Replace`, then
+watches from that resourceVersion with bookmarks on, handing on each event. When the watch
+ends it resumes from the last resourceVersion seen; on `410 Gone` (the version is too old) it
+lists again at once; on any other failure (a dropped connection, an API error) it lists again
+after a jittered, doubling backoff. Objects arrive as the official client's typed models.
+
+Events are not applied here: they are put on a queue that the agent's loop drains into the
+change tracker, so all state lives in one thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from kubernetes import client, config, watch
+from kubernetes.client.exceptions import ApiException
+
+log = logging.getLogger(__name__)
+
+HTTP_GONE = 410
+
+
+@dataclass(frozen=True)
+class Replace:
+    """The complete current list of one resource (after a list or relist)."""
+
+    resource: str
+    items: tuple[Any, ...]
+
+
+@dataclass(frozen=True)
+class Change:
+    """One watch event: `ADDED`, `MODIFIED` or `DELETED` of an object."""
+
+    resource: str
+    type: str
+    obj: Any
+
+
+Emit = Callable[[Replace | Change], None]
+
+
+def api_client(kubeconfig: str | None = None) -> client.ApiClient:
+    """An API client from a kubeconfig (flag, KUBECONFIG, ~/.kube/config) or in-cluster config."""
+    if kubeconfig:
+        return config.new_client_from_config(config_file=kubeconfig)
+    try:
+        config.load_incluster_config()
+        return client.ApiClient()
+    except config.ConfigException:
+        return config.new_client_from_config()  # KUBECONFIG or ~/.kube/config
+
+
+def list_functions(api: client.ApiClient) -> dict[str, Callable[..., Any]]:
+    """The list calls kproxy-nft watches, by resource name."""
+    return {
+        "services": client.CoreV1Api(api).list_service_for_all_namespaces,
+        "endpointslices": client.DiscoveryV1Api(api).list_endpoint_slice_for_all_namespaces,
+    }
+
+
+class Reflector:
+    """List-then-watch one resource forever (until `stop` is set), emitting what it sees."""
+
+    def __init__(
+        self,
+        resource: str,
+        list_fn: Callable[..., Any],
+        emit: Emit,
+        stop: threading.Event,
+        watch_timeout: int = 300,
+        initial_backoff: float = 0.5,
+        max_backoff: float = 30.0,
+        jitter: Callable[[], float] = random.random,
+    ) -> None:
+        self.resource = resource
+        self._list = list_fn
+        self._emit = emit
+        self._stop = stop
+        self._watch_timeout = watch_timeout
+        self._initial_backoff = initial_backoff
+        self._max_backoff = max_backoff
+        self._jitter = jitter
+        self.relists = 0
+        self.synced = threading.Event()  # set after the first complete list
+
+    def run(self) -> None:
+        backoff = self._initial_backoff
+        while not self._stop.is_set():
+            try:
+                version = self._list_all()
+                backoff = self._initial_backoff
+                self._watch_from(version)
+            except ApiException as e:
+                if e.status == HTTP_GONE:
+                    log.info("%s: resourceVersion expired (410 Gone); relisting", self.resource)
+                    continue
+                log.warning("%s: API error %s %s; relisting in %.1fs", self.resource, e.status, e.reason, backoff)
+                backoff = self._sleep(backoff)
+            except Exception as e:  # noqa: BLE001 - dropped connections etc.: relist after a pause
+                log.warning("%s: %s: %s; relisting in %.1fs", self.resource, type(e).__name__, e, backoff)
+                backoff = self._sleep(backoff)
+
+    def _sleep(self, backoff: float) -> float:
+        # Full jitter in [backoff/2, backoff): many nodes restarting together don't relist in step.
+        self._stop.wait(backoff * (0.5 + self._jitter() / 2))
+        return min(backoff * 2, self._max_backoff)
+
+    def _list_all(self) -> str:
+        result = self._list()
+        self.relists += 1
+        self._emit(Replace(self.resource, tuple(result.items or ())))
+        self.synced.set()
+        version: str = result.metadata.resource_version
+        return version
+
+    def _watch_from(self, version: str) -> None:
+        """Watch until the server ends the stream, resuming from the last version seen."""
+        while not self._stop.is_set():
+            w = watch.Watch()
+            stream = w.stream(self._list, resource_version=version, allow_watch_bookmarks=True,
+                              timeout_seconds=self._watch_timeout)
+            for event in stream:
+                if self._stop.is_set():
+                    w.stop()
+                    return
+                if event["type"] in ("ADDED", "MODIFIED", "DELETED"):
+                    self._emit(Change(self.resource, event["type"], event["object"]))
+            version = w.resource_version or version

@@ -1,0 +1,156 @@
+"""A test API server that speaks the Kubernetes list/watch protocol over HTTP, on loopback.
+
+Enough of the real thing for the official client to run unmodified against it: lists with a
+resourceVersion, `?watch=true` streams of chunked JSON events from a given version, BOOKMARK
+events, `410 Gone` for versions older than what it still remembers, and connections it can be
+told to drop. Objects are plain dicts (manifests); the test drives changes with `apply` and
+`delete`.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, urlparse
+
+PATHS = {
+    "/api/v1/services": ("services", "ServiceList", "v1"),
+    "/apis/discovery.k8s.io/v1/endpointslices": ("endpointslices", "EndpointSliceList", "discovery.k8s.io/v1"),
+}
+
+
+class FakeAPIServer:
+    def __init__(self) -> None:
+        self.version = 100
+        self.objects: dict[str, dict[tuple[str, str], dict[str, Any]]] = {"services": {}, "endpointslices": {}}
+        self.events: list[tuple[int, str, str, dict[str, Any]]] = []  # (version, resource, type, object)
+        self.oldest_watchable = 0  # versions below this get 410 Gone
+        self.changed = threading.Condition()
+        self.drop_generation = 0
+        self.requests: list[str] = []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:  # keep test output clean
+                pass
+
+            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+                server.handle(self)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self) -> FakeAPIServer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.drop_watches()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    # -- driving it -----------------------------------------------------------------------
+
+    def apply(self, resource: str, obj: dict[str, Any]) -> None:
+        with self.changed:
+            self.version += 1
+            meta = obj.setdefault("metadata", {})
+            meta.setdefault("namespace", "default")
+            meta["resourceVersion"] = str(self.version)
+            key = (meta["namespace"], meta["name"])
+            kind = "MODIFIED" if key in self.objects[resource] else "ADDED"
+            self.objects[resource][key] = obj
+            self.events.append((self.version, resource, kind, obj))
+            self.changed.notify_all()
+
+    def delete(self, resource: str, namespace: str, name: str) -> None:
+        with self.changed:
+            self.version += 1
+            obj = self.objects[resource].pop((namespace, name))
+            self.events.append((self.version, resource, "DELETED", obj))
+            self.changed.notify_all()
+
+    def compact(self) -> None:
+        """Forget history: watches from any version before now get 410 Gone."""
+        with self.changed:
+            self.oldest_watchable = self.version + 1
+            self.drop_watches()
+
+    def drop_watches(self) -> None:
+        """Cut every open watch connection mid-stream."""
+        with self.changed:
+            self.drop_generation += 1
+            self.changed.notify_all()
+
+    # -- serving --------------------------------------------------------------------------
+
+    def handle(self, req: BaseHTTPRequestHandler) -> None:
+        url = urlparse(req.path)
+        query = {k: v[0] for k, v in parse_qs(url.query).items()}
+        self.requests.append(req.path)
+        if url.path not in PATHS:
+            req.send_error(404)
+            return
+        resource, list_kind, api_version = PATHS[url.path]
+        if query.get("watch") in ("true", "1"):
+            self._watch(req, resource, api_version, query)
+            return
+        with self.changed:
+            body = {
+                "kind": list_kind,
+                "apiVersion": api_version,
+                "metadata": {"resourceVersion": str(self.version)},
+                "items": list(self.objects[resource].values()),
+            }
+        data = json.dumps(body).encode()
+        req.send_response(200)
+        req.send_header("Content-Type", "application/json")
+        req.send_header("Content-Length", str(len(data)))
+        req.end_headers()
+        req.wfile.write(data)
+
+    def _watch(self, req: BaseHTTPRequestHandler, resource: str, api_version: str, query: dict[str, str]) -> None:
+        since = int(query.get("resourceVersion") or self.version)
+        deadline = time.monotonic() + float(query.get("timeoutSeconds", "30"))
+        req.send_response(200)
+        req.send_header("Content-Type", "application/json")
+        req.send_header("Transfer-Encoding", "chunked")
+        req.end_headers()
+
+        def send(event: dict[str, Any]) -> None:
+            line = json.dumps(event).encode() + b"\n"
+            req.wfile.write(f"{len(line):x}\r\n".encode() + line + b"\r\n")
+            req.wfile.flush()
+
+        with self.changed:
+            generation = self.drop_generation
+            if since < self.oldest_watchable - 1:
+                status = {"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Expired",
+                          "message": f"too old resource version: {since}", "code": 410}
+                send({"type": "ERROR", "object": status})
+                req.wfile.write(b"0\r\n\r\n")
+                return
+            sent = since
+            while True:
+                pending = [e for e in self.events if e[0] > sent and e[1] == resource]
+                for version, _, kind, obj in pending:
+                    send({"type": kind, "object": obj})
+                    sent = version
+                if self.drop_generation != generation:
+                    req.close_connection = True
+                    return  # no terminating chunk: the client sees a broken stream
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    bookmark = {"kind": "Status", "apiVersion": api_version,
+                                "metadata": {"resourceVersion": str(self.version)}}
+                    send({"type": "BOOKMARK", "object": bookmark})
+                    req.wfile.write(b"0\r\n\r\n")
+                    return
+                self.changed.wait(min(remaining, 0.2))
