@@ -83,8 +83,15 @@ def test_failure_retries_with_doubling_backoff_and_a_full_sync(runner: tuple[Syn
     assert outcome is not None and outcome.ok and outcome.full
 
 
-def test_health_follows_the_last_success(runner: tuple[SyncRunner, Recorder]) -> None:
-    r, _ = runner
-    assert not r.healthy(clock.now)
+def test_health_turns_bad_when_a_change_waits_two_sync_periods(runner: tuple[SyncRunner, Recorder]) -> None:
+    r, rec = runner
+    assert r.healthy(1060.0) and not r.healthy(1060.1)  # before any sync, the start is pending
     r.run_due()
-    assert r.healthy(1060.0) and not r.healthy(1060.1)
+    assert r.healthy(5000.0)  # nothing pending: healthy however long it stays quiet
+    rec.fail_next = 100
+    clock.now = 2000.0
+    r.request()
+    while clock.now < 2061.0:
+        clock.now = max(clock.now, r.next_due())
+        r.run_due()
+    assert not r.healthy(clock.now)

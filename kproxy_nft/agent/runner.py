@@ -59,17 +59,22 @@ class SyncRunner:
         self._backoff = initial_backoff
         self._force_full = True  # the first sync after start is a full one
         self.last_success: float | None = None
+        # When the oldest change not yet in the kernel arrived (kube-proxy's "oldest pending
+        # queued" time); the start counts as one, since the kernel holds nothing known yet.
+        self.oldest_pending: float | None = clock()
 
     def request(self) -> None:
         """Something changed: sync soon (at most once per min_sync_period)."""
         self._requested = True
+        if self.oldest_pending is None:
+            self.oldest_pending = self._clock()
 
     def next_due(self) -> float:
         """The clock time at which `run_due` will next do something."""
-        due = self._last_full + self.sync_period
         if self._retry_at is not None:
-            due = min(due, self._retry_at)
-        elif self._requested:
+            return self._retry_at  # a retry is a full sync: it stands in for the periodic one
+        due = self._last_full + self.sync_period
+        if self._requested:
             due = min(due, self._last_start + self.min_sync_period)
         return due
 
@@ -94,8 +99,11 @@ class SyncRunner:
         if full:
             self._last_full = now
         self.last_success = self._clock()
+        if not self._requested:  # nothing arrived while syncing: all changes are in the kernel
+            self.oldest_pending = None
         return SyncOutcome(full, True, now, self.last_success - now)
 
     def healthy(self, now: float) -> bool:
-        """kube-proxy's /healthz rule: a successful sync within twice the sync period."""
-        return self.last_success is not None and now - self.last_success <= 2 * self.sync_period
+        """kube-proxy's /healthz rule (healthcheck/proxier_health.go): unhealthy when a change
+        has waited longer than twice the sync period without reaching the kernel."""
+        return self.oldest_pending is None or now - self.oldest_pending <= 2 * self.sync_period
