@@ -102,6 +102,7 @@ def main() -> None:
 @main.command(epilog="""\b
 Example:
   kproxy-nft dump -f examples/ --config examples/kube-proxy-config.yaml
+  kproxy-nft dump -f examples/ --proxy-mode nftables --cluster-cidr 10.1.0.0/16
   kubectl get svc,endpointslices -A -o yaml | kproxy-nft dump -f - --cluster-cidr 10.244.0.0/16""")
 @node_options
 @click.option("--ip-family", type=click.Choice(["4", "6"]), default="4", show_default=True,
@@ -109,12 +110,16 @@ Example:
 def dump(ip_family: str, **options: Any) -> None:
     """Print the rules for the Services and EndpointSlices in PATH.
 
-    The output loads as is with `iptables-restore` (or `ip6tables-restore` for --ip-family 6).
+    iptables mode: input for `iptables-restore` (`ip6tables-restore` with --ip-family 6).
+    nftables mode: an `nft -f` script with the `ip` and `ip6` kproxy-nft tables.
     """
     manifests, settings = load_inputs(**options)
-    if settings.mode != "iptables":
-        fail(f"--proxy-mode {settings.mode}: not available yet; use --proxy-mode iptables")
     state = manifests.cluster_state()
+    if settings.mode == "nftables":
+        from kproxy_nft.compile import nftables
+
+        click.echo(nftables.render_script(nftables.compile_all(state, settings.node)), nl=False)
+        return
     ruleset = ipt.compile_ruleset(state, settings.node, IPFamily(int(ip_family)))
     click.echo(ipt.render_restore(ruleset), nl=False)
 
