@@ -16,7 +16,7 @@ import click
 
 from kproxy_nft.compile import iptables as ipt
 from kproxy_nft.config import ConfigError, Overrides, ProxySettings, load_config_file, resolve
-from kproxy_nft.model import IPFamily
+from kproxy_nft.model import ClusterState, IPFamily
 from kproxy_nft.sources.manifests import ManifestError, Manifests, read_manifests
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -151,18 +151,17 @@ def demo(paths: tuple[str, ...], config_path: str | None, count: int, backend: s
     if not paths:
         paths = (str(SEED_EXAMPLES),)
         config_path = config_path or str(SEED_EXAMPLES / "kube-proxy-config.yaml")
-    manifests, settings = load_inputs(paths, "iptables", config_path, None, (), (), None, None, ())
-    ruleset = ipt.compile_ruleset(manifests.cluster_state(), settings.node, IPFamily.V4)
-    payload = ipt.render_restore(ruleset)
+    _, settings = load_inputs(paths, "iptables", config_path, None, (), (), None, None, ())
 
-    def apply_rules(node_ns: str) -> str:
+    def apply_rules(node_ns: str, state: ClusterState) -> str:
+        payload = ipt.render_restore(ipt.compile_ruleset(state, settings.node, IPFamily.V4))
         subprocess.run(["ip", "netns", "exec", node_ns, f"iptables-{backend}-restore"],
                        input=payload, text=True, check=True, capture_output=True)
         return f"loaded {payload.count(chr(10) + '-')} rules with iptables-{backend}-restore in {node_ns}"
 
     try:
-        failures = run_demo(manifests, settings.node, apply_rules, count, backend, Console())
-    except DemoError as e:
+        failures = run_demo(list(paths), settings.node, apply_rules, count, backend, Console())
+    except (DemoError, ManifestError) as e:
         fail(str(e))
     sys.exit(1 if failures else 0)
 

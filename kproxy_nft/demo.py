@@ -12,12 +12,16 @@ Ctrl-C or SIGTERM.
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import shutil
 import signal
+import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
 
@@ -25,11 +29,11 @@ from rich.bar import Bar
 from rich.console import Console
 from rich.table import Table
 
-from kproxy_nft.model import IPFamily, NodeContext
-from kproxy_nft.sources.manifests import Manifests
+from kproxy_nft.model import ClusterState, IPFamily, NodeContext
+from kproxy_nft.sources.manifests import Manifests, read_manifests
 
 if TYPE_CHECKING:
-    from kproxy_nft.netlab import ProbeResult
+    from kproxy_nft.netlab import Lab, ProbeResult
 
 
 class DemoError(RuntimeError):
@@ -141,37 +145,82 @@ def sigterm_as_exit() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+# The seed's cluster DNS (notes 6.2.2): `nameserver 10.96.0.10` with kube-dns behind it.
+KUBE_DNS_IP = "10.96.0.10"
+RESOLV_CONF = """nameserver {ip}
+search default.svc.cluster.local svc.cluster.local cluster.local
+options ndots:5
+"""
+
+
+def kube_dns_manifest(coredns_ip: str, node_name: str) -> str:
+    """The kube-dns Service and its one endpoint (our DNS server as the CoreDNS pod)."""
+    return f"""\
+apiVersion: v1
+kind: Service
+metadata: {{name: kube-dns, namespace: kube-system}}
+spec:
+  clusterIP: {KUBE_DNS_IP}
+  ports:
+    - {{name: dns, port: 53, protocol: UDP, targetPort: 53}}
+    - {{name: dns-tcp, port: 53, protocol: TCP, targetPort: 53}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: kube-dns-demo
+  namespace: kube-system
+  labels: {{kubernetes.io/service-name: kube-dns}}
+addressType: IPv4
+ports:
+  - {{name: dns, port: 53, protocol: UDP}}
+  - {{name: dns-tcp, port: 53, protocol: TCP}}
+endpoints:
+  - addresses: [{coredns_ip}]
+    nodeName: {node_name}
+    targetRef: {{kind: Pod, namespace: kube-system, name: coredns-demo}}
+"""
+
+
 def run_demo(
-    manifests: Manifests,
+    paths: list[str],
     node: NodeContext,
-    apply_rules: Callable[[str], str],
+    apply_rules: Callable[[str, ClusterState], str],
     count: int,
     backend: str,
     console: Console,
 ) -> int:
-    """Build the lab, apply the rules with `apply_rules(node_namespace)`, probe, report.
+    """Build the lab, apply the rules with `apply_rules(node_namespace, state)`, probe, report.
 
     `apply_rules` returns a one-line description of what it did. Returns the number of failed
-    connections (0 is a clean run).
+    connections and lookups (0 is a clean run).
     """
+    from kproxy_nft.discovery.launch import start_dns_server_in
     from kproxy_nft.netlab import Addressing, ClientSpec, Lab, PodSpec
 
     preflight(backend)
+    manifests = read_manifests(paths)
     pods = pods_of(manifests)
     targets = targets_of(manifests)
     if not pods or not targets:
         raise DemoError("the manifests hold no ClusterIP service with endpoints to replay")
     cidr = ipaddress.ip_network(node.cluster_cidrs[0] if node.cluster_cidrs else "10.1.0.0/16")
     testpod_ip = str(ipaddress.ip_address(pods[-1].ip) + 1)  # the seed's `kubectl run testpod`, next to the pods
+    coredns_ip = str(cidr.network_address + 10)
     pod_specs = [PodSpec(pod.short, pod.ip, tuple(sorted(pod.tcp_ports))) for pod in pods]
     clients = [ClientSpec("testpod", testpod_ip), ClientSpec("outside", "192.168.100.2")]
     addressing = Addressing(cluster_cidr=str(cidr), pod_gateway=str(cidr.network_address + 1))
 
-    with sigterm_as_exit(), Lab(pod_specs, clients, addressing=addressing) as lab:
+    with (tempfile.TemporaryDirectory(prefix="kpn-demo-") as scratch, sigterm_as_exit(),
+          Lab([*pod_specs, PodSpec("coredns", coredns_ip, ())], clients, addressing=addressing) as lab):
+        dns_manifest = Path(scratch, "kube-dns.yaml")
+        dns_manifest.write_text(kube_dns_manifest(coredns_ip, node.hostname))
+        state = read_manifests([*paths, str(dns_manifest)]).cluster_state()
         console.print(f"[bold]lab[/] {lab.run_id}: node [cyan]{lab.node_ns}[/], {len(pods)} pods, "
-                      f"testpod {testpod_ip} (inside {cidr}), an outside client 192.168.100.2")
-        console.print(apply_rules(lab.node_ns))
-        lab.start_servers()
+                      f"testpod {testpod_ip} (inside {cidr}), an outside client 192.168.100.2, "
+                      f"kube-dns {KUBE_DNS_IP} → coredns {coredns_ip}")
+        console.print(apply_rules(lab.node_ns, state))
+        lab.start_servers([spec.name for spec in pod_specs])
         failures = 0
         results = {}
         for target in targets:
@@ -187,5 +236,45 @@ def run_demo(
                       f"from testpod [green]{', '.join(sorted(inside.seen_ips()))}[/] (inside the cluster CIDR: "
                       f"no SNAT); from outside [green]{', '.join(sorted(outside.seen_ips()))}[/] "
                       f"(masqueraded to the node: `! -s {cidr} -j KUBE-MARK-MASQ`)")
-    console.print(f"[bold]done[/]: namespaces of lab {lab.run_id} removed; {failures} failed connections")
+        with start_dns_server_in(lab.ns_of("coredns"), [*paths, str(dns_manifest)], f"{coredns_ip}:53"):
+            resolv_conf = Path(scratch, "resolv.conf")
+            resolv_conf.write_text(RESOLV_CONF.format(ip=KUBE_DNS_IP))
+            failures += _dns_lookups(lab, str(resolv_conf), targets, console)
+    console.print(f"[bold]done[/]: namespaces of lab {lab.run_id} removed; {failures} failures")
+    return failures
+
+
+def _dns_lookups(lab: Lab, resolv_conf: str, targets: list[Target], console: Console) -> int:
+    """The seed's 6.2.2 from testpod, through kube-dns's ClusterIP: a short name via the search
+    list, an SRV record with dig, then GETs to the name's address. Returns the failures."""
+    failures = 0
+    console.print(f"[bold]cluster DNS[/] from testpod (resolv.conf: nameserver {KUBE_DNS_IP}, "
+                  "search default.svc.cluster.local svc.cluster.local cluster.local, ndots:5)")
+    by_service: dict[str, Target] = {}
+    for t in targets:
+        by_service.setdefault(t.label.split(":")[0], t)
+    for service, target in by_service.items():
+        short = service.split("/")[1]
+        argv = [sys.executable, "-m", "kproxy_nft.discovery.lookup", "--resolv-conf", resolv_conf, short]
+        answer = json.loads(lab.run_in(lab.ns_of("testpod"), argv).stdout)
+        if answer.get("records") != [target.ip]:
+            failures += 1
+            console.print(f"  [red]{short}: {answer}[/]")
+            continue
+        got = lab.probe("testpod", answer["records"][0], target.port, count=5)
+        failures += len(got.failures)
+        console.print(f"  curl http://{short}:{target.port} → [green]{answer['answered']} A {target.ip}[/] "
+                      f"(first of the search list) → answered by {', '.join(sorted(got.counts()))}")
+    multi = [t for t in targets if t.label.endswith(":https-port")] or targets[-1:]
+    for target in multi:
+        namespace, rest = target.label.split("/", 1)
+        service, port_name = rest.split(":", 1)
+        qname = f"_{port_name}._tcp.{service}.{namespace}.svc.cluster.local"
+        dig = lab.run_in(lab.ns_of("testpod"), ["dig", f"@{KUBE_DNS_IP}", qname, "SRV", "+noall", "+answer",
+                                               "+additional"], check=False)
+        if dig.returncode != 0 or f" {target.port} " not in dig.stdout:
+            failures += 1
+        console.print(f"  dig {qname} SRV")
+        for line in dig.stdout.strip().splitlines():
+            console.print(f"    {line}", highlight=False)
     return failures

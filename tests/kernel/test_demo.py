@@ -32,7 +32,11 @@ def test_demo_reaches_every_pod_through_every_service_port(backend: str) -> None
     for vip in ("10.101.181.214:8080", "10.102.199.133:8080", "10.102.199.133:8443"):
         assert vip in out
     assert "from testpod 10.1.0.50" in out and "from outside 10.1.0.1" in out
-    assert "0 failed connections" in out
+    # The seed's 6.2.2: short names through the search list, and dig's SRV answer, via kube-dns.
+    assert "curl http://sample-clusterip-multi:8080 → sample-clusterip-multi.default.svc.cluster.local. A" in out
+    assert "SRV 0 100 8443 sample-clusterip-multi.default.svc.cluster.local." in out
+    assert "sample-clusterip-multi.default.svc.cluster.local. 5 IN A 10.102.199.133" in out
+    assert "0 failures" in out
     assert namespaces() == before
 
 
