@@ -21,6 +21,23 @@ K = TypeVar("K")
 V = TypeVar("V")
 
 
+class _CachedHash:
+    """Base for frozen dataclasses used as memo keys: hash the fields once, not per lookup.
+
+    The compilers memoize per service port on (ServicePort, endpoints, ...); without this the
+    dataclass hash re-hashes every field of every endpoint on every sync. Subclasses assign
+    `__hash__ = _CachedHash.__hash__` in their body, or the dataclass decorator replaces it.
+    """
+
+    def __hash__(self) -> int:
+        try:
+            return self.__dict__["_hash"]  # type: ignore[no-any-return]
+        except KeyError:
+            value = hash(tuple(getattr(self, f) for f in self.__dataclass_fields__))  # type: ignore[attr-defined]
+            object.__setattr__(self, "_hash", value)
+            return value
+
+
 class Protocol(enum.StrEnum):
     """The L4 protocols a Service port may use (the API server allows exactly these)."""
 
@@ -51,7 +68,7 @@ def ip_family(ip: str) -> IPFamily:
 
 
 @dataclass(frozen=True, order=True)
-class ServicePortName:
+class ServicePortName(_CachedHash):
     """Identifies one port of one Service, like kube-proxy's `proxy.ServicePortName`.
 
     `str()` gives `ns/name:port` (or `ns/name` for an unnamed port), the form kube-proxy puts
@@ -59,6 +76,8 @@ class ServicePortName:
     (a Service may expose port 53 over both TCP and UDP under different names, and endpoint
     slices are matched by name *and* protocol) but not of the string.
     """
+
+    __hash__ = _CachedHash.__hash__
 
     namespace: str
     name: str
@@ -88,13 +107,15 @@ class TrafficPolicy(enum.StrEnum):
 
 
 @dataclass(frozen=True)
-class ServicePort:
+class ServicePort(_CachedHash):
     """Everything kube-proxy knows about one Service port (its `ServicePort` interface).
 
     IP lists are tuples in the Service's own order; `cluster_ips` holds one address per family
     the Service has (dual-stack services have two). `session_affinity_seconds` is None when
     affinity is off, else the ClientIP timeout.
     """
+
+    __hash__ = _CachedHash.__hash__
 
     name: ServicePortName
     port: int
@@ -126,13 +147,15 @@ class ServicePort:
 
 
 @dataclass(frozen=True, order=True)
-class Endpoint:
+class Endpoint(_CachedHash):
     """One backend address:port of a service port, with its EndpointSlice conditions.
 
     A missing `ready` condition counts as ready and a missing `serving` as equal to `ready`,
     as the API documents; the manifest reader applies those defaults, so here they are plain
     booleans. `zone_hints` / `node_hints` come from `hints.forZones` / `hints.forNodes`.
     """
+
+    __hash__ = _CachedHash.__hash__
 
     ip: str
     port: int

@@ -324,12 +324,13 @@ def _endpoint_chains(names: _Names, endpoints: tuple[Endpoint, ...], seps: dict[
 def compile_service_port(
     svc: ServicePort, endpoints: tuple[Endpoint, ...], node: NodeContext, family: IPFamily
 ) -> ServiceRules:
-    """The rules of one service port for one family (`endpoints` already of that family)."""
+    """The rules of one service port for one family (endpoints of the other family are ignored)."""
     name = svc.name
     cluster_ip = svc.cluster_ip(family)
     if cluster_ip is None:
         return ServiceRules(name, (), (), ())  # no address of this family: nothing to program
 
+    endpoints = tuple(ep for ep in endpoints if ep.family is family)
     sel = categorize_endpoints(svc, endpoints, node)
     names = _Names(svc)
     local_internal = svc.internal_traffic_policy is TrafficPolicy.LOCAL
@@ -380,10 +381,11 @@ def compile_ruleset(state: ClusterState, node: NodeContext, family: IPFamily = I
     """All rules for one IP family (iptables or ip6tables), deterministic for any input order."""
     t = _Tables()
     _static_rules(t, node)
-    fragments = []
-    for name in sorted(state.services, key=sort_key):
-        endpoints = tuple(ep for ep in state.endpoints_of(name) if ep.family is family)
-        fragments.append(compile_service_port(state.services[name], endpoints, node, family))
+    services, endpoints = state.services, state.endpoints
+    fragments = [
+        compile_service_port(services[name], endpoints.get(name, ()), node, family)
+        for name in sorted(services, key=sort_key)
+    ]
     for fragment in fragments:
         t.extend("nat", KUBE_SERVICES, fragment.nat_services)
         t.extend("filter", KUBE_SERVICES, fragment.filter_services)
