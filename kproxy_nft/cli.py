@@ -166,6 +166,117 @@ def demo(paths: tuple[str, ...], config_path: str | None, count: int, backend: s
     sys.exit(1 if failures else 0)
 
 
+def _families(state: ClusterState) -> list[IPFamily]:
+    """IPv4 always; IPv6 too when some service has an IPv6 cluster IP (a v4-only node stays v4)."""
+    has_v6 = any(svc.cluster_ip(IPFamily.V6) for svc in state.services.values())
+    return [IPFamily.V4, IPFamily.V6] if has_v6 else [IPFamily.V4]
+
+
+def _print_iptables_plan(p: Any, dry_run: bool) -> None:
+    """Per service port: chains added / changed / deleted; then the exact restore payload."""
+    for group in p.services:
+        who = str(group.owner) if group.owner else "(shared chains)"
+        parts = [f"{kind} {', '.join(c.chain for c in chains)}" for kind, chains in
+                 (("added", group.added), ("changed", group.changed), ("deleted", group.deleted)) if chains]
+        click.echo(f"  {who}: {'; '.join(parts)}")
+    for jump in p.jumps:
+        click.echo(f"  {jump.kind} jump in {jump.table}/{jump.chain}: {jump.rule}")
+    if dry_run:
+        click.echo(f"--- iptables-restore --noflush payload (IPv{int(p.family)}) ---")
+        click.echo(p.payload, nl=False)
+
+
+def _apply_nftables(state: ClusterState, settings: ProxySettings, dry_run: bool) -> bool:
+    from kproxy_nft.compile import nftables
+    from kproxy_nft.kernel.nftables import NftablesBackend
+
+    with NftablesBackend() as backend:
+        plan = backend.plan(nftables.compile_all(state, settings.node))
+        click.echo(f"nftables: {plan.summary}")
+        if dry_run:
+            click.echo(plan.text, nl=False)
+        elif not plan.is_empty:
+            backend.apply(plan)
+        return not plan.is_empty
+
+
+def _apply_iptables(state: ClusterState, settings: ProxySettings, dry_run: bool, backend: str) -> bool:
+    from kproxy_nft.kernel import iptables as kernel
+
+    host = kernel.open_host(None if backend == "auto" else backend)
+    changed = False
+    for family in _families(state):
+        plan = kernel.plan(ipt.compile_ruleset(state, settings.node, family), kernel.read_state(host, family))
+        changed |= not plan.is_empty
+        status = "nothing to change" if plan.is_empty else ("would change" if dry_run else "changed")
+        click.echo(f"iptables-{host.backend} IPv{int(family)}: {status}")
+        _print_iptables_plan(plan, dry_run)
+        if not dry_run:
+            kernel.apply(plan, host)
+    return changed
+
+
+@main.command(epilog="""\b
+Example:
+  sudo kproxy-nft apply -f examples/ --config examples/kube-proxy-config.yaml
+  kproxy-nft apply -f examples/ --dry-run            # what would change, and the exact payload
+  sudo kproxy-nft apply -f examples/ --proxy-mode nftables""")
+@node_options
+@click.option("--dry-run", is_flag=True, help="Print the plan and payload; do not touch the kernel.")
+@click.option("--iptables-backend", type=click.Choice(["auto", "nft", "legacy"]), default="auto", show_default=True,
+              help="Which iptables binaries to use; auto decides like kube-proxy, by where rules already are.")
+def apply(dry_run: bool, iptables_backend: str, **options: Any) -> None:
+    """Reconcile the kernel to the manifests in PATH, in one atomic transaction per family.
+
+    Only what differs is rewritten; chains and tables kproxy-nft does not own are never touched.
+    Exit status like diff(1): 0 nothing to change, 1 changes (applied, or pending with --dry-run),
+    2 error (the kernel is left as it was).
+    """
+    manifests, settings = load_inputs(**options)
+    state = manifests.cluster_state()
+    try:
+        if settings.mode == "nftables":
+            changed = _apply_nftables(state, settings, dry_run)
+        else:
+            changed = _apply_iptables(state, settings, dry_run, iptables_backend)
+    except Exception as e:  # noqa: BLE001 - every kernel failure is reported the same way
+        fail(f"{type(e).__name__}: {e}")
+    sys.exit(1 if changed else 0)
+
+
+@main.command(epilog="""\b
+Example:
+  sudo kproxy-nft cleanup                          # both modes' rules
+  sudo kproxy-nft cleanup --proxy-mode iptables""")
+@click.option("--proxy-mode", type=click.Choice(["iptables", "nftables"]), default=None,
+              help="Clean only this mode's rules (default: both).")
+@click.option("--iptables-backend", type=click.Choice(["auto", "nft", "legacy"]), default="auto", show_default=True)
+def cleanup(proxy_mode: str | None, iptables_backend: str) -> None:
+    """Remove every rule, chain and table kproxy-nft owns, and nothing else."""
+    try:
+        if proxy_mode in (None, "iptables"):
+            from kproxy_nft.kernel import iptables as kernel
+
+            host = kernel.open_host(None if iptables_backend == "auto" else iptables_backend)
+            for family in (IPFamily.V4, IPFamily.V6):
+                try:
+                    removed = kernel.cleanup(host, family)
+                except kernel.CommandError:
+                    if family is IPFamily.V6:
+                        continue  # no ip6tables (or IPv6 disabled): nothing of ours there
+                    raise
+                click.echo(f"iptables-{host.backend} IPv{int(family)}: removed {len(removed.chains)} chains, "
+                           f"{len(removed.jumps)} jumps")
+        if proxy_mode in (None, "nftables"):
+            from kproxy_nft.kernel.nftables import NftablesBackend
+
+            with NftablesBackend() as backend:
+                backend.cleanup()
+            click.echo("nftables: removed tables ip kproxy-nft and ip6 kproxy-nft (where present)")
+    except Exception as e:  # noqa: BLE001
+        fail(f"{type(e).__name__}: {e}")
+
+
 def _register_subcommands() -> None:
     """Commands that live with their own feature package."""
     from kproxy_nft.discovery.commands import dns, env

@@ -1,0 +1,383 @@
+"""The iptables kernel backend: pick nft or legacy, read the state, apply a plan atomically, clean up.
+
+This is the imperative shell around the pure parts (`iptables_text` parses, `iptables_rule`
+canonicalizes, `iptables_plan` diffs). Everything runs through an injected `Runner`, inside a
+network namespace when `Host.netns` is set, as argument lists.
+
+The CLI's entry points:
+
+    host = open_host(backend=None, netns=None)        # None: detect nft vs legacy
+    current = read_state(host, IPFamily.V4)
+    p = plan(desired, current)                         # pure; p.is_empty, p.payload, p.services
+    apply(p, host)                                     # raises RestoreError, kernel unchanged
+    cleanup(host, IPFamily.V4)                         # remove everything we own, nothing else
+
+and for an agent that syncs repeatedly, `Syncer` keeps the state after each apply so that a sync
+does not read `iptables-save` (seconds at 10,000 services) unless it is a full one.
+
+Atomicity. `iptables-restore` commits each `*table … COMMIT` block on its own, all or nothing:
+a filter block that fails after the nat block committed leaves nat changed (checked with both
+backends). So:
+
+* the first table of the payload (nat, the big one) needs no precaution: if it fails, nothing
+  has been committed;
+* the tables after it are first run through `iptables-restore --test` on their own, which
+  catches parse errors (bad option, bad value, unknown match or target) without touching the
+  kernel; it costs little, since filter is small;
+* what `--test` cannot see (a rule the kernel refuses at commit; with nft, also a jump to a
+  chain that does not exist) is undone: `apply` reads the state back and sends
+  `revert_plan(before, now)`, which takes our chains and jumps of the tables that did commit
+  back to exactly what they were (positions included), checks the result, and reports the
+  error.
+
+Errors name the line of `Plan.payload` iptables-restore complained about, even where what was
+sent differs from it: large payloads for the nft backend get a prelude (`-S` and the built-in chains)
+that avoids a quadratic cost in iptables-nft (see `_NFT_PRELUDE_FROM`).
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from kproxy_nft.compile.iptables import Ruleset
+from kproxy_nft.kernel.iptables_plan import (
+    MANAGED_TABLES,
+    ChainChange,
+    JumpChange,
+    Plan,
+    PlanError,
+    ServiceChanges,
+    TableEdit,
+    cleanup_plan,
+    plan,
+    revert_plan,
+)
+from kproxy_nft.kernel.iptables_text import BUILTIN_CHAINS, KernelState, parse_save
+from kproxy_nft.kernel.runner import Completed, Runner, SubprocessRunner, in_netns
+from kproxy_nft.model import IPFamily
+
+__all__ = [
+    "Backend",
+    "ChainChange",
+    "CommandError",
+    "Host",
+    "IptablesError",
+    "JumpChange",
+    "KernelState",
+    "Plan",
+    "PlanError",
+    "RestoreError",
+    "ServiceChanges",
+    "Syncer",
+    "apply",
+    "choose_backend",
+    "cleanup",
+    "cleanup_plan",
+    "detect_backend",
+    "open_host",
+    "plan",
+    "read_state",
+    "tool_name",
+]
+
+
+class Backend(enum.StrEnum):
+    NFT = "nft"
+    LEGACY = "legacy"
+
+
+class IptablesError(RuntimeError):
+    """Base of the errors of this backend."""
+
+
+class CommandError(IptablesError):
+    """A command (iptables-save, …) failed."""
+
+    def __init__(self, argv: Sequence[str], result: Completed) -> None:
+        detail = result.stderr.strip() or result.stdout.strip() or "no output"
+        super().__init__(f"{' '.join(argv)} exited with status {result.returncode}: {detail}")
+        self.argv = tuple(argv)
+        self.result = result
+
+
+_ERROR_LINE = re.compile(r"(?:Error occurred at line: |line )(\d+)")
+
+
+class RestoreError(IptablesError):
+    """iptables-restore refused a payload.
+
+    `line` is the payload line it names (1-based) and `text` that line; `kernel_unchanged` says
+    whether the kernel is known to be as it was before (`note` explains how, or why not).
+    """
+
+    def __init__(
+        self, tool: str, message: str, payload: str, line: int | None, kernel_unchanged: bool, note: str = ""
+    ) -> None:
+        self.tool = tool
+        self.message = message
+        self.payload = payload
+        self.line = line
+        self.kernel_unchanged = kernel_unchanged
+        self.note = note
+        super().__init__(str(self))
+
+    @property
+    def text(self) -> str | None:
+        lines = self.payload.splitlines()
+        return lines[self.line - 1] if self.line and 0 < self.line <= len(lines) else None
+
+    def __str__(self) -> str:
+        where = f" at payload line {self.line}: {self.text}" if self.text is not None else ""
+        state = "the kernel is unchanged" if self.kernel_unchanged else "the kernel may be partly changed"
+        note = f" ({self.note})" if self.note else ""
+        return f"{self.tool} failed{where}\n{self.message.strip()}\n{state}{note}"
+
+
+# ---------------------------------------------------------------------------------------------
+# where commands run
+# ---------------------------------------------------------------------------------------------
+
+
+def tool_name(backend: Backend, family: IPFamily, action: str) -> str:
+    """`iptables-nft-save`, `ip6tables-legacy-restore`, …"""
+    return f"{'iptables' if family is IPFamily.V4 else 'ip6tables'}-{backend.value}-{action}"
+
+
+@dataclass(frozen=True)
+class Host:
+    """Which iptables to drive, in which network namespace (None: the caller's), with which runner."""
+
+    backend: Backend
+    netns: str | None = None
+    runner: Runner = field(default_factory=SubprocessRunner)
+
+    def argv(self, family: IPFamily, action: str, *args: str) -> tuple[str, ...]:
+        return in_netns(self.netns, (tool_name(self.backend, family, action), *args))
+
+    def run(self, family: IPFamily, action: str, *args: str, input: str | None = None) -> Completed:
+        return self.runner.run(self.argv(family, action, *args), input)
+
+
+def open_host(backend: str | None = None, netns: str | None = None, runner: Runner | None = None) -> Host:
+    """A `Host` for `backend` ("nft", "legacy"), or for the one detected when None or "auto"."""
+    runner = runner or SubprocessRunner()
+    return Host(detect_backend(runner, netns, backend), netns, runner)
+
+
+# ---------------------------------------------------------------------------------------------
+# nft or legacy
+# ---------------------------------------------------------------------------------------------
+
+_KUBELET_CHAINS = re.compile(r"^:(KUBE-IPTABLES-HINT|KUBE-KUBELET-CANARY) ", re.MULTILINE)
+_RULE_LINE = re.compile(r"^-A ", re.MULTILINE)
+_KUBE_RULE_LINE = re.compile(r"^-A \S+ .*KUBE-|^-A KUBE-", re.MULTILINE)
+
+
+def choose_backend(nft_mangle: str, legacy_all: str, nft_all: str) -> Backend:
+    """Pick the backend the host's rules live in, from iptables-save outputs (v4 and v6 joined).
+
+    The order of iptables-wrappers (kubernetes-sigs), which kube-proxy's image uses:
+    1. kubelet (1.17+) creates KUBE-IPTABLES-HINT / KUBE-KUBELET-CANARY in the mangle table
+       of the backend it uses: found in nft's mangle table → nft, in legacy's tables → legacy;
+    2. else where the kube rules are (our own, or another kube-proxy's): more of them → that one;
+    3. else where more rules of any kind are; a tie (typically: none anywhere) → nft, today's default.
+    """
+    if _KUBELET_CHAINS.search(nft_mangle):
+        return Backend.NFT
+    if _KUBELET_CHAINS.search(legacy_all):
+        return Backend.LEGACY
+    for pattern in (_KUBE_RULE_LINE, _RULE_LINE):
+        legacy, nft = len(pattern.findall(legacy_all)), len(pattern.findall(nft_all))
+        if legacy != nft:
+            return Backend.LEGACY if legacy > nft else Backend.NFT
+    return Backend.NFT
+
+
+def detect_backend(runner: Runner | None = None, netns: str | None = None, override: str | None = None) -> Backend:
+    """The backend to use: `override` ("nft" or "legacy") if given, else `choose_backend`'s pick.
+
+    Legacy is read without `-t`: `iptables-legacy-save -t mangle` would create the table. A tool
+    that fails or is missing counts as having no rules.
+    """
+    if override not in (None, "auto"):
+        try:
+            return Backend(override)
+        except ValueError:
+            raise ValueError(f"iptables backend must be nft, legacy or auto, not {override!r}") from None
+    runner = runner or SubprocessRunner()
+
+    def save(backend: Backend, *args: str) -> str:
+        out = []
+        for family in IPFamily:
+            result = runner.run(in_netns(netns, (tool_name(backend, family, "save"), *args)))
+            out.append(result.stdout if result.returncode == 0 else "")
+        return "".join(out)
+
+    nft_mangle = save(Backend.NFT, "-t", "mangle")
+    if _KUBELET_CHAINS.search(nft_mangle):
+        return Backend.NFT  # the common case today: two commands and done
+    return choose_backend(nft_mangle, save(Backend.LEGACY), save(Backend.NFT))
+
+
+# ---------------------------------------------------------------------------------------------
+# read, apply, clean up
+# ---------------------------------------------------------------------------------------------
+
+
+def read_state(host: Host, family: IPFamily = IPFamily.V4, tables: Sequence[str] = MANAGED_TABLES) -> KernelState:
+    """The current rules of `tables` (one `iptables-save -t TABLE` each: other tables are not ours)."""
+    state = KernelState(family)
+    for name in tables:
+        argv = host.argv(family, "save", "-t", name)
+        result = host.runner.run(argv)
+        if result.returncode != 0:
+            raise CommandError(argv, result)
+        saved = parse_save(result.stdout, family)
+        state = state.replace_table(saved.table(name))
+    return state
+
+
+# iptables-nft (1.8.9 here) notes, for each command of a --noflush restore, the chain it names in
+# a sorted linked list (nft-cache.c: cache_chain_list_insert), which makes a large payload
+# quadratic: 7 s for 1,000 services, an hour or more for 10,000. A command that names the table
+# but no chain switches it to fetching all chains and skips the list from then on; `-S` (list
+# the table; the listing is discarded) is such a command and changes nothing. With that cache
+# iptables-nft no longer creates missing built-in chains by itself, so they are declared too,
+# with the policy they have. Small payloads, the usual case, are sent as planned.
+_NFT_PRELUDE_FROM = 5000  # lines in one table block
+
+
+@dataclass(frozen=True)
+class _Sent:
+    """Restore input as sent, and for each of its lines the plan payload line it is (None: added)."""
+
+    text: str
+    origin: tuple[int | None, ...]
+
+    def plan_line(self, result: Completed) -> int | None:
+        found = _ERROR_LINE.search(result.stderr)
+        number = int(found.group(1)) if found else 0
+        return self.origin[number - 1] if 0 < number <= len(self.origin) else None
+
+
+def _prepare(host: Host, p: Plan, edits: Sequence[TableEdit], first_line: int = 1) -> _Sent:
+    lines: list[str] = []
+    origin: list[int | None] = []
+    number = first_line
+    for edit in edits:
+        block = edit.render()
+        lines.append(block[0])
+        origin.append(number)
+        if host.backend is Backend.NFT and len(block) > _NFT_PRELUDE_FROM:
+            table = p.before.table(edit.table)
+            prelude = ["-S"] + [
+                f":{name} {table.chains[name].policy if name in table.chains else 'ACCEPT'} [0:0]"
+                for name in BUILTIN_CHAINS.get(edit.table, ())
+            ]
+            lines += prelude
+            origin += [None] * len(prelude)
+        lines += block[1:]
+        origin += range(number + 1, number + len(block))
+        number += len(block)
+    return _Sent("\n".join(lines) + "\n", tuple(origin))
+
+
+def _restore(host: Host, family: IPFamily, sent: _Sent, test: bool = False) -> Completed:
+    # -w: wait for the xtables lock instead of failing when another writer holds it.
+    args = ("-w", "--noflush", *(("--test",) if test else ()))
+    return host.run(family, "restore", *args, input=sent.text)
+
+
+def _error(
+    host: Host, p: Plan, sent: _Sent, result: Completed, unchanged: bool, note: str
+) -> RestoreError:
+    """The error for a failed restore of (part of) plan `p`, with the plan's line number."""
+    return RestoreError(
+        tool=tool_name(host.backend, p.family, "restore"),
+        message=result.stderr or result.stdout or f"exit status {result.returncode}",
+        payload=p.payload,
+        line=sent.plan_line(result),
+        kernel_unchanged=unchanged,
+        note=note,
+    )
+
+
+def apply(plan: Plan, host: Host) -> KernelState:
+    """Send the plan's payload in one `iptables-restore -w --noflush`; return the state after it.
+
+    An empty plan sends nothing. On failure raises `RestoreError` after making sure the kernel
+    is as it was (see the module docstring), or saying that it could not.
+    """
+    if plan.is_empty:
+        return plan.after
+    family = plan.family
+    head = len(plan.edits[0].render())
+    if len(plan.edits) > 1:
+        rest = _prepare(host, plan, plan.edits[1:], first_line=head + 1)
+        result = _restore(host, family, rest, test=True)
+        if result.returncode != 0:
+            raise _error(host, plan, rest, result, True, "refused by iptables-restore --test")
+    sent = _prepare(host, plan, plan.edits)
+    result = _restore(host, family, sent)
+    if result.returncode == 0:
+        return plan.after
+    line = sent.plan_line(result)
+    if len(plan.edits) == 1 or (line is not None and line <= head):
+        raise _error(host, plan, sent, result, True, "in the first table: iptables-restore is atomic per table")
+    raise _rolled_back(plan, host, sent, result)
+
+
+def _rolled_back(plan: Plan, host: Host, sent: _Sent, failure: Completed) -> RestoreError:
+    """Undo the tables that committed before the failing one; the error to raise either way."""
+    family = plan.family
+    tables = tuple(plan.before.tables) or MANAGED_TABLES
+    try:
+        now = read_state(host, family, tables)
+        undo = revert_plan(plan.before, now)
+        if not undo.is_empty:
+            undo_sent = _prepare(host, undo, undo.edits)
+            result = _restore(host, family, undo_sent)
+            if result.returncode != 0:
+                raise _error(host, undo, undo_sent, result, False, "while reverting")
+            now = read_state(host, family, tables)
+        if not revert_plan(plan.before, now).is_empty:
+            return _error(host, plan, sent, failure, False, "revert left differences")
+    except IptablesError as e:
+        return _error(host, plan, sent, failure, False, f"revert failed: {e}")
+    reverted = ", ".join(undo.tables) or "nothing had committed"
+    return _error(host, plan, sent, failure, True, f"reverted: {reverted}")
+
+
+def cleanup(host: Host, family: IPFamily = IPFamily.V4) -> Plan:
+    """Remove everything we own (jumps from built-in chains, our chains) in one payload; the plan sent."""
+    removal = cleanup_plan(read_state(host, family))
+    apply(removal, host)
+    return removal
+
+
+class Syncer:
+    """Applies successive rulesets, keeping the kernel state in memory between syncs.
+
+    A sync plans against the state the previous apply left (its `Plan.after`) instead of reading
+    `iptables-save` again; `full=True` (or the first sync, or the one after an error) reads the
+    kernel, which also repairs anything someone else changed in our chains meanwhile.
+    """
+
+    def __init__(self, host: Host, family: IPFamily = IPFamily.V4) -> None:
+        self.host = host
+        self.family = family
+        self.state: KernelState | None = None
+
+    def sync(self, desired: Ruleset, full: bool = False) -> Plan:
+        if full or self.state is None:
+            self.state = read_state(self.host, self.family)
+        step = plan(desired, self.state)
+        try:
+            self.state = apply(step, self.host)
+        except IptablesError:
+            self.state = None  # whatever happened, trust only the kernel next time
+            raise
+        return step

@@ -1,0 +1,59 @@
+"""How the kernel backends run commands: an injectable runner, and network-namespace wrapping.
+
+Every command the backends run goes through a `Runner` (`run(argv, input) -> Completed`), so
+unit tests substitute a fake that records the exact argv and stdin and answers like the real
+tools (the idea of knftables' exec.go); `SubprocessRunner` is the real one. Commands are
+argument lists, never shell strings. `in_netns` prefixes `ip netns exec NS` when a namespace is
+given, which is how tests and the lab point the backends at a throwaway namespace.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import NamedTuple, Protocol
+
+
+class Completed(NamedTuple):
+    """A finished command: exit status and captured output."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+class Runner(Protocol):
+    def run(self, argv: Sequence[str], input: str | None = None) -> Completed:
+        """Run argv (a list, no shell) with `input` on stdin; never raises on a non-zero exit."""
+        ...
+
+
+@dataclass(frozen=True)
+class SubprocessRunner:
+    """Runs commands for real. A missing binary is reported as exit status 127, like a shell."""
+
+    timeout: float | None = 600.0  # a full restore of 10,000 services takes tens of seconds
+
+    def run(self, argv: Sequence[str], input: str | None = None) -> Completed:
+        try:
+            proc = subprocess.run(  # noqa: S603 (an argument list built by this package, no shell)
+                list(argv), input=input, capture_output=True, text=True, check=False, timeout=self.timeout
+            )
+        except FileNotFoundError as e:
+            return Completed(127, "", f"{argv[0]}: {e.strerror}")
+        return Completed(proc.returncode, proc.stdout, proc.stderr)
+
+
+_NETNS_NAME = re.compile(r"[A-Za-z0-9_.][A-Za-z0-9_.-]*")
+
+
+def in_netns(netns: str | None, argv: Sequence[str]) -> tuple[str, ...]:
+    """argv to run inside network namespace `netns` (as is when None)."""
+    if netns is None:
+        return tuple(argv)
+    # `ip netns exec` resolves the name under /run/netns: refuse anything path-like.
+    if not _NETNS_NAME.fullmatch(netns) or netns in (".", ".."):
+        raise ValueError(f"not a network namespace name: {netns!r}")
+    return ("ip", "netns", "exec", netns, *argv)

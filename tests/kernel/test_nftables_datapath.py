@@ -1,0 +1,181 @@
+"""Real packets through the nftables backend: the seed scenario and kube-proxy's ClusterIP behaviour.
+
+A netlab (node namespace + pod and client namespaces, all `kpn-<id>-*`, removed afterwards)
+runs the seed's three pods; the backend programs the node namespace in-process through
+libnftables (the seed is replayed through the `nft` command too).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from kproxy_nft.compile.nftables import compile_all
+from kproxy_nft.kernel.nftables import NftablesBackend
+from kproxy_nft.model import (
+    ClusterState,
+    Endpoint,
+    NodeContext,
+    Protocol,
+    ServicePort,
+    ServicePortName,
+    TrafficPolicy,
+)
+from kproxy_nft.netlab import NODE, ClientSpec, Lab, PodSpec
+from kproxy_nft.sources.manifests import read_manifests
+from tests.helpers import EXAMPLES
+
+pytestmark = pytest.mark.kernel
+
+SEED_NODE = NodeContext(hostname="docker-desktop", cluster_cidrs=("10.1.0.0/16",))
+SEED_PODS = {"pod1": "10.1.0.47", "pod2": "10.1.0.48", "pod3": "10.1.0.49"}
+PODS = (
+    *(PodSpec(name, ip, tcp_ports=(80, 443), udp_ports=(53,)) for name, ip in SEED_PODS.items()),
+    PodSpec("only80", "10.1.0.60", tcp_ports=(80,)),
+)
+CLIENTS = (ClientSpec("testpod", "10.1.0.50"), ClientSpec("ext", "192.168.100.2"))
+VIP = "10.101.181.214"
+MULTI_VIP = "10.102.199.133"
+CHI2_P001_DF2 = 13.816  # χ² critical value, 2 degrees of freedom, p = 0.001
+
+
+def seed() -> ClusterState:
+    return read_manifests([str(EXAMPLES)]).cluster_state()
+
+
+def name(svc: str, port: str = "http") -> ServicePortName:
+    return ServicePortName("test", svc, port)
+
+
+def port(svc: str, ip: str, number: int, **kw: object) -> ServicePort:
+    return ServicePort(name=name(svc), port=number, target_port=80, cluster_ips=(ip,), **kw)  # type: ignore[arg-type]
+
+
+def with_services(base: ClusterState, extra: dict[ServicePort, tuple[Endpoint, ...]]) -> ClusterState:
+    return ClusterState(
+        {**base.services, **{s.name: s for s in extra}},
+        {**base.endpoints, **{s.name: eps for s, eps in extra.items()}},
+    )
+
+
+def chi2(counts: dict[str, int], total: int, k: int) -> float:
+    expected = total / k
+    observed = [counts.get(p, 0) for p in SEED_PODS]
+    return sum((o - expected) ** 2 / expected for o in observed)
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[Lab]:
+    if os.geteuid() != 0:
+        pytest.skip("netlab needs root")
+    with Lab(PODS, CLIENTS) as the_lab:
+        the_lab.start_servers()
+        yield the_lab
+
+
+@pytest.fixture
+def backend(lab: Lab) -> Iterator[NftablesBackend]:
+    with NftablesBackend(lab.node_ns) as b:
+        assert b.transport.name == "libnftables"
+        yield b
+        b.cleanup()
+
+
+@pytest.mark.parametrize("use_libnftables", [True, False], ids=["libnftables", "nft"])
+def test_seed_random_balance_and_multi_port(lab: Lab, use_libnftables: bool) -> None:
+    with NftablesBackend(lab.node_ns, use_libnftables=use_libnftables) as backend:
+        try:
+            backend.full_sync(compile_all(seed(), SEED_NODE))
+            res = lab.probe("testpod", VIP, 8080, count=300)
+            assert res.ok, res.summary()
+            assert chi2(res.counts(), 300, 3) < CHI2_P001_DF2, res.summary()
+            for svc_port in (8080, 8443):
+                res = lab.probe("testpod", MULTI_VIP, svc_port, count=30)
+                assert res.ok and set(res.counts()) == set(SEED_PODS), res.summary()
+        finally:
+            backend.cleanup()
+
+
+def test_target_port_mapping(lab: Lab, backend: NftablesBackend) -> None:
+    """8080 → 80 and 8443 → 443 on a pod that only listens on 80: the second is refused by the pod."""
+    only80 = (Endpoint("10.1.0.60", 80),)
+    http = port("mp", "10.96.0.40", 8080)
+    https = dataclasses.replace(http, name=name("mp", "https"), port=8443, target_port=443)
+    state = ClusterState(
+        {http.name: http, https.name: https}, {http.name: only80, https.name: (Endpoint("10.1.0.60", 443),)}
+    )
+    backend.full_sync(compile_all(state, SEED_NODE))
+    assert lab.probe("testpod", "10.96.0.40", 8080, count=3).counts() == {"only80": 3}
+    assert lab.probe("testpod", "10.96.0.40", 8443, count=3).error_counts() == {"refused": 3}
+
+
+def test_masquerade_outside_cluster_only(lab: Lab, backend: NftablesBackend) -> None:
+    backend.full_sync(compile_all(seed(), SEED_NODE))
+    res = lab.probe("ext", VIP, 8080, count=10)
+    assert res.ok and res.seen_ips() <= set(lab.node_ips), res.summary()
+    res = lab.probe("testpod", VIP, 8080, count=10)
+    assert res.ok and res.seen_ips() == {"10.1.0.50"}
+    res = lab.probe(NODE, VIP, 8080, count=5)  # locally generated: nat output
+    assert res.ok, res.summary()
+
+    backend.sync(compile_all(seed(), dataclasses.replace(SEED_NODE, masquerade_all=True)))
+    res = lab.probe("testpod", VIP, 8080, count=10)
+    assert res.ok and res.seen_ips() <= set(lab.node_ips), res.summary()
+
+
+def test_hairpin_is_masqueraded(lab: Lab, backend: NftablesBackend) -> None:
+    backend.full_sync(compile_all(seed(), SEED_NODE))
+    res = lab.probe("pod1", VIP, 8080, count=60)
+    assert res.ok, res.summary()
+    for attempt in res.attempts:
+        if attempt.pod == "pod1":
+            assert attempt.seen_ip in lab.node_ips  # reached itself: masqueraded
+        else:
+            assert attempt.seen_ip == "10.1.0.47"  # other pods see the client pod
+    assert res.counts().get("pod1", 0) > 0
+
+
+def test_no_endpoints_refused_at_once_and_local_policy_drops(lab: Lab, backend: NftablesBackend) -> None:
+    empty = port("empty", "10.96.0.50", 80)
+    udp = dataclasses.replace(port("dns", "10.96.0.51", 53), name=ServicePortName("test", "dns", "dns", Protocol.UDP))
+    elsewhere = port("remote", "10.96.0.52", 80, internal_traffic_policy=TrafficPolicy.LOCAL)
+    state = with_services(seed(), {empty: (), udp: (), elsewhere: (Endpoint("10.1.0.47", 80, node_name="other"),)})
+    backend.full_sync(compile_all(state, SEED_NODE))
+    for client in ("testpod", NODE):  # forward and output hooks
+        res = lab.probe(client, "10.96.0.50", 80, count=3, timeout=2.0)
+        assert res.error_counts() == {"refused": 3}, res.summary()
+        assert max(a.elapsed for a in res.attempts) < 0.5
+    res = lab.probe("testpod", "10.96.0.51", 53, proto="udp", count=3, timeout=2.0)
+    assert res.error_counts() == {"refused": 3}, res.summary()
+    res = lab.probe("testpod", "10.96.0.52", 80, count=1, timeout=0.5)
+    assert res.error_counts() == {"timeout": 1}, res.summary()
+
+
+def test_internal_traffic_policy_local_uses_local_endpoints(lab: Lab, backend: NftablesBackend) -> None:
+    local = port("local", "10.96.0.53", 80, internal_traffic_policy=TrafficPolicy.LOCAL)
+    eps = (Endpoint("10.1.0.47", 80, node_name="other"), Endpoint("10.1.0.48", 80, node_name="docker-desktop"))
+    backend.full_sync(compile_all(with_services(ClusterState(), {local: eps}), SEED_NODE))
+    assert lab.probe("testpod", "10.96.0.53", 80, count=20).counts() == {"pod2": 20}
+
+
+def test_session_affinity_and_removal_of_stale_entries(lab: Lab, backend: NftablesBackend) -> None:
+    sticky = port("sticky", "10.96.0.60", 80, session_affinity_seconds=600)
+    eps = tuple(Endpoint(ip, 80) for ip in SEED_PODS.values())
+    state = with_services(ClusterState(), {sticky: eps})
+    backend.full_sync(compile_all(state, SEED_NODE))
+    res = lab.probe("testpod", "10.96.0.60", 80, count=20)
+    assert res.ok and len(res.counts()) == 1, res.summary()
+    chosen = next(iter(res.counts()))
+    res = lab.probe("ext", "10.96.0.60", 80, count=20)  # another client: its own (single) choice
+    assert res.ok and len(res.counts()) == 1, res.summary()
+
+    # The chosen pod leaves: its affinity entries are deleted in the same transaction.
+    remaining = tuple(ep for ep in eps if ep.ip != SEED_PODS[chosen])
+    plan = backend.plan(compile_all(with_services(ClusterState(), {sticky: remaining}), SEED_NODE))
+    assert plan.summary.affinity_entries_deleted >= 1
+    backend.apply(plan)
+    res = lab.probe("testpod", "10.96.0.60", 80, count=20)
+    assert res.ok and len(res.counts()) == 1 and chosen not in res.counts(), res.summary()
