@@ -127,7 +127,8 @@ def dump(ip_family: str, **options: Any) -> None:
 @main.command(epilog="""\b
 Example:
   sudo kproxy-nft demo                  # the seed: examples/ with examples/kube-proxy-config.yaml
-  sudo kproxy-nft demo --count 300 --backend legacy""")
+  sudo kproxy-nft demo --count 300 --backend legacy
+  sudo kproxy-nft demo --proxy-mode nftables""")
 @click.option("-f", "--filename", "paths", multiple=True, metavar="PATH",
               help="Manifests to replay (default: the seed's examples/).")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
@@ -136,7 +137,9 @@ Example:
               help="Fresh HTTP GETs per service port.")
 @click.option("--backend", type=click.Choice(["nft", "legacy"]), default="nft", show_default=True,
               help="Which iptables binary family loads the rules in the lab's node namespace.")
-def demo(paths: tuple[str, ...], config_path: str | None, count: int, backend: str) -> None:
+@click.option("--proxy-mode", type=click.Choice(["iptables", "nftables"]), default=None,
+              help="Rules to replay with (default: the config's mode, iptables for the seed).")
+def demo(paths: tuple[str, ...], config_path: str | None, count: int, backend: str, proxy_mode: str | None) -> None:
     """Replay the seed's experiment in network namespaces (needs root).
 
     Creates a node namespace, one namespace per pod of the manifests (answering HTTP with their
@@ -151,16 +154,27 @@ def demo(paths: tuple[str, ...], config_path: str | None, count: int, backend: s
     if not paths:
         paths = (str(SEED_EXAMPLES),)
         config_path = config_path or str(SEED_EXAMPLES / "kube-proxy-config.yaml")
-    _, settings = load_inputs(paths, "iptables", config_path, None, (), (), None, None, ())
+    _, settings = load_inputs(paths, proxy_mode, config_path, None, (), (), None, None, ())
 
     def apply_rules(node_ns: str, state: ClusterState) -> str:
-        payload = ipt.render_restore(ipt.compile_ruleset(state, settings.node, IPFamily.V4))
-        subprocess.run(["ip", "netns", "exec", node_ns, f"iptables-{backend}-restore"],
-                       input=payload, text=True, check=True, capture_output=True)
-        return f"loaded {payload.count(chr(10) + '-')} rules with iptables-{backend}-restore in {node_ns}"
+        """Reconcile the lab's node namespace with the real backends (what `apply` does)."""
+        if settings.mode == "nftables":
+            from kproxy_nft.compile import nftables
+            from kproxy_nft.kernel.nftables import NftablesBackend
+
+            with NftablesBackend(netns=node_ns) as nft_backend:
+                plan = nft_backend.full_sync(nftables.compile_all(state, settings.node))
+            return f"nftables in {node_ns}: {plan.summary}"
+        from kproxy_nft.kernel import iptables as kernel
+
+        host = kernel.open_host(backend, netns=node_ns)
+        ipt_plan = kernel.plan(ipt.compile_ruleset(state, settings.node, IPFamily.V4), kernel.read_state(host))
+        kernel.apply(ipt_plan, host)
+        return (f"iptables-{backend} in {node_ns}: {len(ipt_plan.chains)} chains and {len(ipt_plan.jumps)} jumps "
+                f"added in one iptables-restore --noflush")
 
     try:
-        failures = run_demo(list(paths), settings.node, apply_rules, count, backend, Console())
+        failures = run_demo(list(paths), settings.node, apply_rules, count, backend, Console(), settings.mode)
     except (DemoError, ManifestError) as e:
         fail(str(e))
     sys.exit(1 if failures else 0)

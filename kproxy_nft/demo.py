@@ -49,14 +49,15 @@ class Target:
     port: int
 
 
-def preflight(backend: str) -> None:
+def preflight(backend: str, mode: str = "iptables") -> None:
     """Fail early, and clearly, when not root or a tool is missing."""
     if os.geteuid() != 0:
         raise DemoError("the demo creates network namespaces and loads NAT rules: run it as root (sudo make demo)")
-    tools = ["ip", "sysctl", f"iptables-{backend}-restore", f"iptables-{backend}-save"]
+    rules = ["nft"] if mode == "nftables" else [f"iptables-{backend}-restore", f"iptables-{backend}-save"]
+    tools = ["ip", "sysctl", "dig", *rules]
     missing = [t for t in tools if shutil.which(t) is None]
     if missing:
-        raise DemoError(f"missing {', '.join(missing)}: apt-get install iproute2 iptables procps")
+        raise DemoError(f"missing {', '.join(missing)}: apt-get install iproute2 iptables nftables procps dnsutils")
 
 
 @dataclass
@@ -189,6 +190,7 @@ def run_demo(
     count: int,
     backend: str,
     console: Console,
+    mode: str = "iptables",
 ) -> int:
     """Build the lab, apply the rules with `apply_rules(node_namespace, state)`, probe, report.
 
@@ -198,7 +200,7 @@ def run_demo(
     from kproxy_nft.discovery.launch import start_dns_server_in
     from kproxy_nft.netlab import Addressing, ClientSpec, Lab, PodSpec
 
-    preflight(backend)
+    preflight(backend, mode)
     manifests = read_manifests(paths)
     pods = pods_of(manifests)
     targets = targets_of(manifests)
@@ -235,7 +237,7 @@ def run_demo(
         console.print(f"source address the pods saw for {first.ip}:{first.port}: "
                       f"from testpod [green]{', '.join(sorted(inside.seen_ips()))}[/] (inside the cluster CIDR: "
                       f"no SNAT); from outside [green]{', '.join(sorted(outside.seen_ips()))}[/] "
-                      f"(masqueraded to the node: `! -s {cidr} -j KUBE-MARK-MASQ`)")
+                      f"(masqueraded to the node: traffic from outside {cidr})")
         with start_dns_server_in(lab.ns_of("coredns"), [*paths, str(dns_manifest)], f"{coredns_ip}:53"):
             resolv_conf = Path(scratch, "resolv.conf")
             resolv_conf.write_text(RESOLV_CONF.format(ip=KUBE_DNS_IP))

@@ -18,10 +18,11 @@ def namespaces() -> set[str]:
     return {line.split()[0] for line in out.splitlines() if line.strip()}
 
 
-@pytest.mark.parametrize("backend", ["nft", "legacy"])
-def test_demo_reaches_every_pod_through_every_service_port(backend: str) -> None:
+@pytest.mark.parametrize("options", [["--backend", "nft"], ["--backend", "legacy"], ["--proxy-mode", "nftables"]],
+                         ids=["iptables-nft", "iptables-legacy", "nftables"])
+def test_demo_reaches_every_pod_through_every_service_port(options: list[str]) -> None:
     before = namespaces()
-    argv = [sys.executable, "-m", "kproxy_nft.cli", "demo", "-n", "30", "--backend", backend]
+    argv = [sys.executable, "-m", "kproxy_nft.cli", "demo", "-n", "30", *options]
     env = {**os.environ, "COLUMNS": "200"}  # rich wraps to the terminal width; keep pod names whole
     result = subprocess.run(argv, capture_output=True, text=True, timeout=120, env=env)
     assert result.returncode == 0, result.stdout + result.stderr
