@@ -6,7 +6,6 @@ Exit codes: 0 success, 2 bad input (one clear line on stderr, nothing on stdout)
 from __future__ import annotations
 
 import socket
-import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
