@@ -5,6 +5,7 @@ Exit codes: 0 success, 2 bad input (one clear line on stderr, nothing on stdout)
 
 from __future__ import annotations
 
+import logging
 import socket
 import sys
 from collections.abc import Callable, Sequence
@@ -287,6 +288,50 @@ def cleanup(proxy_mode: str | None, iptables_backend: str) -> None:
                 backend.cleanup()
             click.echo("nftables: removed tables ip kproxy-nft and ip6 kproxy-nft (where present)")
     except Exception as e:  # noqa: BLE001
+        fail(f"{type(e).__name__}: {e}")
+
+
+@main.command(epilog="""\b
+Examples:
+  kproxy-nft run --proxy-mode nftables --hostname-override $(hostname)     # in-cluster or ~/.kube/config
+  kproxy-nft run --manifests examples/ --config examples/kube-proxy-config.yaml   # no cluster""")
+@click.option("--kubeconfig", default=None, envvar="KUBECONFIG", help="kubeconfig file (default: in-cluster, "
+              "then ~/.kube/config).")
+@click.option("--manifests", "manifest_paths", multiple=True, metavar="PATH",
+              help="Use manifest files instead of the API, re-read when they change.")
+@click.option("--proxy-mode", type=click.Choice(["iptables", "nftables"]), default=None)
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None)
+@click.option("--hostname-override", default=None)
+@click.option("--cluster-cidr", "cluster_cidrs", multiple=True, metavar="CIDR")
+@click.option("--masquerade-all", is_flag=True, default=None)
+@click.option("--iptables-backend", type=click.Choice(["auto", "nft", "legacy"]), default="auto", show_default=True)
+@click.option("--min-sync-period", type=float, default=1.0, show_default=True, help="Seconds between partial syncs.")
+@click.option("--sync-period", type=float, default=30.0, show_default=True, help="Seconds between full syncs.")
+@click.option("--metrics-bind-address", default="127.0.0.1:10249", show_default=True)
+@click.option("--healthz-bind-address", default="127.0.0.1:10256", show_default=True,
+              help="kube-proxy listens on 0.0.0.0:10256; ours stays on loopback unless told (see deploy/).")
+@click.option("--netns", default=None, hidden=True, help="Program this network namespace (tests, demos).")
+@click.option("-v", "--verbose", count=True)
+def run(kubeconfig: str | None, manifest_paths: tuple[str, ...], proxy_mode: str | None, config_path: str | None,
+        hostname_override: str | None, cluster_cidrs: tuple[str, ...], masquerade_all: bool | None,
+        iptables_backend: str, min_sync_period: float, sync_period: float, metrics_bind_address: str,
+        healthz_bind_address: str, netns: str | None, verbose: int) -> None:
+    """Run the node agent: watch Services and EndpointSlices, keep the kernel reconciled.
+
+    Stops on SIGTERM/SIGINT and leaves the rules in place; a restarted agent adopts them.
+    """
+    from kproxy_nft.agent.runtime import run_agent
+
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    _, settings = load_inputs((), proxy_mode, config_path,
+                              hostname_override, (), cluster_cidrs, masquerade_all, None, ())
+    try:
+        run_agent(settings, kubeconfig=kubeconfig, manifest_paths=list(manifest_paths),
+                  iptables_backend=None if iptables_backend == "auto" else iptables_backend, netns=netns,
+                  min_sync_period=min_sync_period, sync_period=sync_period,
+                  metrics_address=metrics_bind_address, healthz_address=healthz_bind_address)
+    except Exception as e:  # noqa: BLE001 - a startup failure: one line, exit 2
         fail(f"{type(e).__name__}: {e}")
 
 

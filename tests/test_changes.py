@@ -106,3 +106,12 @@ def test_seed_examples_through_the_tracker_equal_the_manifest_reader() -> None:
     t = ChangeTracker()
     t.replace_all(list(manifests.services), list(manifests.endpoint_slices))
     assert t.snapshot().state == manifests.cluster_state()
+
+
+def test_identical_slice_update_is_not_a_change() -> None:
+    t = ChangeTracker()
+    t.service_updated(svc("a", "10.96.0.1"))
+    t.slice_updated(eps("a-1", "a", ["10.1.0.1"]))
+    t.snapshot()
+    t.replace_slices([eps("a-1", "a", ["10.1.0.1"])])
+    assert t.pending == 0

@@ -103,6 +103,8 @@ class ChangeTracker:
         except InvalidObject as e:
             self.rejected[key] = f"EndpointSlice {key[0]}/{key[1]}: {e}"
             endpoints = {}
+        if owner is not None and self._slice_owner.get(key) == owner and self._slices.get(key) == endpoints:
+            return  # a resync or no-op update: nothing for the rules
         self._drop_slice(key)
         if owner is not None:
             self._slices[key] = endpoints

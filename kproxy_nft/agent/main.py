@@ -1,0 +1,253 @@
+"""The node agent's loop: sources → change tracker → sync runner → backend, with metrics and health.
+
+One thread owns all state: it drains the sources' event queue into the `ChangeTracker`, asks the
+`SyncRunner` when to sync, and hands each sync the tracker's snapshot. Nothing is applied until
+both Services and EndpointSlices have completed their first list, so an empty cache at startup
+never wipes the node's rules. SIGTERM/SIGINT stop the loop and leave the rules in place, so
+traffic keeps flowing across a restart; a restarted agent adopts what it finds (its first sync
+is a full one, which diffs against the kernel instead of flushing).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Protocol
+
+from kproxy_nft.agent.changes import ChangeTracker, Snapshot
+from kproxy_nft.agent.metrics import Metrics
+from kproxy_nft.agent.runner import SyncRunner
+from kproxy_nft.model import ClusterState, IPFamily, NodeContext
+from kproxy_nft.sources.kube import Change, Replace
+from kproxy_nft.sources.manifests import ManifestError, read_manifests
+
+log = logging.getLogger("kproxy_nft.agent")
+
+RESOURCES = ("services", "endpointslices")
+TRIGGER_TIME = "endpoints.kubernetes.io/last-change-trigger-time"
+
+
+class Backend(Protocol):
+    """What the agent needs from a kernel backend: make the kernel hold this state."""
+
+    mode: str
+
+    def sync(self, state: ClusterState, full: bool) -> str:
+        """Apply; return a short summary. `full` re-reads the kernel and repairs drift."""
+        ...
+
+    def drift(self) -> int:
+        """Kernel differences repaired so far (full syncs)."""
+        ...
+
+
+class IptablesBackend:
+    mode = "iptables"
+
+    def __init__(self, node: NodeContext, backend: str | None = None, netns: str | None = None,
+                 families: tuple[IPFamily, ...] = (IPFamily.V4,)) -> None:
+        from kproxy_nft.kernel import iptables as kernel
+
+        self._kernel = kernel
+        self._node = node
+        self._host = kernel.open_host(backend, netns=netns)
+        self._syncers = {family: kernel.Syncer(self._host, family) for family in families}
+        self.backend = self._host.backend
+        self._drift = 0
+
+    def sync(self, state: ClusterState, full: bool) -> str:
+        from kproxy_nft.compile.iptables import compile_ruleset
+
+        parts = []
+        for family, syncer in self._syncers.items():
+            desired = compile_ruleset(state, self._node, family)
+            if full and syncer.state is not None:
+                # A full sync reads the kernel back; if what it finds needs a different payload
+                # than what we believe we applied, someone changed our chains: count the repair.
+                kernel_state = self._kernel.read_state(self._host, family)
+                expected = self._kernel.plan(desired, syncer.state).payload
+                if self._kernel.plan(desired, kernel_state).payload != expected:
+                    self._drift += 1
+                syncer.state = kernel_state
+            plan = syncer.sync(desired, full=full and syncer.state is None)
+            parts.append(f"v{int(family)} chains={len(plan.chains)} jumps={len(plan.jumps)}")
+        return " ".join(parts)
+
+    def drift(self) -> int:
+        return self._drift
+
+
+class NftablesSyncBackend:
+    mode = "nftables"
+
+    def __init__(self, node: NodeContext, netns: str | None = None) -> None:
+        from kproxy_nft.kernel.nftables import NftablesBackend
+
+        self._node = node
+        self._backend = NftablesBackend(netns=netns)
+
+    def sync(self, state: ClusterState, full: bool) -> str:
+        from kproxy_nft.compile.nftables import compile_all
+
+        desired = compile_all(state, self._node)
+        plan = self._backend.full_sync(desired) if full else self._backend.sync(desired)
+        return str(plan.summary)
+
+    def drift(self) -> int:
+        return int(self._backend.repairs_total)
+
+
+@dataclass
+class ManifestSource:
+    """`--manifests DIR`: re-read the files when any of them changes (polled by mtime)."""
+
+    paths: list[str]
+    emit: Callable[[Replace | Change], None]
+    stop: threading.Event
+    interval: float = 1.0
+
+    def fingerprint(self) -> tuple[tuple[str, float, int], ...]:
+        files = []
+        for path in self.paths:
+            p = Path(path)
+            candidates = sorted(p.rglob("*")) if p.is_dir() else [p]
+            for f in candidates:
+                if f.is_file():
+                    st = f.stat()
+                    files.append((str(f), st.st_mtime, st.st_size))
+        return tuple(files)
+
+    def run(self) -> None:
+        seen: tuple[tuple[str, float, int], ...] | None = None
+        while not self.stop.is_set():
+            current = self.fingerprint()
+            if current != seen:
+                seen = current
+                try:
+                    manifests = read_manifests(self.paths)
+                except ManifestError as e:
+                    # Keep what is programmed: a bad edit must not take the node's services down.
+                    log.error("manifests: %s (keeping the previous state)", e)
+                else:
+                    self.emit(Replace("services", manifests.services))
+                    self.emit(Replace("endpointslices", manifests.endpoint_slices))
+            self.stop.wait(self.interval)
+
+
+def _trigger_times(item: Replace | Change) -> list[float]:
+    """EndpointSlice last-change-trigger-time annotations (for network programming latency)."""
+    objs = item.items if isinstance(item, Replace) else (item.obj,)
+    times = []
+    for obj in objs:
+        annotations = (obj.metadata.annotations or {}) if getattr(obj, "metadata", None) else {}
+        stamp = annotations.get(TRIGGER_TIME)
+        if stamp:
+            with contextlib.suppress(ValueError):  # a malformed annotation is not worth a failed sync
+                times.append(datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp())
+    return times
+
+
+class Agent:
+    def __init__(self, backend: Backend, metrics: Metrics, min_sync_period: float, sync_period: float,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.backend = backend
+        self.metrics = metrics
+        self.events: queue.Queue[Replace | Change] = queue.Queue()
+        self.tracker = ChangeTracker()
+        self.stop = threading.Event()
+        self.listed: set[str] = set()
+        self._clock = clock
+        self._pending_triggers: list[float] = []
+        self.syncs = 0
+        self._snapshot: Snapshot | None = None
+        self.runner = SyncRunner(self._sync, clock, min_sync_period, sync_period)
+
+    # -- events -------------------------------------------------------------------------------
+
+    def _apply_event(self, item: Replace | Change) -> None:
+        t = self.tracker
+        if item.resource == "endpointslices":
+            self.metrics.endpoint_changes.inc(1 if isinstance(item, Change) else max(len(item.items), 1))
+            self._pending_triggers += _trigger_times(item)
+        else:
+            self.metrics.service_changes.inc(1 if isinstance(item, Change) else max(len(item.items), 1))
+        if isinstance(item, Replace):
+            self.listed.add(item.resource)
+            (t.replace_services if item.resource == "services" else t.replace_slices)(list(item.items))
+        elif item.resource == "services":
+            (t.service_deleted if item.type == "DELETED" else t.service_updated)(item.obj)
+        else:
+            (t.slice_deleted if item.type == "DELETED" else t.slice_updated)(item.obj)
+        self.metrics.last_queued_timestamp.set(self._clock())
+        self.runner.request()
+
+    def _drain(self, timeout: float) -> None:
+        try:
+            item = self.events.get(timeout=max(timeout, 0.0))
+        except queue.Empty:
+            return
+        self._apply_event(item)
+        while True:
+            try:
+                self._apply_event(self.events.get_nowait())
+            except queue.Empty:
+                break
+        self.metrics.service_changes_pending.set(self.tracker.pending)
+        self.metrics.endpoint_changes_pending.set(self.tracker.pending)
+
+    # -- syncing ------------------------------------------------------------------------------
+
+    def ready(self) -> bool:
+        """Both resources have completed their first list (never sync an empty cache)."""
+        return self.listed >= set(RESOURCES)
+
+    def _sync(self, full: bool) -> None:
+        if full:
+            self.tracker.mark_all_changed()
+        snapshot = self.tracker.snapshot()
+        started = time.perf_counter()
+        try:
+            summary = self.backend.sync(snapshot.state, full)
+        except Exception as e:
+            failures = (self.metrics.nftables_sync_failures if self.backend.mode == "nftables"
+                        else self.metrics.iptables_restore_failures)
+            failures.inc()
+            log.error("sync mode=%s kind=%s services_changed=%d duration=%.3fs result=error error=%r",
+                      self.backend.mode, "full" if full else "partial", len(snapshot.changed),
+                      time.perf_counter() - started, str(e).splitlines()[0] if str(e) else type(e).__name__)
+            raise
+        duration = time.perf_counter() - started
+        self.syncs += 1
+        m = self.metrics
+        m.sync_duration.observe(duration)
+        (m.sync_full_duration if full else m.sync_partial_duration).observe(duration)
+        m.last_sync_timestamp.set(self._clock())
+        drift = self.backend.drift()
+        if drift > m.drift_repairs._value.get():  # noqa: SLF001 - counters only go up; catch up
+            m.drift_repairs.inc(drift - m.drift_repairs._value.get())  # noqa: SLF001
+        now = self._clock()
+        for trigger in self._pending_triggers:
+            m.network_programming.observe(max(now - trigger, 0.0))
+        self._pending_triggers.clear()
+        m.service_changes_pending.set(0)
+        m.endpoint_changes_pending.set(0)
+        log.info("sync mode=%s kind=%s services_changed=%d duration=%.3fs result=ok %s",
+                 self.backend.mode, "full" if full else "partial", len(snapshot.changed), duration, summary)
+
+    def run(self) -> None:
+        """Until `stop` is set: take events, sync when due. Rules stay in place on exit."""
+        while not self.stop.is_set():
+            wait = self.runner.next_due() - self._clock() if self.ready() else 0.5
+            self._drain(min(max(wait, 0.0), 0.5))
+            if self.ready():
+                outcome = self.runner.run_due()
+                if outcome is not None and not outcome.ok:
+                    log.warning("sync failed; retrying with a full sync at %.1f", self.runner.next_due())
+        log.info("stopping; the rules stay in place")

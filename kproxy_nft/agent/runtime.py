@@ -1,0 +1,68 @@
+"""`kproxy-nft run`: build the agent from settings, start sources and listeners, run until a signal.
+
+The wiring only: which backend, which source (the API through reflectors, or `--manifests`),
+the metrics and health listeners, and SIGTERM/SIGINT → a clean stop that leaves the rules.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from types import FrameType
+
+from kproxy_nft.agent.http import Listener, health_route, metrics_route
+from kproxy_nft.agent.main import Agent, Backend, IptablesBackend, ManifestSource, NftablesSyncBackend
+from kproxy_nft.agent.metrics import new_metrics
+from kproxy_nft.config import ProxySettings
+
+log = logging.getLogger("kproxy_nft.agent")
+
+
+def make_backend(settings: ProxySettings, iptables_backend: str | None, netns: str | None) -> Backend:
+    if settings.mode == "nftables":
+        return NftablesSyncBackend(settings.node, netns=netns)
+    return IptablesBackend(settings.node, iptables_backend, netns=netns)
+
+
+def run_agent(settings: ProxySettings, *, kubeconfig: str | None, manifest_paths: list[str],
+              iptables_backend: str | None, netns: str | None, min_sync_period: float, sync_period: float,
+              metrics_address: str, healthz_address: str) -> None:
+    metrics = new_metrics()
+    agent = Agent(make_backend(settings, iptables_backend, netns), metrics, min_sync_period, sync_period)
+
+    threads: list[threading.Thread] = []
+    if manifest_paths:
+        source = ManifestSource(manifest_paths, agent.events.put, agent.stop)
+        threads.append(threading.Thread(target=source.run, name="manifests", daemon=True))
+    else:
+        from kproxy_nft.sources.kube import Reflector, api_client, list_functions
+
+        api = api_client(kubeconfig)
+        for resource, list_fn in list_functions(api).items():
+            reflector = Reflector(resource, list_fn, agent.events.put, agent.stop)
+            threads.append(threading.Thread(target=reflector.run, name=resource, daemon=True))
+
+    listeners = [
+        Listener(metrics_address, 10249, {"/metrics": metrics_route(metrics.registry)}).start(),
+    ]
+    health = health_route(lambda: agent.runner.healthy(time.time()), lambda: agent.runner.last_success, time.time)
+    listeners.append(Listener(healthz_address, 10256, {"/healthz": health, "/livez": health}).start())
+
+    def stop(signum: int, _frame: FrameType | None) -> None:
+        log.info("signal %s received", signal.Signals(signum).name)
+        agent.stop.set()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    log.info("kproxy-nft agent: mode=%s node=%s source=%s metrics=%s healthz=%s", settings.mode,
+             settings.node.hostname, "manifests" if manifest_paths else "kubernetes API", metrics_address,
+             healthz_address)
+    for thread in threads:
+        thread.start()
+    try:
+        agent.run()
+    finally:
+        for listener in listeners:
+            listener.stop()

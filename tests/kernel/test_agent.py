@@ -1,0 +1,107 @@
+"""The agent end to end: the real client against the list/watch test server, rules in a netns."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+from kubernetes import client
+
+from kproxy_nft.agent.main import Agent, Backend, IptablesBackend, NftablesSyncBackend
+from kproxy_nft.agent.metrics import new_metrics
+from kproxy_nft.model import NodeContext
+from kproxy_nft.sources.kube import Reflector, list_functions
+from tests.fake_apiserver import FakeAPIServer
+from tests.kernel.conftest import run_in
+from tests.test_kube_source import endpoint_slice, service
+
+pytestmark = pytest.mark.kernel
+NODE = NodeContext(hostname="node1", cluster_cidrs=("10.1.0.0/16",))
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError("condition not reached")
+
+
+class Running:
+    def __init__(self, api: FakeAPIServer, backend: Backend, resources: tuple[str, ...] = ("services",
+                                                                                           "endpointslices")):
+        self.agent = Agent(backend, new_metrics(), min_sync_period=0.1, sync_period=1.0)
+        api_client = client.ApiClient(client.Configuration(host=api.url))
+        fns = list_functions(api_client)
+        self.threads = [threading.Thread(target=self.agent.run, daemon=True)] + [
+            threading.Thread(target=Reflector(r, fns[r], self.agent.events.put, self.agent.stop, watch_timeout=2,
+                                              initial_backoff=0.05).run, daemon=True)
+            for r in resources
+        ]
+        for t in self.threads:
+            t.start()
+
+    def stop(self) -> None:
+        self.agent.stop.set()
+        for t in self.threads:
+            t.join(timeout=5)
+
+
+@pytest.fixture
+def api() -> Iterator[FakeAPIServer]:
+    with FakeAPIServer() as server:
+        server.apply("services", service("web", "10.96.0.10"))
+        server.apply("endpointslices", endpoint_slice("web-1", "web", ["10.1.0.1", "10.1.0.2"]))
+        yield server
+        server.drop_watches()
+
+
+def nat(netns: str) -> str:
+    return run_in(netns, ["iptables-nft-save", "-t", "nat"]).stdout
+
+
+def test_iptables_agent_follows_the_api_and_repairs_drift(api: FakeAPIServer, netns: str) -> None:
+    running = Running(api, IptablesBackend(NODE, "nft", netns=netns))
+    try:
+        wait_for(lambda: "--to-destination 10.1.0.2:8080" in nat(netns))
+        api.apply("endpointslices", endpoint_slice("web-1", "web", ["10.1.0.1", "10.1.0.3"]))
+        wait_for(lambda: "10.1.0.3:8080" in nat(netns) and "10.1.0.2:8080" not in nat(netns))
+        syncs = running.agent.syncs
+        # Someone flushes our chain: the next periodic full sync puts it back and counts it.
+        run_in(netns, ["iptables-nft", "-t", "nat", "-F", "KUBE-SERVICES"])
+        wait_for(lambda: "-A KUBE-SERVICES" in nat(netns), timeout=5)
+        assert running.agent.syncs > syncs
+        wait_for(lambda: running.agent.metrics.drift_repairs._value.get() >= 1)  # noqa: SLF001
+    finally:
+        running.stop()
+    # Stopped: the rules stay; a restarted agent adopts them without changing anything.
+    before = nat(netns)
+    assert "10.1.0.3:8080" in before
+    backend = IptablesBackend(NODE, "nft", netns=netns)
+    assert "chains=0 jumps=0" in backend.sync(running.agent.tracker.snapshot().state, full=True)
+
+
+def test_no_sync_before_both_resources_are_listed(api: FakeAPIServer, netns: str) -> None:
+    running = Running(api, IptablesBackend(NODE, "nft", netns=netns), resources=("services",))
+    try:
+        wait_for(lambda: "services" in running.agent.listed)
+        time.sleep(0.5)
+        assert running.agent.syncs == 0 and "KUBE-SERVICES" not in nat(netns)
+    finally:
+        running.stop()
+
+
+def test_nftables_agent_follows_the_api(api: FakeAPIServer, netns: str) -> None:
+    running = Running(api, NftablesSyncBackend(NODE, netns=netns))
+    try:
+        def ruleset() -> str:
+            return run_in(netns, ["nft", "list", "table", "ip", "kproxy-nft"]).stdout
+
+        wait_for(lambda: "10.1.0.2 . 8080" in ruleset())
+        api.delete("endpointslices", "default", "web-1")
+        wait_for(lambda: "10.1.0.2 . 8080" not in ruleset())
+    finally:
+        running.stop()
