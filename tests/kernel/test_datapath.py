@@ -1,19 +1,22 @@
-"""Real packets through the nftables backend: the seed scenario and kube-proxy's ClusterIP behaviour.
+"""Real packets through both backends: the seed scenario and kube-proxy's ClusterIP behaviour.
 
 A netlab (node namespace + pod and client namespaces, all `kpn-<id>-*`, removed afterwards)
-runs the seed's three pods; the backend programs the node namespace in-process through
-libnftables (the seed is replayed through the `nft` command too).
+runs the seed's three pods. Each behaviour test runs three times, through the `program`
+fixture: iptables rules via iptables-nft and via iptables-legacy (the reconcile backend), and
+the nftables backend in-process through libnftables (the seed is replayed through `nft` too).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
+from kproxy_nft.compile.iptables import compile_ruleset
 from kproxy_nft.compile.nftables import compile_all
+from kproxy_nft.kernel import iptables as iptables_kernel
 from kproxy_nft.kernel.nftables import NftablesBackend
 from kproxy_nft.model import (
     ClusterState,
@@ -76,6 +79,23 @@ def lab() -> Iterator[Lab]:
         yield the_lab
 
 
+Program = Callable[[ClusterState, NodeContext], None]
+
+
+@pytest.fixture(params=["iptables-nft", "iptables-legacy", "nftables"])
+def program(request: pytest.FixtureRequest, lab: Lab) -> Iterator[Program]:
+    """Make the node namespace hold a state's rules, with the mode under test; clean up after."""
+    if request.param == "nftables":
+        with NftablesBackend(lab.node_ns) as nft:
+            yield lambda state, node: nft.sync(compile_all(state, node)) and None
+            nft.cleanup()
+        return
+    host = iptables_kernel.open_host(request.param.split("-")[1], netns=lab.node_ns)
+    syncer = iptables_kernel.Syncer(host)
+    yield lambda state, node: syncer.sync(compile_ruleset(state, node)) and None
+    iptables_kernel.cleanup(host)
+
+
 @pytest.fixture
 def backend(lab: Lab) -> Iterator[NftablesBackend]:
     with NftablesBackend(lab.node_ns) as b:
@@ -99,7 +119,7 @@ def test_seed_random_balance_and_multi_port(lab: Lab, use_libnftables: bool) -> 
             backend.cleanup()
 
 
-def test_target_port_mapping(lab: Lab, backend: NftablesBackend) -> None:
+def test_target_port_mapping(lab: Lab, program: Program) -> None:
     """8080 → 80 and 8443 → 443 on a pod that only listens on 80: the second is refused by the pod."""
     only80 = (Endpoint("10.1.0.60", 80),)
     http = port("mp", "10.96.0.40", 8080)
@@ -107,13 +127,13 @@ def test_target_port_mapping(lab: Lab, backend: NftablesBackend) -> None:
     state = ClusterState(
         {http.name: http, https.name: https}, {http.name: only80, https.name: (Endpoint("10.1.0.60", 443),)}
     )
-    backend.full_sync(compile_all(state, SEED_NODE))
+    program(state, SEED_NODE)
     assert lab.probe("testpod", "10.96.0.40", 8080, count=3).counts() == {"only80": 3}
     assert lab.probe("testpod", "10.96.0.40", 8443, count=3).error_counts() == {"refused": 3}
 
 
-def test_masquerade_outside_cluster_only(lab: Lab, backend: NftablesBackend) -> None:
-    backend.full_sync(compile_all(seed(), SEED_NODE))
+def test_masquerade_outside_cluster_only(lab: Lab, program: Program) -> None:
+    program(seed(), SEED_NODE)
     res = lab.probe("ext", VIP, 8080, count=10)
     assert res.ok and res.seen_ips() <= set(lab.node_ips), res.summary()
     res = lab.probe("testpod", VIP, 8080, count=10)
@@ -121,13 +141,13 @@ def test_masquerade_outside_cluster_only(lab: Lab, backend: NftablesBackend) -> 
     res = lab.probe(NODE, VIP, 8080, count=5)  # locally generated: nat output
     assert res.ok, res.summary()
 
-    backend.sync(compile_all(seed(), dataclasses.replace(SEED_NODE, masquerade_all=True)))
+    program(seed(), dataclasses.replace(SEED_NODE, masquerade_all=True))
     res = lab.probe("testpod", VIP, 8080, count=10)
     assert res.ok and res.seen_ips() <= set(lab.node_ips), res.summary()
 
 
-def test_hairpin_is_masqueraded(lab: Lab, backend: NftablesBackend) -> None:
-    backend.full_sync(compile_all(seed(), SEED_NODE))
+def test_hairpin_is_masqueraded(lab: Lab, program: Program) -> None:
+    program(seed(), SEED_NODE)
     res = lab.probe("pod1", VIP, 8080, count=60)
     assert res.ok, res.summary()
     for attempt in res.attempts:
@@ -138,12 +158,12 @@ def test_hairpin_is_masqueraded(lab: Lab, backend: NftablesBackend) -> None:
     assert res.counts().get("pod1", 0) > 0
 
 
-def test_no_endpoints_refused_at_once_and_local_policy_drops(lab: Lab, backend: NftablesBackend) -> None:
+def test_no_endpoints_refused_at_once_and_local_policy_drops(lab: Lab, program: Program) -> None:
     empty = port("empty", "10.96.0.50", 80)
     udp = dataclasses.replace(port("dns", "10.96.0.51", 53), name=ServicePortName("test", "dns", "dns", Protocol.UDP))
     elsewhere = port("remote", "10.96.0.52", 80, internal_traffic_policy=TrafficPolicy.LOCAL)
     state = with_services(seed(), {empty: (), udp: (), elsewhere: (Endpoint("10.1.0.47", 80, node_name="other"),)})
-    backend.full_sync(compile_all(state, SEED_NODE))
+    program(state, SEED_NODE)
     for client in ("testpod", NODE):  # forward and output hooks
         res = lab.probe(client, "10.96.0.50", 80, count=3, timeout=2.0)
         assert res.error_counts() == {"refused": 3}, res.summary()
@@ -154,10 +174,10 @@ def test_no_endpoints_refused_at_once_and_local_policy_drops(lab: Lab, backend: 
     assert res.error_counts() == {"timeout": 1}, res.summary()
 
 
-def test_internal_traffic_policy_local_uses_local_endpoints(lab: Lab, backend: NftablesBackend) -> None:
+def test_internal_traffic_policy_local_uses_local_endpoints(lab: Lab, program: Program) -> None:
     local = port("local", "10.96.0.53", 80, internal_traffic_policy=TrafficPolicy.LOCAL)
     eps = (Endpoint("10.1.0.47", 80, node_name="other"), Endpoint("10.1.0.48", 80, node_name="docker-desktop"))
-    backend.full_sync(compile_all(with_services(ClusterState(), {local: eps}), SEED_NODE))
+    program(with_services(ClusterState(), {local: eps}), SEED_NODE)
     assert lab.probe("testpod", "10.96.0.53", 80, count=20).counts() == {"pod2": 20}
 
 
@@ -179,3 +199,42 @@ def test_session_affinity_and_removal_of_stale_entries(lab: Lab, backend: Nftabl
     backend.apply(plan)
     res = lab.probe("testpod", "10.96.0.60", 80, count=20)
     assert res.ok and len(res.counts()) == 1 and chosen not in res.counts(), res.summary()
+
+
+def test_seed_balance_multi_port_and_affinity_in_every_mode(lab: Lab, program: Program) -> None:
+    """The seed (χ² over 300 fresh connections), 8080/8443, and ClientIP affinity per client."""
+    program(seed(), SEED_NODE)
+    res = lab.probe("testpod", VIP, 8080, count=300)
+    assert res.ok and chi2(res.counts(), 300, 3) < CHI2_P001_DF2, res.summary()
+    for svc_port in (8080, 8443):
+        res = lab.probe("testpod", MULTI_VIP, svc_port, count=30)
+        assert res.ok and set(res.counts()) == set(SEED_PODS), res.summary()
+    sticky = port("sticky", "10.96.0.61", 80, session_affinity_seconds=600)
+    program(with_services(seed(), {sticky: tuple(Endpoint(ip, 80) for ip in SEED_PODS.values())}), SEED_NODE)
+    for client in ("testpod", "ext"):
+        res = lab.probe(client, "10.96.0.61", 80, count=20)
+        assert res.ok and len(res.counts()) == 1, res.summary()
+
+
+def test_endpoint_churn_fails_no_connection(lab: Lab, program: Program) -> None:
+    """100 syncs adding or removing one endpoint at a time (never empty) while fresh connections
+    run in a loop: every connection lands on a live endpoint, none fails."""
+    svc = port("churn", "10.96.0.70", 80)
+    pods = [Endpoint(ip, 80) for ip in SEED_PODS.values()]
+    current = list(pods)
+    program(with_services(ClusterState(), {svc: tuple(current)}), SEED_NODE)
+    # 3 s: a SYN lost to a transaction would be retransmitted after 1 s; record the slow ones too.
+    loop = lab.start_probe_loop("testpod", "10.96.0.70", 80, timeout=3.0)
+    try:
+        for i in range(100):
+            candidate = pods[i % 3]
+            if candidate in current and len(current) > 1:
+                current.remove(candidate)
+            elif candidate not in current:
+                current.append(candidate)
+            program(with_services(ClusterState(), {svc: tuple(sorted(current, key=lambda e: e.address))}), SEED_NODE)
+    finally:
+        res = loop.stop()
+    failed = [i for i, a in enumerate(res.attempts) if not a.ok]
+    slow = [round(a.elapsed, 2) for a in res.attempts if a.elapsed > 0.9]
+    assert len(res) > 100 and not failed, f"{res.summary()}; failed attempts {failed} of {len(res)}, slow {slow}"
