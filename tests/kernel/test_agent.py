@@ -105,3 +105,52 @@ def test_nftables_agent_follows_the_api(api: FakeAPIServer, netns: str) -> None:
         wait_for(lambda: "10.1.0.2 . 8080" not in ruleset())
     finally:
         running.stop()
+
+
+@pytest.mark.parametrize("mode", ["iptables", "nftables"])
+def test_traffic_follows_the_api_survives_outage_and_restart(mode: str) -> None:
+    """Slice change → traffic moves; API outage → last rules kept; agent restart → no dropped connection."""
+    from kproxy_nft.netlab import ClientSpec, Lab, PodSpec
+
+    pods = [PodSpec("pod1", "10.1.0.47"), PodSpec("pod2", "10.1.0.48")]
+    with FakeAPIServer() as api, Lab(pods, [ClientSpec("testpod", "10.1.0.50")]) as lab:
+        lab.start_servers()
+        api.apply("services", service("web", "10.96.0.10"))
+        slice_for = {"pod1": endpoint_slice("web-1", "web", ["10.1.0.47"]),
+                     "pod2": endpoint_slice("web-1", "web", ["10.1.0.48"])}
+        for obj in slice_for.values():  # the test server speaks port 8080; our pods listen on 80
+            obj["ports"][0]["port"] = 80
+        api.apply("endpointslices", slice_for["pod1"])
+
+        def backend() -> Backend:
+            if mode == "nftables":
+                return NftablesSyncBackend(NODE, netns=lab.node_ns)
+            return IptablesBackend(NODE, "nft", netns=lab.node_ns)
+
+        def answers() -> dict[str, int]:
+            return lab.probe("testpod", "10.96.0.10", 80, count=5, timeout=0.5).counts()
+
+        running = Running(api, backend())
+        try:
+            wait_for(lambda: answers() == {"pod1": 5})
+            api.apply("endpointslices", slice_for["pod2"])
+            wait_for(lambda: answers() == {"pod2": 5})
+            api.drop_watches()
+            api.oldest_watchable = 10**9  # every watch and relist now fails: an outage
+            api.httpd.shutdown()
+            time.sleep(0.5)
+            assert answers() == {"pod2": 5}
+        finally:
+            running.stop()
+        # Restart: the old agent is gone, a new one adopts the rules while connections keep going.
+        with FakeAPIServer() as api2:
+            api2.apply("services", service("web", "10.96.0.10"))
+            api2.apply("endpointslices", slice_for["pod2"])
+            loop = lab.start_probe_loop("testpod", "10.96.0.10", 80)
+            restarted = Running(api2, backend())
+            try:
+                wait_for(lambda: restarted.agent.syncs >= 1)
+            finally:
+                restarted.stop()
+                result = loop.stop()
+            assert len(result) > 10 and not result.failures and set(result.counts()) == {"pod2"}, result.summary()
