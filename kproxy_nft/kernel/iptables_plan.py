@@ -253,12 +253,15 @@ class _TableEditor:
             self.chains[name] = KernelChain(name, rules)
             self.chain_changes.append(ChainChange(table, name, kind, chain.owner))
         current = self.current.chains
-        gone = current.keys() - set(seen)  # set operations: C speed over every chain
+        # Set operations (C speed over every chain): what is not wanted is stale if it is ours,
+        # else built-in or someone else's.
+        gone = current.keys() - set(seen)
         stale = [current[n] for n in sorted(gone) if not current[n].builtin and self.owned(n)]
         if not stale:
             return
-        pinned = self._referenced_by_others()
-        guess = _owner_guesser(stale, {c.owner for c in target if c.owner is not None})
+        pinned = self._referenced_by_others(gone)
+        # Chains of a service that still exists belong to it; only those changed can be involved.
+        guess = _owner_guesser(stale, {c.owner for c in self.chain_changes if c.owner is not None})
         for old in stale:
             if old.name not in pinned:
                 self.declare.append(old.name)
@@ -271,12 +274,15 @@ class _TableEditor:
                 self.chains[old.name] = KernelChain(old.name)
                 self.chain_changes.append(ChainChange(table, old.name, ChainChangeKind.CHANGED, guess(old)))
 
-    def _referenced_by_others(self) -> set[str]:
-        """Chains that rules outside our chains (and outside our jumps) refer to."""
+    def _referenced_by_others(self, unwanted: Iterable[str]) -> set[str]:
+        """Chains that rules outside our chains (and outside our jumps) refer to.
+
+        Only `unwanted` chains (those not in the desired rules) can be other than ours.
+        """
         refs = set()
-        fixed = _FIXED_CHAINS.get(self.current.name, frozenset())
-        for name, chain in self.current.chains.items():
-            if name in fixed or name.startswith(SERVICE_CHAIN_PREFIXES):  # `owned`, inlined: 110,000 chains
+        for name in unwanted:
+            chain = self.current.chains[name]
+            if self.owned(name):
                 continue
             for rule in chain.rules:
                 target = jump_target(rule)
