@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import argparse
 import resource
-import secrets
 import statistics
-import subprocess
 import threading
 import time
 
@@ -23,6 +21,7 @@ from kubernetes.client import V1EndpointSlice, V1Service
 from kproxy_nft.agent.main import Agent, Backend, IptablesBackend, NftablesSyncBackend
 from kproxy_nft.agent.metrics import new_metrics
 from kproxy_nft.model import NodeContext
+from kproxy_nft.netlab.netns import throwaway_netns
 from kproxy_nft.sources.kube import Change, Replace
 from kproxy_nft.synthetic import SERVICE_CIDR, synthetic_endpoints
 
@@ -48,9 +47,7 @@ def endpoint_slice(i: int, endpoints: int, generation: int = 0) -> V1EndpointSli
 
 
 def run(mode: str, services: int, endpoints: int, changes: int) -> None:
-    netns = f"kpn-{secrets.token_hex(3)}"
-    subprocess.run(["ip", "netns", "add", netns], check=True)
-    try:
+    with throwaway_netns() as netns:
         backend: Backend = (NftablesSyncBackend(NODE, netns=netns) if mode == "nftables"
                             else IptablesBackend(NODE, "nft", netns=netns))
         agent = Agent(backend, new_metrics(), min_sync_period=0.0, sync_period=3600.0)
@@ -78,8 +75,6 @@ def run(mode: str, services: int, endpoints: int, changes: int) -> None:
         p99 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))]
         print(f"{mode}: one EndpointSlice change → kernel, {changes} changes: "
               f"p50 {statistics.median(latencies):.1f} ms, p99 {p99:.1f} ms")
-    finally:
-        subprocess.run(["ip", "netns", "delete", netns], check=False)
 
 
 def main() -> None:

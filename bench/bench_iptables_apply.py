@@ -20,32 +20,23 @@ from __future__ import annotations
 
 import argparse
 import functools
-import secrets
 import statistics
 import subprocess
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import TypeVar
 
 from kproxy_nft.compile.iptables import compile_ruleset
 from kproxy_nft.kernel.iptables import Backend, Host, Syncer, apply, plan, read_state, tool_name
 from kproxy_nft.model import ClusterState, Endpoint, IPFamily, NodeContext
+from kproxy_nft.netlab.netns import throwaway_netns
 from kproxy_nft.synthetic import synthetic_cluster, synthetic_name
 
 T = TypeVar("T")
 NODE = NodeContext(hostname="node0", cluster_cidrs=("10.0.0.0/8",))
 
 
-@contextmanager
-def namespace() -> Iterator[str]:
-    """An empty network namespace `kpn-bench-<random>`, deleted on exit."""
-    name = f"kpn-bench-{secrets.token_hex(3)}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        yield name
-    finally:
-        subprocess.run(["ip", "netns", "delete", name], check=False)
+
 
 
 def timed(fn: Callable[[], T]) -> tuple[T, float]:
@@ -74,7 +65,7 @@ BARE_TIMEOUT = 180
 
 def bare_restore(backend: Backend, payload: str, noflush: bool) -> float | None:
     """Seconds a plain iptables-restore of `payload` takes in a fresh namespace (None: timed out)."""
-    with namespace() as ns:
+    with throwaway_netns("kpn-bench") as ns:
         argv = ["ip", "netns", "exec", ns, tool_name(backend, IPFamily.V4, "restore"), "-w"]
         argv += ["--noflush"] if noflush else []
         start = time.perf_counter()
@@ -89,7 +80,7 @@ def bare_restore(backend: Backend, payload: str, noflush: bool) -> float | None:
 def bench_backend(backend: Backend, state: ClusterState, changes: int) -> None:
     print(f"\n== {backend.value}")
     desired = compile_ruleset(state, NODE)
-    with namespace() as ns:
+    with throwaway_netns("kpn-bench") as ns:
         host = Host(backend, ns)
         current, t_read = timed(lambda: read_state(host))
         step, t_plan = timed(lambda: plan(desired, current))

@@ -18,31 +18,22 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import secrets
 import statistics
-import subprocess
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 
 from kproxy_nft.compile.nftables import TABLE, compile_ruleset, render_script
 from kproxy_nft.kernel.libnftables import Nftables
 from kproxy_nft.kernel.nftables import NftablesBackend
 from kproxy_nft.model import ClusterState, Endpoint, NodeContext, ServicePort
+from kproxy_nft.netlab.netns import throwaway_netns
 from kproxy_nft.synthetic import synthetic_cluster, synthetic_endpoints, synthetic_name
 
 NODE = NodeContext(hostname="node0", cluster_cidrs=("10.128.0.0/9",))
 KP_TABLE = "kube-proxy"
 
 
-@contextmanager
-def throwaway_netns() -> Iterator[str]:
-    name = f"kpn-{secrets.token_hex(4)}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        yield name
-    finally:
-        subprocess.run(["ip", "netns", "delete", name], check=False)
+
 
 
 def timed(func: Callable[[], object]) -> float:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import secrets
 import subprocess
 from collections.abc import Iterator
 
 import pytest
+
+from kproxy_nft.netlab.netns import throwaway_netns
 
 BACKENDS = ("nft", "legacy")
 
@@ -14,12 +15,8 @@ BACKENDS = ("nft", "legacy")
 @pytest.fixture
 def netns() -> Iterator[str]:
     """An empty network namespace `kpn-<random>`, deleted after the test even if it fails."""
-    name = f"kpn-{secrets.token_hex(4)}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
+    with throwaway_netns() as name:
         yield name
-    finally:
-        subprocess.run(["ip", "netns", "delete", name], check=False)
 
 
 def run_in(ns: str, argv: list[str], stdin: str | None = None) -> subprocess.CompletedProcess[str]:
