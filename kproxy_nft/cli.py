@@ -37,55 +37,78 @@ def _comma_list(values: Sequence[str]) -> tuple[str, ...]:
     return tuple(v.strip() for value in values for v in value.split(",") if v.strip())
 
 
-def node_options(func: F) -> F:
+def settings_options(func: F) -> F:
     """The kube-proxy flags that shape the rules; shared by every command that compiles."""
     options = [
-        click.option("-f", "--filename", "paths", multiple=True, required=True, metavar="PATH",
-                     help="Manifest file or directory (recursive *.yaml|*.yml|*.json); '-' reads stdin."),
         click.option("--proxy-mode", type=click.Choice(["iptables", "nftables"]), default=None,
                      help="Backend whose rules to produce (default: the config's mode, else iptables)."),
         click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
                      help="A KubeProxyConfiguration (kubeproxy.config.k8s.io/v1alpha1) YAML; flags win over it."),
         click.option("--hostname-override", default=None, help="This node's name (default: the host name)."),
         click.option("--node-ip", "node_ips", multiple=True, metavar="IP", help="This node's IP (repeatable)."),
+        click.option("--zone", default=None, help="This node's topology.kubernetes.io/zone (for topology hints)."),
         click.option("--cluster-cidr", "cluster_cidrs", multiple=True, metavar="CIDR",
                      help="Pod CIDR(s); traffic from elsewhere to a service is masqueraded."),
+        click.option("--service-cidr", "service_cidrs", multiple=True, metavar="CIDR",
+                     help="Service IP range(s), besides ServiceCIDR objects (nftables: unallocated IPs drop)."),
         click.option("--masquerade-all", is_flag=True, default=None,
                      help="Masquerade all traffic sent to service cluster IPs."),
         click.option("--iptables-masquerade-bit", "masquerade_bit", type=click.IntRange(0, 31), default=None,
                      help="The fwmark bit that flags packets for SNAT (default 14 → 0x4000)."),
         click.option("--nodeport-addresses", "nodeport_addresses", multiple=True, metavar="CIDR|primary",
-                     help="Addresses NodePorts answer on (repeatable)."),
+                     help="Addresses NodePorts answer on (repeatable; default: all local addresses in "
+                     "iptables mode, primary in nftables mode)."),
+        click.option("--iptables-localhost-nodeports", "localhost_nodeports", type=bool, default=None,
+                     metavar="BOOL", help="Serve NodePorts on 127.0.0.1 (route_localnet). Default false, "
+                     "unlike kube-proxy (CVE-2020-8558)."),
     ]
     for option in reversed(options):
         func = option(func)
     return func
 
 
-def load_inputs(paths: Sequence[str], proxy_mode: str | None, config_path: str | None, hostname_override: str | None,
-                node_ips: Sequence[str], cluster_cidrs: Sequence[str], masquerade_all: bool | None,
-                masquerade_bit: int | None, nodeport_addresses: Sequence[str]) -> tuple[Manifests, ProxySettings]:
+def node_options(func: F) -> F:
+    """`-f PATH` plus the settings flags: for commands that compile manifests."""
+    func = settings_options(func)
+    return click.option("-f", "--filename", "paths", multiple=True, required=True, metavar="PATH",
+                        help="Manifest file or directory (recursive *.yaml|*.yml|*.json); '-' reads stdin.")(func)
+
+
+def load_settings(proxy_mode: str | None = None, config_path: str | None = None, hostname_override: str | None = None,
+                  node_ips: Sequence[str] = (), zone: str | None = None, cluster_cidrs: Sequence[str] = (),
+                  service_cidrs: Sequence[str] = (), masquerade_all: bool | None = None,
+                  masquerade_bit: int | None = None, nodeport_addresses: Sequence[str] = (),
+                  localhost_nodeports: bool | None = None) -> ProxySettings:
+    """Settings from the config file and flags (raises ConfigError)."""
+    file_config = load_config_file(config_path) if config_path else None
+    return resolve(
+        file_config,
+        Overrides(
+            mode=proxy_mode,
+            hostname=hostname_override,
+            node_ips=_comma_list(node_ips),
+            zone=zone,
+            cluster_cidrs=_comma_list(cluster_cidrs),
+            service_cidrs=_comma_list(service_cidrs),
+            masquerade_all=masquerade_all,
+            masquerade_bit=masquerade_bit,
+            nodeport_addresses=_comma_list(nodeport_addresses),
+            localhost_nodeports=localhost_nodeports,
+        ),
+        default_hostname=socket.gethostname(),
+        source=config_path or "flags",
+    )
+
+
+def load_inputs(paths: Sequence[str], **flags: Any) -> tuple[Manifests, ProxySettings]:
     """Read settings and manifests, turning any problem into `fail` (exit 2)."""
     try:
-        file_config = load_config_file(config_path) if config_path else None
-        settings = resolve(
-            file_config,
-            Overrides(
-                mode=proxy_mode,
-                hostname=hostname_override,
-                node_ips=_comma_list(node_ips),
-                cluster_cidrs=_comma_list(cluster_cidrs),
-                masquerade_all=masquerade_all,
-                masquerade_bit=masquerade_bit,
-                nodeport_addresses=_comma_list(nodeport_addresses),
-            ),
-            default_hostname=socket.gethostname(),
-            source=config_path or "flags",
-        )
+        settings = load_settings(**flags)
         manifests = read_manifests(paths)
     except (ConfigError, ManifestError) as e:
         fail(str(e))
         raise  # unreachable: fail exits
+    config_path = flags.get("config_path")
     for notice in manifests.notices:
         if config_path and notice.startswith(f"{config_path}:"):
             continue  # the config file itself, found among the manifests: no news
@@ -154,7 +177,7 @@ def demo(paths: tuple[str, ...], config_path: str | None, count: int, backend: s
     if not paths:
         paths = (str(SEED_EXAMPLES),)
         config_path = config_path or str(SEED_EXAMPLES / "kube-proxy-config.yaml")
-    _, settings = load_inputs(paths, proxy_mode, config_path, None, (), (), None, None, ())
+    _, settings = load_inputs(paths, proxy_mode=proxy_mode, config_path=config_path)
 
     def apply_rules(node_ns: str, state: ClusterState) -> str:
         """Reconcile the lab's node namespace with the real backends (what `apply` does)."""
@@ -299,11 +322,7 @@ Examples:
               "then ~/.kube/config).")
 @click.option("--manifests", "manifest_paths", multiple=True, metavar="PATH",
               help="Use manifest files instead of the API, re-read when they change.")
-@click.option("--proxy-mode", type=click.Choice(["iptables", "nftables"]), default=None)
-@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None)
-@click.option("--hostname-override", default=None)
-@click.option("--cluster-cidr", "cluster_cidrs", multiple=True, metavar="CIDR")
-@click.option("--masquerade-all", is_flag=True, default=None)
+@settings_options
 @click.option("--iptables-backend", type=click.Choice(["auto", "nft", "legacy"]), default="auto", show_default=True)
 @click.option("--min-sync-period", type=float, default=1.0, show_default=True, help="Seconds between partial syncs.")
 @click.option("--sync-period", type=float, default=30.0, show_default=True, help="Seconds between full syncs.")
@@ -312,10 +331,9 @@ Examples:
               help="kube-proxy listens on 0.0.0.0:10256; ours stays on loopback unless told (see deploy/).")
 @click.option("--netns", default=None, hidden=True, help="Program this network namespace (tests, demos).")
 @click.option("-v", "--verbose", count=True)
-def run(kubeconfig: str | None, manifest_paths: tuple[str, ...], proxy_mode: str | None, config_path: str | None,
-        hostname_override: str | None, cluster_cidrs: tuple[str, ...], masquerade_all: bool | None,
-        iptables_backend: str, min_sync_period: float, sync_period: float, metrics_bind_address: str,
-        healthz_bind_address: str, netns: str | None, verbose: int) -> None:
+def run(kubeconfig: str | None, manifest_paths: tuple[str, ...], iptables_backend: str, min_sync_period: float,
+        sync_period: float, metrics_bind_address: str, healthz_bind_address: str, netns: str | None, verbose: int,
+        **flags: Any) -> None:
     """Run the node agent: watch Services and EndpointSlices, keep the kernel reconciled.
 
     Stops on SIGTERM/SIGINT and leaves the rules in place; a restarted agent adopts them.
@@ -324,8 +342,11 @@ def run(kubeconfig: str | None, manifest_paths: tuple[str, ...], proxy_mode: str
 
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    _, settings = load_inputs((), proxy_mode, config_path,
-                              hostname_override, (), cluster_cidrs, masquerade_all, None, ())
+    try:
+        settings = load_settings(**flags)
+    except ConfigError as e:
+        fail(str(e))
+        raise  # unreachable: fail exits
     try:
         run_agent(settings, kubeconfig=kubeconfig, manifest_paths=list(manifest_paths),
                   iptables_backend=None if iptables_backend == "auto" else iptables_backend, netns=netns,

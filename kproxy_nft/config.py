@@ -42,6 +42,8 @@ class Overrides:
     masquerade_bit: int | None = None
     nodeport_addresses: tuple[str, ...] = ()
     zone: str | None = None
+    localhost_nodeports: bool | None = None
+    service_cidrs: tuple[str, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -114,6 +116,18 @@ def resolve(file_config: dict[str, Any] | None, flags: Overrides, default_hostna
     if not isinstance(bit, int) or not 0 <= bit <= 31:
         raise ConfigError(f"{source}: iptables.masqueradeBit: must be between 0 and 31, got {bit!r}")
     nodeport = flags.nodeport_addresses or _split_cidrs(cfg.get("nodePortAddresses"), f"{source}: nodePortAddresses")
+    if not nodeport and mode == "nftables":
+        nodeport = ("primary",)  # kube-proxy's nftables-mode default (its iptables mode: all)
+    localhost = flags.localhost_nodeports
+    if localhost is None:
+        # kube-proxy defaults this to true; we default to false (CVE-2020-8558: route_localnet
+        # exposes node ports to neighbours that spoof 127.0.0.1).
+        localhost = iptables_cfg.get("localhostNodePorts", False)
+    if not isinstance(localhost, bool):
+        raise ConfigError(f"{source}: iptables.localhostNodePorts: expected true or false, got {localhost!r}")
+    service_cidrs = flags.service_cidrs  # KubeProxyConfiguration has no such field: flag (or ServiceCIDR objects)
+    if "primary" in (*cluster_cidrs, *service_cidrs):
+        raise ConfigError(f"{source}: 'primary' is only valid in nodePortAddresses")
     bind = cfg.get("bindAddress")
     node_ips = flags.node_ips or ((str(bind),) if bind and bind not in ("0.0.0.0", "::") else ())
 
@@ -125,5 +139,7 @@ def resolve(file_config: dict[str, Any] | None, flags: Overrides, default_hostna
         masquerade_all=masquerade_all,
         masquerade_bit=bit,
         nodeport_addresses=nodeport,
+        localhost_nodeports=localhost,
+        service_cidrs=service_cidrs,
     )
     return ProxySettings(mode=mode, node=node)

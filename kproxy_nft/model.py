@@ -12,6 +12,7 @@ service port uses (`selection`), and anything backend-specific (`compile.*`).
 from __future__ import annotations
 
 import enum
+import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -186,7 +187,11 @@ class NodeContext:
 
     `cluster_cidrs` is the local-traffic detector (kube-proxy's `--cluster-cidr`): traffic from
     outside it that reaches a service is masqueraded. An empty tuple disables that detector, as
-    in kube-proxy. `nodeport_addresses` holds CIDRs or the word `primary`.
+    in kube-proxy. `nodeport_addresses` holds CIDRs or the word `primary` (empty: every local
+    address, kube-proxy's iptables-mode default). `localhost_nodeports` is kube-proxy's
+    `--iptables-localhost-nodeports`, off here by default (CVE-2020-8558). `service_cidrs` are the
+    service IP ranges (ServiceCIDR objects / `--service-cidr`), for the nftables mode's drop of
+    traffic to unallocated service IPs.
     """
 
     hostname: str = "localhost"
@@ -196,6 +201,8 @@ class NodeContext:
     masquerade_all: bool = False
     masquerade_bit: int = MASQUERADE_BIT_DEFAULT
     nodeport_addresses: tuple[str, ...] = ()
+    localhost_nodeports: bool = False
+    service_cidrs: tuple[str, ...] = ()
 
     @property
     def masquerade_mark(self) -> str:
@@ -204,6 +211,43 @@ class NodeContext:
 
     def cluster_cidrs_of(self, family: IPFamily) -> tuple[str, ...]:
         return tuple(c for c in self.cluster_cidrs if ip_family(c) is family)
+
+    def service_cidrs_of(self, family: IPFamily) -> tuple[str, ...]:
+        return tuple(c for c in self.service_cidrs if ip_family(c) is family)
+
+    def node_ips_of(self, family: IPFamily) -> tuple[str, ...]:
+        return tuple(ip for ip in self.node_ips if ip_family(ip) is family)
+
+    def nodeport_ips(self, family: IPFamily, allow_localhost: bool | None = None) -> tuple[str, ...] | None:
+        """The addresses NodePorts answer on, or None for "every local address".
+
+        kube-proxy's `NodePortAddresses`: only the entries of this family count; none (or a
+        /0) means every local address; `primary` is the node's first IP of the family. CIDRs
+        select among the node's IPs and the loopback address (kube-proxy matches interface
+        addresses, and `lo` holds 127.0.0.1). IPv6 loopback never serves NodePorts; IPv4
+        loopback only when `allow_localhost` (default: `localhost_nodeports`).
+        """
+        if allow_localhost is None:
+            allow_localhost = self.localhost_nodeports
+        primary = self.node_ips_of(family)[:1]
+        cidrs: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+        for entry in self.nodeport_addresses:
+            if entry == "primary":
+                cidrs += [ipaddress.ip_network(ip) for ip in primary]
+            elif ip_family(entry) is family:
+                cidrs.append(ipaddress.ip_network(entry, strict=False))
+        if not cidrs or any(c.prefixlen == 0 for c in cidrs):
+            return None
+        loopback = "127.0.0.1" if family is IPFamily.V4 else "::1"
+        candidates = [*self.node_ips_of(family), loopback]
+        out = []
+        for ip in dict.fromkeys(candidates):
+            addr = ipaddress.ip_address(ip)
+            if addr.is_loopback and (family is IPFamily.V6 or not allow_localhost):
+                continue
+            if any(addr in c for c in cidrs):
+                out.append(str(addr))
+        return tuple(out)
 
 
 def _frozen_mapping(items: Mapping[K, V]) -> Mapping[K, V]:
