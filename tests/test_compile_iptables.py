@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 
@@ -16,7 +17,7 @@ from kproxy_nft.compile.iptables import (
     render_restore,
     service_chain_name,
 )
-from kproxy_nft.model import ClusterState, IPFamily, NodeContext, Protocol, ServicePortName
+from kproxy_nft.model import ClusterState, IPFamily, NodeContext, Protocol, ServicePortName, TrafficPolicy
 from tests.helpers import EXAMPLES, GOLDEN, NODE, SEED_CONFIG, endpoint, service, spn
 
 
@@ -59,9 +60,14 @@ def test_chain_names_include_protocol_and_endpoint() -> None:
 
 
 def test_one_endpoint_is_kube_proxys_overall_rules() -> None:
-    """The ns1/svc1 rows of kube-proxy's TestOverallIPTablesRules, rule for rule."""
+    """The ns1/svc1 rows of kube-proxy's TestOverallIPTablesRules, rule for rule.
+
+    That test runs with kube-proxy's default localhostNodePorts=true; ours is false, which adds
+    `! -d 127.0.0.0/8` to the node-port jump (checked in the node-port tests).
+    """
     state = ClusterState({spn(): service()}, {spn(): (endpoint("10.180.0.1"),)})
-    assert nat_rules(dump(state))[:5] == [
+    node = dataclasses.replace(NODE, localhost_nodeports=True)
+    assert nat_rules(dump(state, node))[:5] == [
         '-A KUBE-SERVICES -m comment --comment "ns1/svc1:p80 cluster IP" -m tcp -p tcp -d 172.30.0.41 '
         "--dport 80 -j KUBE-SVC-XPGD46QRK7WJZT7O",
         '-A KUBE-SERVICES -m comment --comment "kubernetes service nodeports; NOTE: this must be the last rule '
@@ -71,7 +77,7 @@ def test_one_endpoint_is_kube_proxys_overall_rules() -> None:
         '-A KUBE-POSTROUTING -m comment --comment "kubernetes service traffic requiring SNAT" -j MASQUERADE '
         "--random-fully",
     ]
-    assert nat_rules(dump(state))[-5:] == [
+    assert nat_rules(dump(state, node))[-5:] == [
         "-A KUBE-MARK-MASQ -j MARK --or-mark 0x4000",
         '-A KUBE-SVC-XPGD46QRK7WJZT7O -m comment --comment "ns1/svc1:p80 cluster IP" -m tcp -p tcp '
         "-d 172.30.0.41 --dport 80 ! -s 10.0.0.0/8 -j KUBE-MARK-MASQ",
@@ -211,3 +217,156 @@ def test_golden_dump_of_examples() -> None:
         check=True,
     )
     assert result.stdout == (GOLDEN / "examples.iptables").read_text()
+
+
+# ---------------------------------------------------------------------------------------------
+# externally reachable services: node ports, external and LB IPs, source ranges, policies
+# ---------------------------------------------------------------------------------------------
+
+EVERY_TYPE = GOLDEN / "every-type"
+EVERY_TYPE_FLAGS = ["--hostname-override", "node-a", "--node-ip", "192.168.100.1", "--cluster-cidr", "10.1.0.0/16"]
+
+
+@pytest.mark.parametrize(("family", "golden"), [("4", "every-type.iptables"), ("6", "every-type.ip6tables")])
+def test_golden_dump_of_every_service_type(family: str, golden: str) -> None:
+    """Every Service type and policy in one object set, both families (reviewed against kube-proxy)."""
+    result = subprocess.run(
+        [sys.executable, "-m", "kproxy_nft.cli", "dump", "-f", str(EVERY_TYPE), *EVERY_TYPE_FLAGS,
+         "--ip-family", family],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert result.stdout == (GOLDEN / golden).read_text()
+
+
+def all_rules(text: str, table: str, chain: str) -> list[str]:
+    body = text.split(f"*{table}\n", 1)[1].split("COMMIT", 1)[0]
+    return [line.removeprefix(f"-A {chain} ") for line in body.splitlines() if line.startswith(f"-A {chain} ")]
+
+
+NODEPORT = service(service_type="NodePort", node_port=30080)
+TWO = (endpoint("10.180.0.1", node_name="node1"), endpoint("10.180.0.2", node_name="other"))
+
+
+def test_node_port_goes_through_ext_chain_that_masquerades() -> None:
+    text = dump(ClusterState({spn(): NODEPORT}, {spn(): TWO}))
+    ext = service_chain_name("KUBE-EXT-", spn())
+    assert all_rules(text, "nat", "KUBE-NODEPORTS") == [
+        f"-m comment --comment ns1/svc1:p80 -m tcp -p tcp --dport 30080 -j {ext}"
+    ]
+    assert all_rules(text, "nat", ext) == [
+        '-m comment --comment "masquerade traffic for ns1/svc1:p80 external destinations" -j KUBE-MARK-MASQ',
+        f"-j {service_chain_name('KUBE-SVC-', spn())}",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("node", "expected"),
+    [
+        (NODE, ["-m addrtype --dst-type LOCAL ! -d 127.0.0.0/8 -j KUBE-NODEPORTS"]),
+        (dataclasses.replace(NODE, localhost_nodeports=True), ["-m addrtype --dst-type LOCAL -j KUBE-NODEPORTS"]),
+        (dataclasses.replace(NODE, node_ips=("192.168.1.5", "10.9.9.9"), nodeport_addresses=("192.168.0.0/16",)),
+         ["-d 192.168.1.5 -j KUBE-NODEPORTS"]),
+        (dataclasses.replace(NODE, node_ips=("192.168.1.5", "10.9.9.9"), nodeport_addresses=("primary",)),
+         ["-d 192.168.1.5 -j KUBE-NODEPORTS"]),
+        (dataclasses.replace(NODE, node_ips=("192.168.1.5",), nodeport_addresses=("0.0.0.0/0",)),
+         ["-m addrtype --dst-type LOCAL ! -d 127.0.0.0/8 -j KUBE-NODEPORTS"]),
+        # 127.0.0.1 is selected by a CIDR only when localhost NodePorts are on.
+        (dataclasses.replace(NODE, node_ips=("192.168.1.5",), nodeport_addresses=("127.0.0.0/8", "192.168.1.5/32")),
+         ["-d 192.168.1.5 -j KUBE-NODEPORTS"]),
+        (dataclasses.replace(NODE, node_ips=("192.168.1.5",), nodeport_addresses=("127.0.0.0/8", "192.168.1.5/32"),
+                             localhost_nodeports=True),
+         ["-d 192.168.1.5 -j KUBE-NODEPORTS", "-d 127.0.0.1 -j KUBE-NODEPORTS"]),
+    ],
+)
+def test_nodeport_addresses_choose_the_last_rules_of_kube_services(node: NodeContext, expected: list[str]) -> None:
+    text = dump(ClusterState({spn(): NODEPORT}, {spn(): TWO}), node)
+    last = [r.split('chain" ', 1)[1] for r in all_rules(text, "nat", "KUBE-SERVICES") if "nodeports" in r]
+    assert last == expected
+    # The anti-martian rule comes exactly when 127.0.0.1 serves node ports.
+    serves_loopback = "127.0.0.0/8" not in expected[0] and (
+        "--dst-type LOCAL" in expected[0] or "-d 127.0.0.1 -j KUBE-NODEPORTS" in expected
+    )
+    assert ("KUBE-FIREWALL" in text) is serves_loopback
+
+
+def test_ipv6_nodeports_never_on_loopback() -> None:
+    v6 = service(ip="fd00::41", service_type="NodePort", node_port=30080)
+    node = dataclasses.replace(NODE, localhost_nodeports=True)
+    text = dump(ClusterState({spn(): v6}, {spn(): (endpoint("fd00:1::1"),)}), node, IPFamily.V6)
+    assert all_rules(text, "nat", "KUBE-SERVICES")[-1].endswith("--dst-type LOCAL ! -d ::1 -j KUBE-NODEPORTS")
+    assert "KUBE-FIREWALL" not in text  # the anti-martian rule is IPv4 only
+
+
+def test_localhost_nodeports_add_kube_proxys_anti_martian_rule() -> None:
+    text = dump(ClusterState({spn(): NODEPORT}, {spn(): TWO}), dataclasses.replace(NODE, localhost_nodeports=True))
+    assert all_rules(text, "filter", "KUBE-FIREWALL") == [
+        '-m comment --comment "block incoming localnet connections" -d 127.0.0.0/8 ! -s 127.0.0.0/8 '
+        "-m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP"
+    ]
+    assert "-I INPUT 4 -j KUBE-FIREWALL" in text and "-I OUTPUT 3 -j KUBE-FIREWALL" in text
+
+
+def test_external_policy_local_keeps_source_and_short_circuits_pods_and_node() -> None:
+    svc = dataclasses.replace(NODEPORT, external_traffic_policy=TrafficPolicy.LOCAL, health_check_node_port=32000)
+    text = dump(ClusterState({spn(): svc}, {spn(): TWO}))
+    ext, svc_chain, svl = (service_chain_name(p, spn()) for p in ("KUBE-EXT-", "KUBE-SVC-", "KUBE-SVL-"))
+    assert all_rules(text, "nat", ext) == [
+        f'-m comment --comment "pod traffic for ns1/svc1:p80 external destinations" -s 10.0.0.0/8 -j {svc_chain}',
+        '-m comment --comment "masquerade LOCAL traffic for ns1/svc1:p80 external destinations" '
+        "-m addrtype --src-type LOCAL -j KUBE-MARK-MASQ",
+        '-m comment --comment "route LOCAL traffic for ns1/svc1:p80 external destinations" '
+        f"-m addrtype --src-type LOCAL -j {svc_chain}",
+        f"-j {svl}",
+    ]
+    assert [r for r in all_rules(text, "nat", svl) if "10.180.0.2" in r] == []  # only this node's endpoint
+    assert all_rules(text, "filter", "KUBE-NODEPORTS") == [
+        '-m comment --comment "ns1/svc1:p80 health check node port" -m tcp -p tcp --dport 32000 -j ACCEPT'
+    ]
+    assert all_rules(text, "filter", "KUBE-EXTERNAL-SERVICES") == []
+
+
+def test_external_policy_local_without_local_endpoints_drops_external_traffic_only() -> None:
+    svc = dataclasses.replace(NODEPORT, external_traffic_policy=TrafficPolicy.LOCAL, external_ips=("192.0.2.9",))
+    remote = (endpoint("10.180.0.2", node_name="other"),)
+    text = dump(ClusterState({spn(): svc}, {spn(): remote}))
+    ext = service_chain_name("KUBE-EXT-", spn())
+    assert all_rules(text, "nat", ext)[-1].endswith(f"-j {service_chain_name('KUBE-SVC-', spn())}")  # no SVL jump
+    assert all_rules(text, "filter", "KUBE-EXTERNAL-SERVICES") == [
+        '-m comment --comment "ns1/svc1:p80 has no local endpoints" -m tcp -p tcp -d 192.0.2.9 --dport 80 -j DROP',
+        '-m comment --comment "ns1/svc1:p80 has no local endpoints" -m addrtype --dst-type LOCAL '
+        "-m tcp -p tcp --dport 30080 -j DROP",
+    ]
+    assert "-d 172.30.0.41 --dport 80 -j KUBE-SVC-" in text  # the cluster IP still works
+
+
+def test_no_endpoints_rejects_every_kind_of_destination() -> None:
+    svc = dataclasses.replace(NODEPORT, external_ips=("192.0.2.9",), load_balancer_ips=("198.51.100.1",))
+    text = dump(ClusterState({spn(): svc}, {}))
+    reject = '-m comment --comment "ns1/svc1:p80 has no endpoints" '
+    assert all_rules(text, "filter", "KUBE-SERVICES") == [f"{reject}-m tcp -p tcp -d 172.30.0.41 --dport 80 -j REJECT"]
+    assert all_rules(text, "filter", "KUBE-EXTERNAL-SERVICES") == [
+        f"{reject}-m tcp -p tcp -d 192.0.2.9 --dport 80 -j REJECT",
+        f"{reject}-m tcp -p tcp -d 198.51.100.1 --dport 80 -j REJECT",
+        f"{reject}-m addrtype --dst-type LOCAL -m tcp -p tcp --dport 30080 -j REJECT",
+    ]
+    assert not any(line.startswith(":KUBE-EXT-") for line in text.splitlines())
+
+
+def test_source_ranges_guard_lb_ips_but_not_node_ports() -> None:
+    svc = dataclasses.replace(NODEPORT, service_type="LoadBalancer", load_balancer_ips=("198.51.100.1",),
+                              load_balancer_source_ranges=("203.0.113.0/24",))
+    text = dump(ClusterState({spn(): svc}, {spn(): TWO}))
+    fw, ext = service_chain_name("KUBE-FW-", spn()), service_chain_name("KUBE-EXT-", spn())
+    assert all_rules(text, "nat", fw) == [
+        f'-m comment --comment "ns1/svc1:p80 loadbalancer IP" -s 203.0.113.0/24 -j {ext}',
+        '-m comment --comment "other traffic to ns1/svc1:p80 will be dropped by KUBE-PROXY-FIREWALL"',
+    ]
+    assert all_rules(text, "filter", "KUBE-PROXY-FIREWALL") == [
+        f'-m comment --comment "ns1/svc1:p80 traffic not accepted by {fw}" -m tcp -p tcp -d 198.51.100.1 '
+        "--dport 80 -j DROP"
+    ]
+    assert f"--dport 30080 -j {ext}" in text  # node port straight to EXT, not FW
+    inside = dataclasses.replace(NODE, node_ips=("203.0.113.7",))
+    assert f"-s 198.51.100.1 -j {ext}" in dump(ClusterState({spn(): svc}, {spn(): TWO}), inside)

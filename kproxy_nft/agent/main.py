@@ -168,6 +168,8 @@ class Agent:
         self.syncs = 0
         self._snapshot: Snapshot | None = None
         self.runner = SyncRunner(self._sync, clock, min_sync_period, sync_period)
+        # Called with the state just synced, after the kernel took it (health-check servers).
+        self.after_sync: list[Callable[[ClusterState], None]] = []
 
     # -- events -------------------------------------------------------------------------------
 
@@ -240,6 +242,11 @@ class Agent:
         m.endpoint_changes_pending.set(0)
         log.info("sync mode=%s kind=%s services_changed=%d duration=%.3fs result=ok %s",
                  self.backend.mode, "full" if full else "partial", len(snapshot.changed), duration, summary)
+        for hook in self.after_sync:
+            try:
+                hook(snapshot.state)
+            except Exception:  # the rules are in; a hook's failure must not turn into a retried sync
+                log.exception("after-sync hook %r failed", hook)
 
     def run(self) -> None:
         """Until `stop` is set: take events, sync when due. Rules stay in place on exit."""

@@ -12,6 +12,7 @@ import threading
 import time
 from types import FrameType
 
+from kproxy_nft.agent.healthcheck import HealthCheckServers
 from kproxy_nft.agent.http import Listener, health_route, metrics_route
 from kproxy_nft.agent.main import Agent, Backend, IptablesBackend, ManifestSource, NftablesSyncBackend
 from kproxy_nft.agent.metrics import new_metrics
@@ -28,9 +29,17 @@ def make_backend(settings: ProxySettings, iptables_backend: str | None, netns: s
 
 def run_agent(settings: ProxySettings, *, kubeconfig: str | None, manifest_paths: list[str],
               iptables_backend: str | None, netns: str | None, min_sync_period: float, sync_period: float,
-              metrics_address: str, healthz_address: str) -> None:
+              metrics_address: str, healthz_address: str, health_check_host: str | None = None) -> None:
+    """`health_check_host`: where the per-Service healthCheckNodePort servers listen (None: every
+    address of the node; with `netns`, inside that namespace)."""
     metrics = new_metrics()
     agent = Agent(make_backend(settings, iptables_backend, netns), metrics, min_sync_period, sync_period)
+
+    def proxy_healthy() -> bool:  # one notion of health for /healthz and the service health checks
+        return agent.runner.healthy(time.time())
+
+    health_checks = HealthCheckServers(settings.node, proxy_healthy, health_check_host, netns=netns)
+    agent.after_sync.append(health_checks.sync)
 
     threads: list[threading.Thread] = []
     if manifest_paths:
@@ -47,7 +56,7 @@ def run_agent(settings: ProxySettings, *, kubeconfig: str | None, manifest_paths
     listeners = [
         Listener(metrics_address, 10249, {"/metrics": metrics_route(metrics.registry)}).start(),
     ]
-    health = health_route(lambda: agent.runner.healthy(time.time()), lambda: agent.runner.last_success, time.time)
+    health = health_route(proxy_healthy, lambda: agent.runner.last_success, time.time)
     listeners.append(Listener(healthz_address, 10256, {"/healthz": health, "/livez": health}).start())
 
     def stop(signum: int, _frame: FrameType | None) -> None:
@@ -66,3 +75,4 @@ def run_agent(settings: ProxySettings, *, kubeconfig: str | None, manifest_paths
     finally:
         for listener in listeners:
             listener.stop()
+        health_checks.stop()

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import ipaddress
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from kproxy_nft.model import (
     ServicePort,
     ServicePortName,
     TrafficPolicy,
+    ip_family,
     sort_key,
 )
 from kproxy_nft.selection import categorize_endpoints
@@ -45,6 +47,7 @@ KUBE_MARK_MASQ = "KUBE-MARK-MASQ"
 KUBE_EXTERNAL_SERVICES = "KUBE-EXTERNAL-SERVICES"
 KUBE_FORWARD = "KUBE-FORWARD"
 KUBE_PROXY_FIREWALL = "KUBE-PROXY-FIREWALL"
+KUBE_FIREWALL = "KUBE-FIREWALL"  # kubelet's name: the anti-martian rule for localhost NodePorts
 
 # Prefixes of the per-service chains. SVC: cluster policy; SVL: local policy; EXT: external
 # traffic entry (NodePort, external and LB IPs); FW: load-balancer source ranges; SEP: endpoint.
@@ -82,6 +85,10 @@ class Table:
 
     def chain(self, name: str) -> Chain | None:
         return next((c for c in self.chains if c.name == name), None)
+
+
+# (table, shared chain, rule text): one service port's line in a chain all services share.
+SharedRule = tuple[str, str, str]
 
 
 @dataclass(frozen=True)
@@ -246,13 +253,13 @@ class ServiceRules:
     """Everything one service port contributes: its own chains and its lines in shared chains.
 
     Compiled per service port and memoized, so a sync in which one service changed compiles
-    one service; the shared KUBE-SERVICES chains are assembled from these fragments.
+    one service; the shared chains (KUBE-SERVICES, KUBE-NODEPORTS, KUBE-EXTERNAL-SERVICES,
+    KUBE-PROXY-FIREWALL) are assembled from these fragments in service order.
     """
 
     name: ServicePortName
-    chains: tuple[Chain, ...]  # nat: KUBE-SVC-/SVL-/SEP- (EXT-/FW- with the Service-types issue)
-    nat_services: tuple[str, ...]  # rules in nat KUBE-SERVICES
-    filter_services: tuple[str, ...]  # rules in filter KUBE-SERVICES
+    chains: tuple[Chain, ...]  # nat: KUBE-EXT-/FW-/SVC-/SVL-/SEP-
+    shared: tuple[SharedRule, ...] = ()  # rules in shared chains, in kube-proxy's order
 
 
 class _Names:
@@ -320,84 +327,249 @@ def _endpoint_chains(names: _Names, endpoints: tuple[Endpoint, ...], seps: dict[
     return chains
 
 
+def _local_only_target(has_endpoints: bool, text: str) -> tuple[str, str]:
+    """The filter verdict for traffic that has no endpoint to go to, and its comment.
+
+    kube-proxy: a service without any usable endpoint REJECTs (the client learns at once); one
+    whose policy is Local and whose endpoints are all on other nodes DROPs (its traffic must
+    not be rerouted, and a load balancer health-checking this node already avoids it).
+    """
+    if not has_endpoints:
+        return "REJECT", comment(f"{text} has no endpoints")
+    return "DROP", comment(f"{text} has no local endpoints")
+
+
 @functools.lru_cache(maxsize=1 << 16)
 def compile_service_port(
     svc: ServicePort, endpoints: tuple[Endpoint, ...], node: NodeContext, family: IPFamily
 ) -> ServiceRules:
-    """The rules of one service port for one family (endpoints of the other family are ignored)."""
+    """The rules of one service port for one family (endpoints of the other family are ignored).
+
+    Follows kube-proxy's `syncProxyRules` per service: which of the SVC (cluster policy), SVL
+    (local policy), EXT (external traffic entry) and FW (source ranges) chains exist, what the
+    shared chains send to them, and what the filter table drops or rejects when a kind of
+    traffic has no endpoint to go to.
+    """
     name = svc.name
     cluster_ip = svc.cluster_ip(family)
     if cluster_ip is None:
-        return ServiceRules(name, (), (), ())  # no address of this family: nothing to program
+        return ServiceRules(name, ())  # no address of this family: nothing to program
 
     endpoints = tuple(ep for ep in endpoints if ep.family is family)
     sel = categorize_endpoints(svc, endpoints, node)
     names = _Names(svc)
-    local_internal = svc.internal_traffic_policy is TrafficPolicy.LOCAL
-    internal_endpoints = sel.local if local_internal else sel.cluster
+    text, proto = names.text, names.proto
+    has_endpoints = sel.has_any
+    external_ips = tuple(ip for ip in svc.external_ips if ip_family(ip) is family)
+    lb_ips = tuple(ip for ip in svc.load_balancer_ips if ip_family(ip) is family)
+    externally_accessible = bool(svc.node_port or external_ips or lb_ips)
+
     svc_chain = service_chain_name(SVC_PREFIX, name)
     svl_chain = service_chain_name(SVL_PREFIX, name)
-    internal_chain = svl_chain if local_internal else svc_chain
-    internal_rules: list[str] = []
-    nat_services: list[str] = []
-    filter_services: list[str] = []
+    ext_chain = service_chain_name(EXT_PREFIX, name)
+    fw_chain = service_chain_name(FW_PREFIX, name)
 
-    dest = _dest(svc, cluster_ip)
-    cluster_comment = comment(f"{names.text} cluster IP")
-    if internal_endpoints:
+    # Which chain each kind of traffic ends in, and whether it has endpoints to go to there.
+    internal_local = svc.internal_traffic_policy is TrafficPolicy.LOCAL
+    external_local = svc.external_traffic_policy is TrafficPolicy.LOCAL and externally_accessible
+    internal_policy = svl_chain if internal_local else svc_chain
+    has_internal = bool(sel.local) if internal_local else has_endpoints
+    external_policy = svl_chain if external_local else svc_chain
+    has_external = bool(sel.local) if external_local else has_endpoints
+    # The EXT chain is needed whenever there are endpoints at all: with eTP Local it also
+    # short-circuits pod and node traffic, which may go to endpoints on other nodes.
+    uses_ext = has_endpoints and externally_accessible
+    uses_fw = has_endpoints and bool(lb_ips) and bool(svc.load_balancer_source_ranges)
+    lb_target = fw_chain if uses_fw else ext_chain
+    internal_verdict, internal_comment = _local_only_target(has_endpoints, text)
+    external_verdict, external_comment = _local_only_target(has_endpoints, text)
+
+    shared: list[SharedRule] = []
+    match = f"-m {proto} -p {proto}"
+
+    def dest(ip: str) -> str:
+        return f"{match} -d {ip} --dport {svc.port}"
+
+    # Cluster IP.
+    cluster_comment = comment(f"{text} cluster IP")
+    if has_internal:
+        shared.append(("nat", KUBE_SERVICES, f"{cluster_comment} {dest(cluster_ip)} -j {internal_policy}"))
+    else:
+        shared.append(("filter", KUBE_SERVICES, f"{internal_comment} {dest(cluster_ip)} -j {internal_verdict}"))
+
+    # External IPs: to EXT when there are endpoints; what EXT does not take is dropped/rejected.
+    for ip in external_ips:
+        if has_endpoints:
+            shared.append(("nat", KUBE_SERVICES, f"{comment(f'{text} external IP')} {dest(ip)} -j {ext_chain}"))
+        if not has_external:
+            shared.append(("filter", KUBE_EXTERNAL_SERVICES, f"{external_comment} {dest(ip)} -j {external_verdict}"))
+
+    # Load-balancer ingress IPs: through FW when source ranges restrict them.
+    for ip in lb_ips:
+        if has_endpoints:
+            shared.append(("nat", KUBE_SERVICES, f"{comment(f'{text} loadbalancer IP')} {dest(ip)} -j {lb_target}"))
+        if uses_fw:
+            # What FW did not DNAT reaches the filter table still addressed to the LB IP.
+            shared.append(("filter", KUBE_PROXY_FIREWALL,
+                           f"{comment(f'{text} traffic not accepted by {fw_chain}')} {dest(ip)} -j DROP"))
+    if not has_external:
+        for ip in lb_ips:
+            shared.append(("filter", KUBE_EXTERNAL_SERVICES, f"{external_comment} {dest(ip)} -j {external_verdict}"))
+
+    # Node port: not subject to source ranges (kube-proxy: "for better or for worse").
+    if svc.node_port:
+        node_port = f"{match} --dport {svc.node_port}"
+        if has_endpoints:
+            shared.append(("nat", KUBE_NODEPORTS, f"{names.comment} {node_port} -j {ext_chain}"))
+        if not has_external:
+            shared.append(("filter", KUBE_EXTERNAL_SERVICES,
+                           f"{external_comment} -m addrtype --dst-type LOCAL {node_port} -j {external_verdict}"))
+
+    # The health-check server answers whether or not this node has endpoints.
+    if svc.health_check_node_port:
+        shared.append(("filter", KUBE_NODEPORTS,
+                       f"{comment(f'{text} health check node port')} -m tcp -p tcp "
+                       f"--dport {svc.health_check_node_port} -j ACCEPT"))
+
+    # Masquerade decision for cluster IP traffic, first rule of the internal policy chain.
+    internal_rules: list[str] = []
+    if has_internal:
         detector = node.cluster_cidrs_of(family)
         if node.masquerade_all:
-            internal_rules.append(f"{cluster_comment} {dest} -j {KUBE_MARK_MASQ}")
+            internal_rules.append(f"{cluster_comment} {dest(cluster_ip)} -j {KUBE_MARK_MASQ}")
         elif detector:
             # Off-cluster clients may reach the VIP through a static route to any node; the
             # endpoint may sit on another node, so the reply must come back through this one.
-            internal_rules.append(f"{cluster_comment} {dest} ! -s {detector[0]} -j {KUBE_MARK_MASQ}")
-        nat_services.append(f"{cluster_comment} {dest} -j {internal_chain}")
-    elif not sel.has_any:
-        filter_services.append(f"{comment(f'{names.text} has no endpoints')} {dest} -j REJECT")
-    else:
-        # internalTrafficPolicy Local with endpoints only on other nodes: drop, don't reroute.
-        filter_services.append(f"{comment(f'{names.text} has no local endpoints')} {dest} -j DROP")
+            internal_rules.append(f"{cluster_comment} {dest(cluster_ip)} ! -s {detector[0]} -j {KUBE_MARK_MASQ}")
 
-    # Places for the externally reachable rows (NodePort → KUBE-NODEPORTS, external and LB IPs
-    # → KUBE-EXT-, source ranges → KUBE-FW-) come here in the Service-types issue.
+    chains: list[Chain] = []
+    if uses_ext:
+        chains.append(Chain(ext_chain, tuple(_external_rules(
+            text, node, family, external_local, svc_chain, external_policy if has_external else None)), name))
+    if uses_fw:
+        chains.append(Chain(fw_chain, tuple(_firewall_rules(text, svc, lb_ips, node, family, ext_chain)), name))
 
     # The SVC/SVL chains exist only when they have endpoints to jump to (as in kube-proxy).
     seps = {ep.address: names.endpoint_chain(ep.address) for ep in sel.all_reachable}
-    chains = []
     if sel.cluster:
-        rules = internal_rules if not local_internal else []
+        rules = internal_rules if not internal_local else []
         jumps = _endpoint_jumps(names, [ep.address for ep in sel.cluster], seps)
         chains.append(Chain(svc_chain, (*rules, *jumps), name))
     if sel.local:
-        rules = internal_rules if local_internal else []
+        rules = internal_rules if internal_local else []
         jumps = _endpoint_jumps(names, [ep.address for ep in sel.local], seps)
         chains.append(Chain(svl_chain, (*rules, *jumps), name))
     chains.extend(_endpoint_chains(names, sel.all_reachable, seps))
-    return ServiceRules(name, tuple(chains), tuple(nat_services), tuple(filter_services))
+    return ServiceRules(name, tuple(chains), tuple(shared))
+
+
+def _external_rules(
+    text: str, node: NodeContext, family: IPFamily, local: bool, cluster_chain: str, policy_chain: str | None
+) -> list[str]:
+    """The KUBE-EXT- chain: how traffic to a node port, external or LB IP enters the service.
+
+    Cluster policy: masquerade (the endpoint may be on another node, and the reply must come
+    back through this one), then the cluster endpoints. Local policy keeps the client's address
+    and uses only this node's endpoints, except for traffic that cannot have come through an
+    external load balancer: pods' traffic short-circuits to all endpoints, and the node's own
+    traffic (whose source is a local address) is masqueraded and sent to all endpoints.
+    `policy_chain` is None when the policy's endpoints are missing: the rest falls through and
+    is dropped by KUBE-EXTERNAL-SERVICES.
+    """
+    rules = []
+    if not local:
+        rules.append(f"{comment(f'masquerade traffic for {text} external destinations')} -j {KUBE_MARK_MASQ}")
+    else:
+        detector = node.cluster_cidrs_of(family)
+        if detector:
+            rules.append(f"{comment(f'pod traffic for {text} external destinations')} -s {detector[0]} "
+                         f"-j {cluster_chain}")
+        rules.append(f"{comment(f'masquerade LOCAL traffic for {text} external destinations')} "
+                     f"-m addrtype --src-type LOCAL -j {KUBE_MARK_MASQ}")
+        rules.append(f"{comment(f'route LOCAL traffic for {text} external destinations')} "
+                     f"-m addrtype --src-type LOCAL -j {cluster_chain}")
+    if policy_chain is not None:
+        rules.append(f"-j {policy_chain}")
+    return rules
+
+
+def _firewall_rules(
+    text: str, svc: ServicePort, lb_ips: tuple[str, ...], node: NodeContext, family: IPFamily, ext_chain: str
+) -> list[str]:
+    """The KUBE-FW- chain: sources in loadBalancerSourceRanges go on to EXT, others fall off.
+
+    Traffic that falls off the end is not DNATed and is dropped by the KUBE-PROXY-FIREWALL rule
+    of the same LB IP. When the node itself is inside a range, the LB IPs are allowed as
+    sources too: a node reaching a VIP-style LB IP bound locally sends with that IP as source.
+    """
+    lb_comment = comment(f"{text} loadbalancer IP")
+    ranges = [r for r in svc.load_balancer_source_ranges if ip_family(r) is family]
+    rules = [f"{lb_comment} -s {cidr} -j {ext_chain}" for cidr in ranges]
+    networks = [ipaddress.ip_network(r, strict=False) for r in ranges]
+    if any(ipaddress.ip_address(ip) in net for ip in node.node_ips_of(family) for net in networks):
+        rules += [f"{lb_comment} -s {ip} -j {ext_chain}" for ip in lb_ips]
+    rules.append(comment(f"other traffic to {text} will be dropped by KUBE-PROXY-FIREWALL"))
+    return rules
+
+
+def _nodeports_jumps(node: NodeContext, family: IPFamily) -> list[str]:
+    """The last rules of nat KUBE-SERVICES: traffic to a node-port address goes to KUBE-NODEPORTS.
+
+    They must come after every VIP rule. With no `--nodeport-addresses` (or a /0) every local
+    address qualifies, except IPv6 loopback (never) and IPv4 loopback unless localhost
+    NodePorts are on; otherwise one rule per selected node address.
+    """
+    note = comment("kubernetes service nodeports; NOTE: this must be the last rule in this chain")
+    ips = node.nodeport_ips(family)
+    if ips is None:
+        exclude = " ! -d ::1"  # addrtype cannot exclude IPv6 loopback, so name it
+        if family is IPFamily.V4:
+            exclude = "" if node.localhost_nodeports else " ! -d 127.0.0.0/8"
+        return [f"{note} -m addrtype --dst-type LOCAL{exclude} -j {KUBE_NODEPORTS}"]
+    return [f"{note} -d {ip} -j {KUBE_NODEPORTS}" for ip in ips]
+
+
+def uses_localhost_nodeports(node: NodeContext, family: IPFamily) -> bool:
+    """True when IPv4 NodePorts answer on 127.0.0.1 (then `route_localnet` must be on, too)."""
+    if family is not IPFamily.V4 or not node.localhost_nodeports:
+        return False
+    ips = node.nodeport_ips(family)
+    return ips is None or any(ip.startswith("127.") for ip in ips)
 
 
 def compile_ruleset(state: ClusterState, node: NodeContext, family: IPFamily = IPFamily.V4) -> Ruleset:
     """All rules for one IP family (iptables or ip6tables), deterministic for any input order."""
     t = _Tables()
     _static_rules(t, node)
+    localhost = uses_localhost_nodeports(node, family)
+    if localhost:
+        # kube-proxy's mitigation of CVE-2020-8558: with route_localnet on, refuse packets to
+        # 127/8 that did not come from 127/8 (martians from neighbours), unless NATed by us.
+        t.declare("filter", KUBE_FIREWALL)
+        t.add("filter", KUBE_FIREWALL,
+              f"{comment('block incoming localnet connections')} -d 127.0.0.0/8 ! -s 127.0.0.0/8 "
+              "-m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP")
     services, endpoints = state.services, state.endpoints
     fragments = [
         compile_service_port(services[name], endpoints.get(name, ()), node, family)
         for name in sorted(services, key=sort_key)
     ]
     for fragment in fragments:
-        t.extend("nat", KUBE_SERVICES, fragment.nat_services)
-        t.extend("filter", KUBE_SERVICES, fragment.filter_services)
-    # Must stay the last rule of KUBE-SERVICES: node ports are matched only after every VIP.
-    t.add(
-        "nat",
-        KUBE_SERVICES,
-        f"{comment('kubernetes service nodeports; NOTE: this must be the last rule in this chain')} "
-        f"-m addrtype --dst-type LOCAL -j {KUBE_NODEPORTS}",
-    )
+        for table, chain, rule in fragment.shared:
+            t.add(table, chain, rule)
+    for rule in _nodeports_jumps(node, family):
+        t.add("nat", KUBE_SERVICES, rule)
     service_chains = tuple(chain for fragment in fragments for chain in fragment.chains)
-    return Ruleset(family, t.freeze(extra_nat=service_chains), builtin_jumps())
+    jumps = builtin_jumps() + (kubelet_firewall_jumps() if localhost else ())
+    return Ruleset(family, t.freeze(extra_nat=service_chains), jumps)
+
+
+def kubelet_firewall_jumps() -> tuple[BuiltinJump, ...]:
+    """Where KUBE-FIREWALL is hooked in (kube-proxy's `iptablesKubeletJumpChains`)."""
+    return (
+        BuiltinJump("filter", "INPUT", f"-j {KUBE_FIREWALL}"),
+        BuiltinJump("filter", "OUTPUT", f"-j {KUBE_FIREWALL}"),
+    )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,6 +17,14 @@ namespace and a default route via ``192.168.100.254`` in the dead-end "wan" name
 are on no interface: traffic to them only reaches a pod if the node's NAT rules DNAT it
 (nat PREROUTING for pods/clients, nat OUTPUT for traffic generated on the node).
 
+Dual-stack.  A lab in which some pod or client has an ``ip6`` is built dual-stack: the same
+veths carry IPv6 too, with the ``Addressing.*6`` addresses in the same roles (``/128`` each,
+pod gateway ``fd00:10:1::1``, node ``fd00:192:168:100::1``, upstream ``fd00:192:168:100::fe``),
+the node forwards IPv6, and the servers of pods with an ``ip6`` listen on both families.
+Duplicate address detection is off (``accept_dad=0`` plus ``nodad``), so addresses are usable
+at once instead of after a second of "tentative".  A lab without any ``ip6`` keeps IPv6
+disabled in all its namespaces, exactly as before.
+
 Nothing is ever created in, or connected to, the root namespace; everything this lab
 created (namespaces, and with them all links, routes and firewall rules, plus every
 process it started) is removed on exit, also on exceptions and Ctrl-C.  Namespaces that
@@ -26,11 +34,13 @@ this instance did not create are never touched.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import os
 import secrets
 import select
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -50,11 +60,23 @@ PREFIX = "kpn-"
 UPLINK = "uplink0"  # node-side veth towards the wan namespace
 
 _COMMON_SYSCTLS = (
+    "net.ipv4.icmp_ratelimit=0",  # port-unreachable for every refused UDP probe
+    "net.ipv4.icmp_msgs_per_sec=100000",  # (the global ICMP budget, shared with ICMPv6)
+    "net.ipv4.icmp_msgs_burst=100000",
+)
+_IPV4_ONLY_SYSCTLS = (
     "net.ipv6.conf.all.disable_ipv6=1",  # IPv4-only lab: no RS/MLD/DAD chatter on the veths
     "net.ipv6.conf.default.disable_ipv6=1",
-    "net.ipv4.icmp_ratelimit=0",  # port-unreachable for every refused UDP probe
-    "net.ipv4.icmp_msgs_per_sec=100000",
-    "net.ipv4.icmp_msgs_burst=100000",
+)
+_DUAL_STACK_SYSCTLS = (
+    "net.ipv6.conf.all.disable_ipv6=0",
+    "net.ipv6.conf.default.disable_ipv6=0",
+    "net.ipv6.conf.all.accept_dad=0",  # no DAD: addresses (link-local too) usable at once
+    "net.ipv6.conf.default.accept_dad=0",
+    "net.ipv6.conf.all.accept_ra=0",  # routes are static; never learn any from a neighbour
+    "net.ipv6.conf.default.accept_ra=0",
+    "net.ipv6.conf.default.router_solicitations=0",
+    "net.ipv6.icmp.ratelimit=0",  # ICMPv6 port unreachable (REJECT) for every refused probe
 )
 _NODE_SYSCTLS = (
     "net.ipv4.ip_forward=1",
@@ -63,7 +85,9 @@ _NODE_SYSCTLS = (
     "net.ipv4.conf.all.send_redirects=0",
     "net.ipv4.conf.default.send_redirects=0",
 )
+_NODE_IPV6_SYSCTLS = ("net.ipv6.conf.all.forwarding=1",)
 _LEAF_SYSCTLS = ("net.ipv4.ip_forward=0",)  # pods, clients and the dead-end wan
+_IFA_F_NODAD = 0x02  # linux/if_addr.h: skip duplicate address detection for this address
 
 # The server and prober are stdlib-only scripts; they are run by path with ``-I -S`` (no
 # site, no package __init__), so they start in a few milliseconds whatever is installed.
@@ -84,7 +108,10 @@ class CommandError(subprocess.CalledProcessError):
 
 @dataclass(frozen=True)
 class Attachment:
-    """How one pod/client namespace is wired to the node (derived from the specs)."""
+    """How one pod/client namespace is wired to the node (derived from the specs).
+
+    ``ip6``/``gateway6`` are set for a dual-stack pod or client (both or neither).
+    """
 
     name: str
     ip: str
@@ -92,6 +119,37 @@ class Attachment:
     node_ifname: str
     gateway: str
     is_pod: bool
+    ip6: str | None = None
+    gateway6: str | None = None
+
+
+def _family(ip: str) -> tuple[int, int]:
+    """(address family, host prefix length) of *ip*."""
+    return (socket.AF_INET6, 128) if ":" in ip else (socket.AF_INET, 32)
+
+
+# Routed-veth wiring, one family at a time: each side has a host address (/32 or /128) and a
+# host route to the other side's; IPv6 addresses skip DAD (the lab also sets accept_dad=0,
+# but `nodad` makes it independent of sysctl ordering).  Route scope is an IPv4 notion.
+def _host_address(ipr: Any, index: int, ip: str) -> None:
+    family, prefixlen = _family(ip)
+    extra = {"flags": _IFA_F_NODAD} if family == socket.AF_INET6 else {}
+    ipr.addr("add", index=index, address=ip, prefixlen=prefixlen, family=family, **extra)
+
+
+def _host_route(ipr: Any, index: int, dst: str, prefsrc: str | None = None) -> None:
+    family, prefixlen = _family(dst)
+    extra: dict[str, Any] = {"scope": "link"} if family == socket.AF_INET else {}
+    if prefsrc is not None:
+        extra["prefsrc"] = prefsrc
+    ipr.route("add", dst=f"{dst}/{prefixlen}", oif=index, family=family, **extra)
+
+
+def _default_route(ipr: Any, index: int, gateway: str, prefsrc: str | None = None) -> None:
+    family, _ = _family(gateway)
+    extra = {} if prefsrc is None else {"prefsrc": prefsrc}
+    default = "::/0" if family == socket.AF_INET6 else "0.0.0.0/0"
+    ipr.route("add", dst=default, gateway=gateway, oif=index, family=family, **extra)
 
 
 def _existing_netns() -> set[str]:
@@ -219,6 +277,8 @@ class Lab:
             raise NetlabError("the `ip` command (iproute2) is required")
         if run_id is not None and not (run_id.isalnum() and run_id.islower() and len(run_id) <= 8):
             raise ValueError(f"run_id must be 1-8 lower-case alphanumerics, got {run_id!r}")
+        #: Dual-stack when any pod or client has an IPv6 address (else IPv6 stays disabled).
+        self.ipv6 = any(spec.ip6 is not None for spec in (*self.pods, *self.clients))
         self.run_id = run_id or _fresh_run_id()
         self.prefix = f"{PREFIX}{self.run_id}-"
         self.node_ns = self.prefix + "node"
@@ -227,11 +287,15 @@ class Lab:
         self.attachments: dict[str, Attachment] = {}
         for i, pod in enumerate(self.pods):
             ns, ifname = f"{self.prefix}pod-{pod.name}", f"vp{i}-{pod.name}"[:15]
-            self.attachments[pod.name] = Attachment(pod.name, pod.ip, ns, ifname, a.pod_gateway, True)
+            gw6 = a.pod_gateway6 if pod.ip6 else None
+            self.attachments[pod.name] = Attachment(pod.name, pod.ip, ns, ifname, a.pod_gateway, True, pod.ip6, gw6)
         for i, cl in enumerate(self.clients):
-            gw = a.pod_gateway if a.in_cluster(cl.ip) else a.node_ip
+            inside = a.in_cluster(cl.ip)
+            gw, gw6 = (a.pod_gateway, a.pod_gateway6) if inside else (a.node_ip, a.node_ip6)
             ns, ifname = f"{self.prefix}cli-{cl.name}", f"vc{i}-{cl.name}"[:15]
-            self.attachments[cl.name] = Attachment(cl.name, cl.ip, ns, ifname, gw, False)
+            self.attachments[cl.name] = Attachment(
+                cl.name, cl.ip, ns, ifname, gw, False, cl.ip6, gw6 if cl.ip6 else None
+            )
         self._created: list[str] = []  # namespaces this instance created (only these are removed)
         self._servers: dict[str, tuple[subprocess.Popen[bytes], IO[bytes]]] = {}
         self._loops: list[ProbeLoop] = []
@@ -244,6 +308,11 @@ class Lab:
     def node_ips(self) -> tuple[str, ...]:
         """The node's own addresses: primary (uplink/external side) and pod gateway."""
         return (self.addressing.node_ip, self.addressing.pod_gateway)
+
+    @property
+    def node_ips6(self) -> tuple[str, ...]:
+        """The node's own IPv6 addresses (same roles as :attr:`node_ips`); empty unless dual-stack."""
+        return (self.addressing.node_ip6, self.addressing.pod_gateway6) if self.ipv6 else ()
 
     @property
     def namespaces(self) -> tuple[str, ...]:
@@ -279,13 +348,24 @@ class Lab:
             f"lab {self.run_id}: node {self.node_ns} (ip_forward=1), node IPs {', '.join(self.node_ips)}",
             f"  {UPLINK:<15} {a.node_ip}/32 -> default via {a.upstream} ({self.wan_ns}, dead end)",
         ]
+        if self.ipv6:
+            lines.append(f"  {'':<15} {a.node_ip6}/128 -> default via {a.upstream6} (IPv6, forwarding=1)")
         for att in self.attachments.values():
             role = "pod" if att.is_pod else ("pod client" if self.addressing.in_cluster(att.ip) else "external client")
             lines.append(f"  {att.node_ifname:<15} {att.gateway}/32 -> {att.ip} {att.name} [{role}] ({att.ns})")
+            if att.ip6:
+                lines.append(f"  {'':<15} {att.gateway6}/128 -> {att.ip6}")
         return "\n".join(lines)
 
     def ip_of(self, name: str) -> str:
         return self.attachments[name].ip
+
+    def ip6_of(self, name: str) -> str:
+        """IPv6 address of pod/client *name* (KeyError if it has none)."""
+        ip6 = self.attachments[name].ip6
+        if ip6 is None:
+            raise KeyError(f"{name!r} has no IPv6 address")
+        return ip6
 
     def node_ifname(self, name: str) -> str:
         """Name of the node-side veth leading to pod/client *name*."""
@@ -378,16 +458,27 @@ class Lab:
         dup = {n for n in names if names.count(n) > 1}
         if dup:
             raise ValueError(f"duplicate pod/client names: {sorted(dup)}")
-        ips = [p.ip for p in self.pods] + [c.ip for c in self.clients]
-        dup = {ip for ip in ips if ips.count(ip) > 1}
+        a = self.addressing
+        specs = (*self.pods, *self.clients)
+        # Compared as parsed addresses: "fd00::0:1" and "fd00::1" are the same IPv6 address.
+        ips = [ipaddress.ip_address(ip) for s in specs for ip in (s.ip, s.ip6) if ip is not None]
+        dup = {str(ip) for ip in ips if ips.count(ip) > 1}
         if dup:
             raise ValueError(f"duplicate IPs: {sorted(dup)}")
-        reserved = {*self.node_ips, self.addressing.upstream}
+        node_addresses = (a.node_ip, a.pod_gateway, a.upstream, a.node_ip6, a.pod_gateway6, a.upstream6)
+        reserved = {ipaddress.ip_address(ip) for ip in node_addresses}
         if reserved & set(ips):
-            raise ValueError(f"pod/client IPs must not use node addresses {sorted(reserved)}")
+            raise ValueError(f"pod/client IPs must not use node addresses {sorted(map(str, reserved))}")
         for pod in self.pods:
-            if not self.addressing.in_cluster(pod.ip):
-                raise ValueError(f"pod {pod.name} IP {pod.ip} not in {self.addressing.cluster_cidr}")
+            if not a.in_cluster(pod.ip):
+                raise ValueError(f"pod {pod.name} IP {pod.ip} not in {a.cluster_cidr}")
+            if pod.ip6 is not None and not a.in_cluster(pod.ip6):
+                raise ValueError(f"pod {pod.name} IPv6 {pod.ip6} not in {a.cluster_cidr6}")
+        for cl in self.clients:
+            # The IPv4 address decides pod client vs external client; IPv6 must agree, since
+            # both families share the client's one veth and gateway role.
+            if cl.ip6 is not None and a.in_cluster(cl.ip6) != a.in_cluster(cl.ip):
+                raise ValueError(f"client {cl.name}: {cl.ip} and {cl.ip6} must both be inside the cluster or both outside")
 
     def _build(self) -> None:
         from pyroute2 import IPRoute, netns
@@ -401,9 +492,7 @@ class Lab:
                 netns.create(ns)  # raises FileExistsError rather than reusing a foreign namespace
                 self._created.append(ns)
         # sysctls before any interface exists, so that `default` applies to the new links
-        jobs = [
-            (ns, _COMMON_SYSCTLS + (_NODE_SYSCTLS if ns == self.node_ns else _LEAF_SYSCTLS)) for ns in self.namespaces
-        ]
+        jobs = [(ns, self._sysctls(ns)) for ns in self.namespaces]
         procs = [
             (
                 ns,
@@ -429,29 +518,47 @@ class Lab:
             node.link("set", index=node.link_lookup(ifname="lo")[0], state="up")
             node.link("add", ifname=UPLINK, kind="veth", peer={"ifname": "eth0", "net_ns_fd": self.wan_ns})
             up = node.link_lookup(ifname=UPLINK)[0]
-            node.addr("add", index=up, address=a.node_ip, prefixlen=32)
+            uplink = [(a.node_ip, a.upstream)] + ([(a.node_ip6, a.upstream6)] if self.ipv6 else [])
+            for own, upstream in uplink:
+                _host_address(node, up, own)
             node.link("set", index=up, state="up")
-            node.route("add", dst=f"{a.upstream}/32", oif=up, scope="link", prefsrc=a.node_ip)
-            node.route("add", dst="0.0.0.0/0", gateway=a.upstream, oif=up, prefsrc=a.node_ip)
+            for own, upstream in uplink:
+                _host_route(node, up, upstream, prefsrc=own)
+                _default_route(node, up, upstream, prefsrc=own)
             with IPRoute(netns=self.wan_ns, flags=0) as wan:
                 eth0 = wan.link_lookup(ifname="eth0")[0]
-                wan.addr("add", index=eth0, address=a.upstream, prefixlen=32)
+                for own, upstream in uplink:
+                    _host_address(wan, eth0, upstream)
                 wan.link("set", index=eth0, state="up")
-                wan.route("add", dst=f"{a.node_ip}/32", oif=eth0, scope="link")
+                for own, _ in uplink:
+                    _host_route(wan, eth0, own)
             for att in self.attachments.values():
                 peer = {"ifname": "eth0", "net_ns_fd": att.ns}  # created directly inside the pod ns
                 node.link("add", ifname=att.node_ifname, kind="veth", peer=peer)
                 idx = node.link_lookup(ifname=att.node_ifname)[0]
-                node.addr("add", index=idx, address=att.gateway, prefixlen=32)
+                # (pod/client address, node-side gateway) per family this namespace has
+                pairs = [(att.ip, att.gateway)] + ([(att.ip6, att.gateway6)] if att.ip6 and att.gateway6 else [])
+                for _, gateway in pairs:
+                    _host_address(node, idx, gateway)
                 node.link("set", index=idx, state="up")
-                node.route("add", dst=f"{att.ip}/32", oif=idx, scope="link", prefsrc=att.gateway)
+                for ip, gateway in pairs:
+                    _host_route(node, idx, ip, prefsrc=gateway)
                 with IPRoute(netns=att.ns, flags=0) as inner:
                     inner.link("set", index=inner.link_lookup(ifname="lo")[0], state="up")
                     eth0 = inner.link_lookup(ifname="eth0")[0]
-                    inner.addr("add", index=eth0, address=att.ip, prefixlen=32)
+                    for ip, _ in pairs:
+                        _host_address(inner, eth0, ip)
                     inner.link("set", index=eth0, state="up")
-                    inner.route("add", dst=f"{att.gateway}/32", oif=eth0, scope="link")
-                    inner.route("add", dst="0.0.0.0/0", gateway=att.gateway, oif=eth0)
+                    for _, gateway in pairs:
+                        _host_route(inner, eth0, gateway)
+                        _default_route(inner, eth0, gateway)
+
+    def _sysctls(self, ns: str) -> tuple[str, ...]:
+        """The sysctls of namespace *ns*: role (node or leaf) and IPv4-only or dual-stack."""
+        keys = _COMMON_SYSCTLS + (_NODE_SYSCTLS if ns == self.node_ns else _LEAF_SYSCTLS)
+        if not self.ipv6:
+            return keys + _IPV4_ONLY_SYSCTLS
+        return keys + _DUAL_STACK_SYSCTLS + (_NODE_IPV6_SYSCTLS if ns == self.node_ns else ())
 
     # --------------------------------------------------------------- commands
     def _exec_argv(self, ns: str, argv: Sequence[str]) -> list[str]:
