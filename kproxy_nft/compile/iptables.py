@@ -47,7 +47,10 @@ KUBE_MARK_MASQ = "KUBE-MARK-MASQ"
 KUBE_EXTERNAL_SERVICES = "KUBE-EXTERNAL-SERVICES"
 KUBE_FORWARD = "KUBE-FORWARD"
 KUBE_PROXY_FIREWALL = "KUBE-PROXY-FIREWALL"
-KUBE_FIREWALL = "KUBE-FIREWALL"  # kubelet's name: the anti-martian rule for localhost NodePorts
+# kubelet's name (before 1.27 kubelet wrote it): the anti-martian rule for localhost NodePorts.
+# Written when those are on, but not owned: never deleted, since a kubelet may have it too, and
+# left behind it only drops what the kernel drops anyway once route_localnet is off again.
+KUBE_FIREWALL = "KUBE-FIREWALL"
 
 # Prefixes of the per-service chains. SVC: cluster policy; SVL: local policy; EXT: external
 # traffic entry (NodePort, external and LB IPs); FW: load-balancer source ranges; SEP: endpoint.

@@ -42,7 +42,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from kproxy_nft.compile.iptables import Ruleset
+from kproxy_nft.compile.iptables import KUBE_FIREWALL, Ruleset
 from kproxy_nft.kernel.iptables_plan import (
     MANAGED_TABLES,
     ChainChange,
@@ -314,6 +314,8 @@ def apply(plan: Plan, host: Host) -> KernelState:
     if plan.is_empty:
         return plan.after
     family = plan.family
+    if family is IPFamily.V4 and any(c.chain == KUBE_FIREWALL and c.kind == "added" for c in plan.chains):
+        enable_route_localnet(host)
     head = len(plan.edits[0].render())
     if len(plan.edits) > 1:
         rest = _prepare(host, plan, plan.edits[1:], first_line=head + 1)
@@ -328,6 +330,19 @@ def apply(plan: Plan, host: Host) -> KernelState:
     if len(plan.edits) == 1 or (line is not None and line <= head):
         raise _error(host, plan, sent, result, True, "in the first table: iptables-restore is atomic per table")
     raise _rolled_back(plan, host, sent, result)
+
+
+def enable_route_localnet(host: Host) -> None:
+    """Let 127.0.0.1 reach DNAT targets: what localhost NodePorts need (kube-proxy sets it too).
+
+    Done when the KUBE-FIREWALL chain, which drops the martians this admits, is first added:
+    the sysctl belongs to the (network namespace of the) node, so it outlives our process, as
+    it does with kube-proxy.
+    """
+    argv = in_netns(host.netns, ("sysctl", "-q", "-w", "net.ipv4.conf.all.route_localnet=1"))
+    result = host.runner.run(argv)
+    if result.returncode != 0:
+        raise CommandError(argv, result)
 
 
 def _rolled_back(plan: Plan, host: Host, sent: _Sent, failure: Completed) -> RestoreError:
