@@ -32,11 +32,13 @@ from kproxy_nft.model import (
     ServicePort,
     ServicePortName,
     TrafficPolicy,
+    ip_family,
 )
 
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 SERVICE_PROXY_NAME_LABEL = "service.kubernetes.io/service-proxy-name"
 HEADLESS_LABEL = "service.kubernetes.io/headless"
+ZONE_LABEL = "topology.kubernetes.io/zone"
 DEFAULT_AFFINITY_SECONDS = 10800  # v1.DefaultClientIPServiceAffinitySeconds
 MAX_AFFINITY_SECONDS = 86400
 
@@ -460,3 +462,33 @@ def build_state(services: Iterable[ServiceInfo], slices: Iterable[EndpointsByPor
     ports = {p.name: p for info in services for p in info.ports}
     endpoints = {k: v for k, v in merge_endpoints(slices).items() if k in ports}
     return ClusterState(services=ports, endpoints=endpoints)
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """What the proxy takes from its own Node object: addresses and topology zone."""
+
+    ips: tuple[str, ...]
+    zone: str | None
+
+
+def convert_node(node: Any) -> NodeInfo:
+    """The node's IPs and its `topology.kubernetes.io/zone` label.
+
+    IPs as kube-proxy's `GetNodeHostIPs`: InternalIPs then ExternalIPs, the first is the
+    primary, plus the first one of the other family (dual-stack); malformed ones are skipped.
+    """
+    addresses = (node.status.addresses if node.status else None) or []
+    ips: list[str] = []
+    for kind in ("InternalIP", "ExternalIP"):
+        for address in addresses:
+            if address.type != kind:
+                continue
+            try:
+                ip = str(ipaddress.ip_address(address.address))
+            except ValueError:
+                continue
+            if all(ip_family(ip) is not ip_family(other) for other in ips):
+                ips.append(ip)
+    zone = _labels(node).get(ZONE_LABEL) or None
+    return NodeInfo(tuple(ips), zone)
