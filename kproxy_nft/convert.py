@@ -94,6 +94,19 @@ def _check_cidr(value: str, field: str) -> str:
     return value
 
 
+def convert_service_cidr(obj: Any) -> tuple[str, ...]:
+    """The CIDRs of a ServiceCIDR (networking.k8s.io/v1): the ranges cluster IPs come from.
+
+    The API server allows one or two (one per family); the proxy only needs them for the
+    nftables mode's drop of traffic to unallocated service IPs.
+    """
+    spec = obj.spec
+    cidrs = (spec.cidrs if spec is not None else None) or []
+    _check(bool(cidrs), "spec.cidrs", "required value")
+    _check(len(cidrs) <= 2, "spec.cidrs", "may hold at most two CIDRs (one per family)")
+    return tuple(_check_cidr(c, f"spec.cidrs[{i}]") for i, c in enumerate(cidrs))
+
+
 def _check_port(value: int | None, field: str) -> int:
     _check(value is not None, field, "required value")
     assert value is not None
@@ -194,7 +207,13 @@ def convert_service(svc: V1Service) -> ServiceInfo:
         # (`apiservice.ExternalPolicyLocal`): node ports, load balancers, or external IPs.
         external_policy = TrafficPolicy.CLUSTER
     internal_policy = _policy(spec.internal_traffic_policy, "spec.internalTrafficPolicy")
-    health_check = spec.health_check_node_port if external_policy is TrafficPolicy.LOCAL else None
+    health_check = spec.health_check_node_port
+    if health_check is not None:
+        # The API server's rule: only a LoadBalancer with externalTrafficPolicy Local has one
+        # (kube-proxy's `NeedsHealthCheck`).
+        _check(svc_type == "LoadBalancer" and external_policy is TrafficPolicy.LOCAL, "spec.healthCheckNodePort",
+               "may only be set when type is 'LoadBalancer' and externalTrafficPolicy is 'Local'")
+        health_check = _check_port(health_check, "spec.healthCheckNodePort")
 
     records = []
     for i, p in enumerate(ports):

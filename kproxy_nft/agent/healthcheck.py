@@ -82,12 +82,14 @@ def desired_health_checks(state: ClusterState, node: NodeContext) -> dict[int, H
         ports.setdefault(name.service, cast(int, state.services[name].health_check_node_port))
     if not ports:
         return {}
+    # Policy and health-check port are per Service, so the candidates are all ports of each
+    # Service served here: counting over them covers every port.
     local_ips: dict[tuple[str, str], set[str]] = {service: set() for service in ports}
-    for name in state.services:
-        ips = local_ips.get(name.service)
-        if ips is not None:
-            # Ready only: the terminating fallback does not count (see the module docstring).
-            ips.update(ep.ip for ep in state.endpoints_of(name) if ep.ready and ep.node_name == node.hostname)
+    for name in candidates:
+        # Ready only: the terminating fallback does not count (see the module docstring).
+        local_ips[name.service].update(
+            ep.ip for ep in state.endpoints_of(name) if ep.ready and ep.node_name == node.hostname
+        )
     desired: dict[int, HealthCheck] = {}
     for (namespace, svc_name), port in ports.items():
         desired.setdefault(port, HealthCheck(namespace, svc_name, len(local_ips[(namespace, svc_name)])))
