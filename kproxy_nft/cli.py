@@ -5,6 +5,7 @@ Exit codes: 0 success, 2 bad input (one clear line on stderr, nothing on stdout)
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import socket
 import sys
@@ -113,6 +114,9 @@ def load_inputs(paths: Sequence[str], **flags: Any) -> tuple[Manifests, ProxySet
         if config_path and notice.startswith(f"{config_path}:"):
             continue  # the config file itself, found among the manifests: no news
         click.echo(f"kproxy-nft: {notice}", err=True)
+    if manifests.service_cidrs:  # ServiceCIDR objects add to --service-cidr / the config file's
+        cidrs = tuple(dict.fromkeys((*settings.node.service_cidrs, *manifests.service_cidrs)))
+        settings = dataclasses.replace(settings, node=dataclasses.replace(settings.node, service_cidrs=cidrs))
     return manifests, settings
 
 
@@ -267,7 +271,8 @@ def apply(dry_run: bool, iptables_backend: str, **options: Any) -> None:
 
     Only what differs is rewritten; chains and tables kproxy-nft does not own are never touched.
     Exit status like diff(1): 0 nothing to change, 1 changes (applied, or pending with --dry-run),
-    2 error (the kernel is left as it was).
+    2 error (the kernel is left as it was). After a change, UDP/SCTP conntrack flows that may
+    be stale are deleted (a failure there is a warning, not an error).
     """
     manifests, settings = load_inputs(**options)
     state = manifests.cluster_state()
@@ -278,7 +283,24 @@ def apply(dry_run: bool, iptables_backend: str, **options: Any) -> None:
             changed = _apply_iptables(state, settings, dry_run, iptables_backend)
     except Exception as e:  # noqa: BLE001 - every kernel failure is reported the same way
         fail(f"{type(e).__name__}: {e}")
+    if changed and not dry_run:
+        _clean_conntrack(state, settings)
     sys.exit(1 if changed else 0)
+
+
+def _clean_conntrack(state: ClusterState, settings: ProxySettings) -> None:
+    """Delete the UDP/SCTP flows the new rules may have left stale; never fails the apply.
+
+    `apply` does not know what the kernel held before, so like kube-proxy's first sync it takes
+    every UDP/SCTP service port with endpoints as newly served and deletes the flows to it.
+    """
+    from kproxy_nft.kernel.conntrack import ConntrackCleaner
+
+    result = ConntrackCleaner(settings.node).after_sync(state)
+    if result.filters:
+        click.echo(f"conntrack: {result.deleted} stale flows deleted")
+    for error in result.errors:
+        click.echo(f"kproxy-nft: warning: conntrack cleanup: {error}", err=True)
 
 
 @main.command(epilog="""\b

@@ -1,20 +1,35 @@
-"""The nftables compiler: flat layout, kube-proxy semantics, golden output, memoized fragments."""
+"""The nftables compiler: flat layout, kube-proxy semantics, golden output, memoized fragments.
+
+The every-type golden (tests/golden/every-type.yaml → every-type.nft) holds every Service type
+and policy; tests/kernel/test_nftables_backend.py checks that it loads and lists back as written.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
+
+import pytest
 
 from kproxy_nft.compile.nftables import (
+    CLUSTER_IPS,
+    FIREWALL_IPS,
     HAIRPIN,
+    NO_ENDPOINT_NODEPORTS,
     NO_ENDPOINT_SERVICES,
     SERVICE_IPS,
+    SERVICE_NODEPORTS,
+    Ruleset,
     _nft_duration,
     compile_all,
     compile_ruleset,
+    external_chain,
+    firewall_chain,
     render_script,
+    service_chain_base,
 )
-from kproxy_nft.model import ClusterState, NodeContext, Protocol, TrafficPolicy
-from kproxy_nft.sources.manifests import read_manifests
+from kproxy_nft.model import ClusterState, IPFamily, NodeContext, Protocol, ServicePort, TrafficPolicy
+from kproxy_nft.sources.manifests import ManifestError, read_manifests
 from kproxy_nft.synthetic import synthetic_cluster
 from tests.helpers import EXAMPLES, GOLDEN, NODE, endpoint, service, spn
 
@@ -153,3 +168,208 @@ def test_script_commands_stay_small() -> None:
     script = render_script(compile_ruleset(synthetic_cluster(1000, 10), NODE))
     assert max(line.count(",") for line in script.splitlines()) < 4096
     assert script.count("add element ip kproxy-nft backends-tcp") == 3  # 10,000 elements in 4096-chunks
+
+
+# ---------------------------------------------------------------------------------------------
+# externally reachable services
+# ---------------------------------------------------------------------------------------------
+
+EVERY_TYPE = GOLDEN / "every-type.yaml"
+EVERY_NODE = NodeContext(hostname="node1", node_ips=("192.168.100.1",), cluster_cidrs=("10.1.0.0/16",))
+
+
+def every_type() -> tuple[ClusterState, NodeContext]:
+    """The every-type objects, and the node with the ServiceCIDRs they hold (as `kproxy-nft dump`)."""
+    manifests = read_manifests([str(EVERY_TYPE)])
+    return manifests.cluster_state(), dataclasses.replace(EVERY_NODE, service_cidrs=manifests.service_cidrs)
+
+
+def every_type_rulesets() -> tuple[Ruleset, ...]:
+    state, node = every_type()
+    return compile_all(state, node)
+
+
+def test_every_type_matches_golden() -> None:
+    # Regenerate after an intended change: write render_script(every_type_rulesets()) to the file.
+    assert render_script(every_type_rulesets()) == (GOLDEN / "every-type.nft").read_text()
+
+
+def test_service_cidrs_come_from_servicecidr_objects_and_bad_ones_name_the_field(tmp_path: Path) -> None:
+    assert every_type()[1].service_cidrs == ("10.96.0.0/16", "fd00:96::/112")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("apiVersion: networking.k8s.io/v1\nkind: ServiceCIDR\nmetadata: {name: x}\n"
+                   "spec: {cidrs: [10.96.0.0/12, 10.300.0.0/16]}\n")
+    field = r"spec.cidrs\[1\]: '10.300.0.0/16' is not a valid CIDR"
+    with pytest.raises(ManifestError, match=rf"bad.yaml: document 1 \(ServiceCIDR .*/x\): {field}"):
+        read_manifests([str(bad)])
+
+
+def test_chain_names_are_kube_proxys() -> None:
+    # pkg/proxy/nftables/proxier_test.go names `ns1/svc1` port `p80` this way.
+    assert service_chain_base(spn("svc1", "ns1", "p80")) == "ULMVA6XW-ns1/svc1/tcp/p80"
+    assert external_chain(spn()).startswith("external-") and firewall_chain(spn()).startswith("firewall-")
+
+
+def external(name: str = "svc1", **kw: object) -> ServicePort:
+    return service(spn(name), node_port=30080, external_ips=("192.0.2.1",), **kw)
+
+
+HERE, THERE = endpoint("10.0.0.5", node_name="node1"), endpoint("10.0.0.6", node_name="node2")
+
+
+def test_external_policy_cluster_masquerades_and_uses_every_endpoint() -> None:
+    name = spn()
+    ruleset = compile_ruleset(ClusterState({name: external()}, {name: (HERE, THERE)}), NODE)
+    e = ruleset.elements()
+    ext = external_chain(name)
+    assert e[SERVICE_IPS]["192.0.2.1 . tcp . 80"] == f"goto {ext}"
+    assert e[SERVICE_NODEPORTS] == {"tcp . 30080": f"goto {ext}"}
+    assert e[NO_ENDPOINT_SERVICES] == {} and e[NO_ENDPOINT_NODEPORTS] == {}
+    chain = ruleset.chain(ext)
+    assert chain is not None and chain.rules == (
+        "jump mark-for-masquerade",
+        "meta l4proto tcp dnat ip to numgen random mod 2 map { 0 : 10.0.0.5 . 80, 1 : 10.0.0.6 . 80 }",
+    )
+    assert ruleset.fragments[name].chains == (chain,)
+
+
+def test_external_policy_local_short_circuits_pods_and_host_and_keeps_client_addresses() -> None:
+    name = spn()
+    svc = external(external_traffic_policy=TrafficPolicy.LOCAL)
+    ruleset = compile_ruleset(ClusterState({name: svc}, {name: (HERE, THERE)}), NODE)
+    chain = ruleset.chain(external_chain(name))
+    both = "map { 0 : 10.0.0.5 . 80, 1 : 10.0.0.6 . 80 }"
+    assert chain is not None and chain.rules == (
+        f"ip saddr 10.0.0.0/8 meta l4proto tcp dnat ip to numgen random mod 2 {both}",
+        "fib saddr type local jump mark-for-masquerade",
+        f"fib saddr type local meta l4proto tcp dnat ip to numgen random mod 2 {both}",
+        "meta l4proto tcp dnat ip to numgen random mod 1 map { 0 : 10.0.0.5 . 80 }",
+    )
+    # Without a cluster CIDR there is no pod short-circuit (kube-proxy: no local detector).
+    no_cidr = compile_ruleset(ClusterState({name: svc}, {name: (HERE, THERE)}), NodeContext(hostname="node1"))
+    chain = no_cidr.chain(external_chain(name))
+    assert chain is not None and not any("saddr 10." in rule for rule in chain.rules)
+
+
+def test_no_local_endpoints_drops_external_traffic_no_endpoints_rejects_everything() -> None:
+    local, empty = spn("local"), spn("empty")
+    state = ClusterState(
+        {
+            local: service(local, "172.30.0.1", node_port=30001, external_ips=("192.0.2.1",),
+                           load_balancer_ips=("198.51.100.1",), external_traffic_policy=TrafficPolicy.LOCAL),
+            empty: service(empty, "172.30.0.2", node_port=30002, external_ips=("192.0.2.2",),
+                           load_balancer_ips=("198.51.100.2",)),
+        },
+        {local: (THERE,)},
+    )
+    ruleset = compile_ruleset(state, NODE)
+    e = ruleset.elements()
+    assert e[NO_ENDPOINT_SERVICES] == {
+        "192.0.2.1 . tcp . 80": "drop",
+        "198.51.100.1 . tcp . 80": "drop",
+        "172.30.0.2 . tcp . 80": "goto reject-chain",
+        "192.0.2.2 . tcp . 80": "goto reject-chain",
+        "198.51.100.2 . tcp . 80": "goto reject-chain",
+    }
+    assert e[NO_ENDPOINT_NODEPORTS] == {"tcp . 30001": "drop", "tcp . 30002": "goto reject-chain"}
+    # The cluster IP of the Local service still works, and so does its external chain's
+    # short-circuit for pods and the host; the empty service has neither.
+    assert e[SERVICE_IPS]["172.30.0.1 . tcp . 80"] == "goto lb-tcp-1"
+    assert e[SERVICE_NODEPORTS] == {"tcp . 30001": f"goto {external_chain(local)}"}
+    assert ruleset.fragments[empty].chains == ()
+    assert e[CLUSTER_IPS] == {"172.30.0.1": None, "172.30.0.2": None}
+
+
+def test_source_ranges_filter_lb_ips_only_and_allow_the_lb_ips_when_the_node_is_inside() -> None:
+    name = spn()
+    svc = service(name, node_port=30080, load_balancer_ips=("198.51.100.1", "2001:db8::1"),
+                  load_balancer_source_ranges=("203.0.113.0/24", "192.168.0.0/16", "2001:db8::/32"))
+    state = ClusterState({name: svc}, {name: (HERE,)})
+    fw = firewall_chain(name)
+
+    def firewall(node: NodeContext) -> tuple[str, ...]:
+        ruleset = compile_ruleset(state, node)
+        assert ruleset.elements()[FIREWALL_IPS] == {"198.51.100.1 . tcp . 80": f"goto {fw}"}
+        chain = ruleset.chain(fw)
+        assert chain is not None
+        return chain.rules
+
+    ranges = ("ip saddr 203.0.113.0/24 return", "ip saddr 192.168.0.0/16 return")
+    assert firewall(NODE) == (*ranges, "drop")
+    inside = dataclasses.replace(NODE, node_ips=("192.168.1.1",))
+    assert firewall(inside) == (*ranges, "ip saddr 198.51.100.1 return", "drop")
+    # No ranges of the family: no firewall (kube-proxy filters the ranges by family).
+    v4_only = dataclasses.replace(svc, load_balancer_source_ranges=("2001:db8::/32",))
+    assert compile_ruleset(ClusterState({name: v4_only}, {name: (HERE,)}), NODE).elements()[FIREWALL_IPS] == {}
+
+
+def test_nodeport_addresses() -> None:
+    def services_rules(node: NodeContext, family: IPFamily = IPFamily.V4) -> tuple[str, ...]:
+        chain = compile_ruleset(ClusterState(), node, family).chain("services")
+        assert chain is not None
+        return chain.rules[1:]
+
+    vmap = "meta l4proto . th dport vmap @service-nodeports"
+    assert services_rules(NODE) == (f"fib daddr type local ip daddr != 127.0.0.0/8 {vmap}",)
+    assert services_rules(NODE, IPFamily.V6) == (f"fib daddr type local ip6 daddr != ::1 {vmap}",)
+    node = NodeContext(node_ips=("192.168.1.1", "10.0.0.1"), nodeport_addresses=("0.0.0.0/1", "127.0.0.0/8"),
+                       localhost_nodeports=True)
+    # Localhost is never a node-port address in nftables mode, even when iptables mode allows it.
+    assert services_rules(node) == (f"ip daddr 10.0.0.1 {vmap}",)
+    node = dataclasses.replace(node, nodeport_addresses=("0.0.0.0/1", "192.168.0.0/16"))
+    assert services_rules(node) == (f"ip daddr {{ 10.0.0.1, 192.168.1.1 }} {vmap}",)
+    check = compile_ruleset(ClusterState(), node).chain("nodeport-endpoints-check")
+    assert check is not None and check.rules == (
+        "ip daddr { 10.0.0.1, 192.168.1.1 } meta l4proto . th dport vmap @no-endpoint-nodeports",
+    )
+    assert services_rules(dataclasses.replace(node, nodeport_addresses=("172.16.0.0/12",))) == ()
+
+
+def test_cluster_ips_check_rejects_unknown_ports_and_drops_unallocated_addresses() -> None:
+    node = dataclasses.replace(NODE, service_cidrs=("172.30.0.0/16", "fd00::/108", "10.96.0.1/32"))
+    chain = compile_ruleset(ClusterState(), node).chain("cluster-ips-check")
+    assert chain is not None and chain.rules == (
+        "ip daddr @cluster-ips reject",
+        "ip daddr 172.30.0.0/16 drop",
+        "ip daddr 10.96.0.1 drop",
+    )
+
+
+def test_affinity_holds_for_every_destination() -> None:
+    name = spn()
+    svc = external(session_affinity_seconds=60, load_balancer_ips=("198.51.100.1",),
+                   external_traffic_policy=TrafficPolicy.LOCAL)
+    ruleset = compile_ruleset(ClusterState({name: svc}, {name: (HERE, THERE)}), NODE)
+    e = ruleset.elements()
+    assert e["affinity-services-tcp"] == {
+        "172.30.0.41 . 80": "jump affinity-tcp-60",
+        "192.0.2.1 . 80": "jump affinity-tcp-60",
+        "198.51.100.1 . 80": "jump affinity-tcp-60",
+    }
+    assert e["affinity-nodeports-tcp"] == {"30080": "jump affinity-tcp-60"}
+    chain = ruleset.chain(external_chain(name))
+    assert chain is not None
+    lookup = "dnat ip to ip saddr . ip daddr . tcp dport map @affinity-tcp"
+    # The sticky endpoint is looked up before each random pick, under the same condition.
+    assert [r for r in chain.rules if "affinity" in r] == [
+        f"ip saddr 10.0.0.0/8 {lookup}", f"fib saddr type local {lookup}", lookup
+    ]
+    for i, rule in enumerate(chain.rules):
+        if "affinity" in rule:
+            assert "numgen" in chain.rules[i + 1]
+    target = ruleset.fragments[name].affinity
+    assert target is not None
+    assert target.suffixes == {" . 172.30.0.41 . 80", " . 192.0.2.1 . 80", " . 198.51.100.1 . 80", " . 30080"}
+    assert target.endpoints == {"10.0.0.5 . 80", "10.0.0.6 . 80"}
+
+
+def test_other_family_addresses_are_left_out() -> None:
+    name = spn()
+    svc = dataclasses.replace(external(), cluster_ips=("172.30.0.41", "fd00::41"),
+                              external_ips=("192.0.2.1", "2001:db8::7"))
+    v4, v6 = compile_all(ClusterState({name: svc}, {name: (HERE, endpoint("fd00::5", node_name="node1"))}), NODE)
+    assert set(v4.elements()[SERVICE_IPS]) == {"172.30.0.41 . tcp . 80", "192.0.2.1 . tcp . 80"}
+    assert set(v6.elements()[SERVICE_IPS]) == {"fd00::41 . tcp . 80", "2001:db8::7 . tcp . 80"}
+    chain = v6.chain(external_chain(name))
+    assert chain is not None
+    assert chain.rules[-1] == "meta l4proto tcp dnat ip6 to numgen random mod 1 map { 0 : fd00::5 . 80 }"

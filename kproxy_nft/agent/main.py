@@ -24,7 +24,8 @@ from typing import Protocol
 from kproxy_nft.agent.changes import ChangeTracker, Snapshot
 from kproxy_nft.agent.metrics import Metrics
 from kproxy_nft.agent.runner import SyncRunner
-from kproxy_nft.model import ClusterState, IPFamily, NodeContext
+from kproxy_nft.kernel.conntrack import ConntrackCleaner
+from kproxy_nft.model import ClusterState, IPFamily, NodeContext, ip_family
 from kproxy_nft.sources.kube import Change, Replace
 from kproxy_nft.sources.manifests import ManifestError, read_manifests
 
@@ -48,19 +49,58 @@ class Backend(Protocol):
         ...
 
 
+def node_families(node: NodeContext, ipv6_supported: Callable[[], bool]) -> tuple[IPFamily, ...]:
+    """The IP families this node programs (pure; `ipv6_supported` is asked only when needed).
+
+    kube-proxy (cmd/kube-proxy/app/server_linux.go, `platformCheckSupported`) runs dual-stack
+    whenever its backend supports both families -- iptables mode: `ip6tables` is present;
+    nftables mode: assumed -- "regardless of whether the node is *actually* configured as
+    dual-stack" (server.go, `detectNodeIPs`); its node IPs only pick the primary family, the one
+    a single-stack proxier uses when the other family is unsupported. We follow that when no node
+    IP is given. Node IPs given (`--node-ip`, or `bindAddress`) are taken as the node's
+    families instead: a node whose node IPs are all IPv4 is single-stack and its services'
+    IPv6 cluster IPs get no rules (kube-proxy would program ip6tables rules that no address of
+    the node can receive traffic for), and a node with an IPv4 and an IPv6 node IP programs both.
+    """
+    given = {ip_family(ip) for ip in node.node_ips}
+    if given:
+        return tuple(family for family in IPFamily if family in given)
+    return (IPFamily.V4, IPFamily.V6) if ipv6_supported() else (IPFamily.V4,)
+
+
+def kernel_has_ipv6() -> bool:
+    """The kernel was booted with IPv6 (no `ipv6.disable=1`): /proc/sys/net/ipv6 exists.
+
+    kube-proxy's nftables mode assumes both families ("FIXME: figure out how to check for kernel
+    IPv6 support using nft"); without IPv6 the ip6 table's nat chains cannot be created and every
+    sync would fail, so we check. Kernel-wide, hence the same in every network namespace.
+    """
+    return Path("/proc/sys/net/ipv6").is_dir()
+
+
 class IptablesBackend:
+    """iptables mode: one `Syncer` per IP family the node programs (see `node_families`)."""
+
     mode = "iptables"
 
     def __init__(self, node: NodeContext, backend: str | None = None, netns: str | None = None,
-                 families: tuple[IPFamily, ...] = (IPFamily.V4,)) -> None:
+                 families: tuple[IPFamily, ...] | None = None) -> None:
         from kproxy_nft.kernel import iptables as kernel
 
         self._kernel = kernel
         self._node = node
         self._host = kernel.open_host(backend, netns=netns)
+        if families is None:
+            families = node_families(node, self._ip6tables_present)
+        self.families = families
         self._syncers = {family: kernel.Syncer(self._host, family) for family in families}
+        self.conntrack = ConntrackCleaner(node, netns, families)
         self.backend = self._host.backend
         self._drift = 0
+
+    def _ip6tables_present(self) -> bool:
+        """kube-proxy's `Present()` for IPv6: ip6tables runs and has a nat table (in our netns)."""
+        return self._host.run(IPFamily.V6, "save", "-t", "nat").returncode == 0
 
     def sync(self, state: ClusterState, full: bool) -> str:
         from kproxy_nft.compile.iptables import compile_ruleset
@@ -85,18 +125,26 @@ class IptablesBackend:
 
 
 class NftablesSyncBackend:
+    """nftables mode: the `ip` and/or `ip6` kproxy-nft table, per the node's families.
+
+    The table of a family the node does not program is never touched (not even deleted).
+    """
+
     mode = "nftables"
 
-    def __init__(self, node: NodeContext, netns: str | None = None) -> None:
+    def __init__(self, node: NodeContext, netns: str | None = None,
+                 families: tuple[IPFamily, ...] | None = None) -> None:
         from kproxy_nft.kernel.nftables import NftablesBackend
 
         self._node = node
+        self.families = families if families is not None else node_families(node, kernel_has_ipv6)
         self._backend = NftablesBackend(netns=netns)
+        self.conntrack = ConntrackCleaner(node, netns, self.families)
 
     def sync(self, state: ClusterState, full: bool) -> str:
         from kproxy_nft.compile.nftables import compile_all
 
-        desired = compile_all(state, self._node)
+        desired = compile_all(state, self._node, self.families)
         plan = self._backend.full_sync(desired) if full else self._backend.sync(desired)
         return str(plan.summary)
 
@@ -170,6 +218,11 @@ class Agent:
         self.runner = SyncRunner(self._sync, clock, min_sync_period, sync_period)
         # Called with the state just synced, after the kernel took it (health-check servers).
         self.after_sync: list[Callable[[ClusterState], None]] = []
+        # First, stale UDP/SCTP conntrack flows go (kproxy_nft.conntrack), with either backend;
+        # a backend without a cleaner (a test's fake) has nothing to clean.
+        cleaner = getattr(backend, "conntrack", None)
+        if isinstance(cleaner, ConntrackCleaner):
+            self.after_sync.append(lambda state: self._clean_conntrack(cleaner, state))
 
     # -- events -------------------------------------------------------------------------------
 
@@ -247,6 +300,15 @@ class Agent:
                 hook(snapshot.state)
             except Exception:  # the rules are in; a hook's failure must not turn into a retried sync
                 log.exception("after-sync hook %r failed", hook)
+
+    def _clean_conntrack(self, cleaner: ConntrackCleaner, state: ClusterState) -> None:
+        """Never fails the sync: errors are logged and counted, and retried by the next sync."""
+        result = cleaner.after_sync(state)
+        if result.errors:
+            self.metrics.conntrack_cleanup_errors.inc(len(result.errors))
+            log.error("conntrack cleanup: deleted=%d errors=%s", result.deleted, "; ".join(result.errors))
+        elif result.filters:
+            log.info("conntrack cleanup: filters=%d deleted=%d", len(result.filters), result.deleted)
 
     def run(self) -> None:
         """Until `stop` is set: take events, sync when due. Rules stay in place on exit."""

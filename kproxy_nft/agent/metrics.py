@@ -3,7 +3,9 @@
 Names, types and buckets follow kube-proxy's `pkg/proxy/metrics/metrics.go`; counters are
 declared without the `_total` suffix because prometheus-client appends it. One extra metric is
 ours: `kproxy_nft_drift_repairs_total`, how often a full sync found the kernel different from
-what we had applied (a chain deleted by hand, another tool's flush) and repaired it.
+what we had applied (a chain deleted by hand, another tool's flush) and repaired it. And
+`kproxy_nft_conntrack_cleanup_errors_total`: failures deleting stale UDP/SCTP conntrack flows
+after a sync (kube-proxy only logs those; the sync itself still counts as successful).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ class Metrics:
     iptables_restore_failures: Counter
     nftables_sync_failures: Counter
     drift_repairs: Counter
+    conntrack_cleanup_errors: Counter
 
 
 def new_metrics() -> Metrics:
@@ -76,4 +79,6 @@ def new_metrics() -> Metrics:
         drift_repairs=Counter("kproxy_nft_drift_repairs",
                               "Full syncs that found the kernel's rules different from what was applied",
                               registry=r),
+        conntrack_cleanup_errors=Counter("kproxy_nft_conntrack_cleanup_errors",
+                                         "Failures deleting stale conntrack flows after a sync", registry=r),
     )

@@ -8,50 +8,89 @@ takes tens of seconds to load and every later sync ~0.5 s. Here the per-service 
 service's elements:
 
     services            ip daddr . meta l4proto . th dport vmap @service-ips
+                        <node-port addresses> meta l4proto . th dport vmap @service-nodeports
     @service-ips        10.96.0.10 . tcp . 80 : goto lb-tcp-3          (one element per service port)
+                        192.0.2.7 . tcp . 80 : goto external-<HASH>-ns/web/tcp/http
+                                                                       (one per external / LB IP)
+    @service-nodeports  tcp . 30080 : goto external-<HASH>-ns/web/tcp/http
     lb-tcp-3            [masquerade check]; dnat ip to ip daddr . tcp dport . numgen random mod 3
                         map @backends-tcp                              (one chain per protocol and N)
     @backends-tcp       10.96.0.10 . 80 . 0 : 10.1.0.47 . 80, … . 1 : …, … . 2 : …
                                                                        (one element per endpoint)
+    external-<HASH>-…   the external traffic of one service port       (one chain per reachable port)
 
-Behaviour is kube-proxy's (the same `categorize_endpoints`, masquerade mark, chain names for the
-shared chains), with these flat counterparts of its per-service chains:
+Behaviour is kube-proxy's (the same `categorize_endpoints`, masquerade mark, names for the
+shared chains and maps), with these flat counterparts of its per-service chains:
 
-* masquerade of off-cluster sources (or of all with masquerade_all): a rule in each shared
-  `lb-…` chain, since the condition is the node's, not the service's; the mark is acted on in
-  `masquerading` as in kube-proxy;
+* ClusterIP: `@service-ips` → the shared `lb-<proto>-<N>`; masquerade of off-cluster sources
+  (or of all with masquerade_all) is a rule in each `lb-…` chain, since the condition is the
+  node's, not the service's; the mark is acted on in `masquerading` as in kube-proxy;
+* external traffic (NodePort, external IPs, LoadBalancer IPs) goes to a chain of the service
+  port's own, kube-proxy's `external-<HASH8>-<ns>/<name>/<proto>/<port>` (nft 1.0.6 takes and
+  lists `/` in chain names unquoted), because the keys of `@backends-*` are the destination
+  address and a node port may be reached on any local address. The chain holds the policy
+  and the endpoints: externalTrafficPolicy Cluster marks for masquerade and DNATs to the cluster
+  endpoints; Local short-circuits pod traffic (from the cluster CIDR) and masquerades then
+  short-circuits host traffic (`fib saddr type local`) to the cluster endpoints, and DNATs all
+  other traffic to this node's endpoints with the client address kept. Each DNAT picks with
+  `numgen random mod N map { 0 : ip . port, … }`, an anonymous map inside the rule: the chain
+  is rewritten (flush + rules) when its endpoints change, so only external services pay a
+  chain per change;
+* node ports are answered on `NodeContext.nodeport_ips`: every local address but loopback
+  (`fib daddr type local ip daddr != 127.0.0.0/8`) or only the listed ones (an anonymous set in
+  the rule: node addresses change rarely and a rule rewrite is cheaper than a table rebuild).
+  Localhost node ports are never served, as in kube-proxy's nftables mode;
+* loadBalancerSourceRanges: `@firewall-ips` (LB IP . proto . port) → `firewall-<HASH8>-…`, in
+  filter chains at prerouting and output before DNAT, returning for each allowed range (and for
+  the LB IPs themselves when a node IP is inside a range) and dropping the rest. One rule per
+  range rather than kube-proxy's anonymous interval set, whose listing nft rewrites (merged
+  ranges), so that what we write is what full syncs read back. Node ports are not filtered;
+* no endpoints: `@no-endpoint-services` (cluster, external and LB IPs) and
+  `@no-endpoint-nodeports` → `goto reject-chain` (tcp reset, else icmp port unreachable), or
+  `drop` when a Local policy finds endpoints only elsewhere (internalTrafficPolicy for the
+  cluster IP, externalTrafficPolicy for the external destinations), evaluated in filter chains
+  at priority -110 (before DNAT) like kube-proxy's; node ports only in input;
+* `cluster-ips-check` (forward, and output after DNAT at -90, new connections): traffic still
+  addressed to an active cluster IP (`@cluster-ips`) was not DNATed, so its port is not a
+  service port: reject; traffic to other addresses of the service CIDRs
+  (`NodeContext.service_cidrs`, one rule each: the list changes rarely) is dropped;
 * hairpin (an endpoint reaching its own service): in postrouting, `ct status dnat` traffic whose
   source equals its (translated) destination, looked up in the `@hairpin` set of `ep . ep`
   pairs (nft cannot compare two packet fields directly), for this node's endpoints;
-* no endpoints: `@no-endpoint-services` → `goto reject-chain` (tcp reset, else icmp port
-  unreachable), or `drop` when internalTrafficPolicy Local finds endpoints only elsewhere,
-  evaluated in filter chains at priority -110 (before DNAT) like kube-proxy's;
-* ClientIP affinity: `lb-<proto>-<N>-affinity` first looks the client up in the dynamic
-  `@affinity-<proto>` map (client . service ip . port → endpoint); a miss falls through to the
-  random pick. The choice is recorded in nat postrouting, where the translated destination is
-  the chosen endpoint and `ct original` still names the service: `@affinity-services-<proto>`
-  sends affinity services to `affinity-<proto>-<seconds>`, whose `update` refreshes the entry
-  with the service's timeout (the `recent --set` of the iptables layout).
+* ClientIP affinity: `lb-<proto>-<N>-affinity`, and the external chain of an affinity service
+  before each of its DNATs, first look the client up in the dynamic `@affinity-<proto>` map
+  (client . destination ip . port → endpoint); a miss falls through to the random pick. The
+  choice is recorded in nat postrouting, where the translated destination is the chosen
+  endpoint and `ct original` still names the service: `@affinity-services-<proto>` (cluster,
+  external and LB IP . port) and `@affinity-nodeports-<proto>` (node port) send affinity
+  services to `affinity-<proto>-<seconds>`, whose `update` refreshes the entry with the
+  service's timeout (the `recent --set` of the iptables layout). Stickiness is per
+  destination (kube-proxy shares one set per endpoint between all of a service's addresses).
+  A node port is recognised by its port alone there (its address may be any local one), so a
+  connection to another address on the same port number is recorded too; harmless, as only
+  the same destination's affinity lookup reads an entry, and records of the destination's own
+  service come later and win.
 
 One map per protocol because a map typed with `tcp dport` cannot be used in a rule that also
-matches udp ("conflicting protocols specified", nft 1.0.6). No interval sets: they corrupt
-elements when one command carries more than 962 of them, and a delete costs O(set).
+matches udp ("conflicting protocols specified", nft 1.0.6); a DNAT to `addr . port` needs a
+`meta l4proto` before it ("transport protocol mapping is only valid after transport protocol
+match"), which nft lists back unless a `<proto> dport` in the rule implies it. No named interval
+sets: they corrupt elements when one command carries more than 962 of them, and a delete costs
+O(set); CIDRs are matched by prefix rules instead.
 
-Externally reachable services (NodePort, external and LB IPs, source ranges, external traffic
-policy) come in a later issue; they get their own maps keyed the same way (`service-nodeports`,
-`firewall-ips`), their own `backends` keys (an external IP is just another key) and, where a
-service needs logic the maps cannot express, a chain of its own.
-
-The result is data (`Ruleset`: declarations, chains, per-service-port element fragments) that
-`render_script` turns into `nft -f` input loading into an empty namespace, and that
-`kernel/nftables.py` diffs key by key against what it applied. Pure: no I/O, no clock.
+The result is data (`Ruleset`: declarations, shared chains, per-service-port fragments holding
+elements and the service port's own chains) that `render_script` turns into `nft -f` input
+loading into an empty namespace, and that `kernel/nftables.py` diffs key by key (and chain by
+chain for a changed fragment) against what it applied. Pure: no I/O, no clock.
 """
 
 from __future__ import annotations
 
+import base64
 import functools
+import hashlib
 import ipaddress
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import NamedTuple
@@ -65,8 +104,9 @@ from kproxy_nft.model import (
     ServicePort,
     ServicePortName,
     TrafficPolicy,
+    ip_family,
 )
-from kproxy_nft.selection import categorize_endpoints
+from kproxy_nft.selection import EndpointSelection, categorize_endpoints
 
 TABLE = "kproxy-nft"
 TABLE_COMMENT = "kproxy-nft: Kubernetes service rules"
@@ -74,22 +114,35 @@ TABLE_COMMENT = "kproxy-nft: Kubernetes service rules"
 # Shared chains (kube-proxy's names where it has the same chain).
 SERVICES = "services"
 ENDPOINTS_CHECK = "service-endpoints-check"
+NODEPORT_ENDPOINTS_CHECK = "nodeport-endpoints-check"
+FIREWALL_CHECK = "firewall-check"
+CLUSTER_IPS_CHECK = "cluster-ips-check"
 REJECT_CHAIN = "reject-chain"
 MARK_MASQ = "mark-for-masquerade"
 MASQUERADING = "masquerading"
 
 # Maps and sets.
 SERVICE_IPS = "service-ips"
+SERVICE_NODEPORTS = "service-nodeports"
 NO_ENDPOINT_SERVICES = "no-endpoint-services"
+NO_ENDPOINT_NODEPORTS = "no-endpoint-nodeports"
+FIREWALL_IPS = "firewall-ips"
+CLUSTER_IPS = "cluster-ips"
 HAIRPIN = "hairpin"
+
+# Prefixes of the chains a service port owns (kube-proxy's).
+EXTERNAL_PREFIX = "external-"
+FIREWALL_PREFIX = "firewall-"
 
 PROTOCOLS = (Protocol.TCP, Protocol.UDP, Protocol.SCTP)
 
 # Priorities as numbers: nft refuses `dstnat + 10` style names on some hooks (filter/output),
 # and `nft -y` lists numbers, so what we write is what we read back. Filter chains run before
-# DNAT (-100) so that they see the service address, as kube-proxy's do.
+# DNAT (-100) so that they see the service address, as kube-proxy's do; the cluster-IP check
+# runs after it (-90) in output, where only traffic that no service port DNATed is left.
 PRIORITY_FILTER = -110
 PRIORITY_DSTNAT = -100
+PRIORITY_FILTER_POST_DNAT = -90
 PRIORITY_SRCNAT = 100
 
 # Dynamic affinity maps are sized generously: an entry is one client of one service port.
@@ -112,6 +165,10 @@ def affinity_services_map(proto: Protocol) -> str:
     return f"affinity-services-{proto.lower()}"
 
 
+def affinity_nodeports_map(proto: Protocol) -> str:
+    return f"affinity-nodeports-{proto.lower()}"
+
+
 def lb_chain(proto: Protocol, count: int, affinity: bool = False) -> str:
     """The shared chain that load-balances over `count` endpoints (optionally with affinity)."""
     return f"lb-{proto.lower()}-{count}" + ("-affinity" if affinity else "")
@@ -119,6 +176,26 @@ def lb_chain(proto: Protocol, count: int, affinity: bool = False) -> str:
 
 def affinity_record_chain(proto: Protocol, seconds: int) -> str:
     return f"affinity-{proto.lower()}-{seconds}"
+
+
+def service_chain_base(name: ServicePortName) -> str:
+    """kube-proxy's `servicePortChainNameBase`: `HASH8-<ns>/<name>/<proto>/<port>`.
+
+    Namespace, service and port names are DNS labels / IANA service names ([a-z0-9-]), so they
+    are safe in an nft identifier; `/` separates them (allowed in nft names, never in theirs).
+    At most 8+1+63+1+63+1+4+1+15 characters, far below nft's 256: never truncated.
+    """
+    text = f"{name.namespace}/{name.name}/{name.protocol.lower()}/{name.port}"
+    digest = base64.b32encode(hashlib.sha256(text.encode()).digest()).decode()[:8]
+    return f"{digest}-{text}"
+
+
+def external_chain(name: ServicePortName) -> str:
+    return EXTERNAL_PREFIX + service_chain_base(name)
+
+
+def firewall_chain(name: ServicePortName) -> str:
+    return FIREWALL_PREFIX + service_chain_base(name)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,31 +259,41 @@ class AffinityTarget:
 
     Entries are keyed `client . ip . port`; when an endpoint leaves the service, the entries of
     clients stuck to it must go (kube-proxy deletes that endpoint's affinity set), which the
-    backend does by reading the dynamic map: `prefix` is the ` . ip . port` part of the key.
+    backend does by reading the dynamic map: `suffixes` are the ` . ip . port` ends of the keys
+    of this service port's destinations (` . port` alone for a node port, reached on any local
+    address).
     """
 
     map: str
-    prefix: str
+    suffixes: frozenset[str]
     endpoints: frozenset[str]  # values `ip . port`
 
 
 @dataclass(frozen=True)
 class ServiceFragment:
-    """Everything one service port contributes, for one family: its elements and shared chains.
+    """Everything one service port contributes, for one family.
 
-    Memoized per service port (`compile_service_port`), so the fragment of an unchanged service
-    is the *same object* from sync to sync and the backend can skip it by identity.
+    `elements` are its map and set elements, `shared_chains` the names of the shared chains it
+    points at (`lb-…`, `affinity-…`: generated once for all users), `chains` the chains it owns
+    (external and firewall chains, created and deleted with it). Memoized per service port
+    (`compile_service_port`), so the fragment of an unchanged service is the *same object* from
+    sync to sync and the backend can skip it by identity.
     """
 
     name: ServicePortName
     elements: tuple[Element, ...] = ()
-    chains: frozenset[str] = frozenset()
+    shared_chains: frozenset[str] = frozenset()
     affinity: AffinityTarget | None = None
+    chains: tuple[Chain, ...] = ()
 
 
 @dataclass(frozen=True)
 class Ruleset:
-    """The desired content of one table (`ip kproxy-nft` or `ip6 kproxy-nft`)."""
+    """The desired content of one table (`ip kproxy-nft` or `ip6 kproxy-nft`).
+
+    `chains` are the shared ones (fixed and generated); the chains service ports own are in
+    their fragments (`all_chains` gives both).
+    """
 
     family: IPFamily
     sets: tuple[SetDecl, ...]
@@ -220,8 +307,14 @@ class Ruleset:
     def nft_family(self) -> str:
         return nft_family(self.family)
 
+    def all_chains(self) -> Iterator[Chain]:
+        """Shared chains, then the chains of each service port in name order."""
+        yield from self.chains
+        for fragment in self.fragments.values():
+            yield from fragment.chains
+
     def chain(self, name: str) -> Chain | None:
-        return next((c for c in self.chains if c.name == name), None)
+        return next((c for c in self.all_chains() if c.name == name), None)
 
     def elements(self) -> dict[str, dict[str, str | None]]:
         """All elements, per set: key → value (first fragment in name order wins a shared key)."""
@@ -246,10 +339,13 @@ class _Words(NamedTuple):
 
     ip: str  # ip | ip6
     addr: str  # ipv4_addr | ipv6_addr
+    loopback: str  # what node ports never answer on (kube-proxy's `noLocalhost`)
 
 
 def _words(family: IPFamily) -> _Words:
-    return _Words("ip", "ipv4_addr") if family is IPFamily.V4 else _Words("ip6", "ipv6_addr")
+    if family is IPFamily.V4:
+        return _Words("ip", "ipv4_addr", "127.0.0.0/8")
+    return _Words("ip6", "ipv6_addr", "::1")
 
 
 @functools.lru_cache(maxsize=8)
@@ -257,9 +353,14 @@ def declarations(family: IPFamily) -> tuple[SetDecl, ...]:
     """The sets and maps of the table (the same for every cluster)."""
     w = _words(family)
     service_key = f"type {w.addr} . inet_proto . inet_service : verdict"
+    nodeport_key = "type inet_proto . inet_service : verdict"
     decls = [
         SetDecl(SERVICE_IPS, True, (service_key,)),
+        SetDecl(SERVICE_NODEPORTS, True, (nodeport_key,)),
         SetDecl(NO_ENDPOINT_SERVICES, True, (service_key,)),
+        SetDecl(NO_ENDPOINT_NODEPORTS, True, (nodeport_key,)),
+        SetDecl(FIREWALL_IPS, True, (service_key,)),
+        SetDecl(CLUSTER_IPS, False, (f"type {w.addr}",)),
         SetDecl(HAIRPIN, False, (f"type {w.addr} . {w.addr}",)),
     ]
     for proto in PROTOCOLS:
@@ -277,12 +378,13 @@ def declarations(family: IPFamily) -> tuple[SetDecl, ...]:
                 ),
             ),
             SetDecl(affinity_services_map(proto), True, (f"type {w.addr} . inet_service : verdict",)),
+            SetDecl(affinity_nodeports_map(proto), True, ("type inet_service : verdict",)),
         ]
     return tuple(decls)
 
 
 def _masquerade_rules(family: IPFamily, node: NodeContext) -> tuple[str, ...]:
-    """The masquerade decision for service traffic, the same for every ClusterIP service.
+    """The masquerade decision for cluster-IP traffic, the same for every service.
 
     kube-proxy: masquerade_all marks everything; otherwise, with a cluster CIDR, traffic from
     outside it (clients routed to the VIP through any node, whose reply must come back through
@@ -323,9 +425,49 @@ def generated_chain(name: str, family: IPFamily, node: NodeContext) -> Chain:
     count = int(count_text)
     rules = list(_masquerade_rules(family, node))
     if suffix == "affinity":
-        rules.append(f"dnat {w.ip} to {w.ip} saddr . {endpoint} map @{affinity_map(proto)}")
+        rules.append(_affinity_dnat(family, proto))
     rules.append(f"dnat {w.ip} to {endpoint} . numgen random mod {count} map @{backends_map(proto)}")
     return Chain(name, tuple(rules))
+
+
+def _affinity_dnat(family: IPFamily, proto: Protocol) -> str:
+    """DNAT to the endpoint this client was last sent to at this destination (no-op on a miss)."""
+    w = _words(family)
+    return f"dnat {w.ip} to {w.ip} saddr . {w.ip} daddr . {proto.lower()} dport map @{affinity_map(proto)}"
+
+
+def _nft_ip(ip: str) -> str:
+    """The address as nft prints it: IPv6 compressed (API text may not be); IPv4 is already."""
+    return str(ipaddress.ip_address(ip)) if ":" in ip else ip
+
+
+def _nft_prefix(cidr: str) -> str:
+    """A CIDR as nft prints a prefix match: host bits cleared, a full-length prefix as an address."""
+    net = ipaddress.ip_network(cidr, strict=False)
+    return str(net.network_address) if net.prefixlen == net.max_prefixlen else str(net)
+
+
+def _addresses(ips: Iterable[str]) -> str:
+    """A match on some addresses as nft lists it: one bare, several as a sorted anonymous set."""
+    ordered = sorted({ipaddress.ip_address(ip) for ip in ips})
+    if len(ordered) == 1:
+        return str(ordered[0])
+    return "{ " + ", ".join(str(ip) for ip in ordered) + " }"
+
+
+def _nodeport_match(family: IPFamily, node: NodeContext) -> str | None:
+    """What selects node-port destinations, or None when node ports are reached nowhere.
+
+    kube-proxy's nftables mode: every local address but loopback when `nodeport_addresses`
+    selects all, otherwise the node's matching addresses; never localhost.
+    """
+    w = _words(family)
+    ips = node.nodeport_ips(family, allow_localhost=False)
+    if ips is None:
+        return f"fib daddr type local {w.ip} daddr != {w.loopback}"
+    if not ips:
+        return None
+    return f"{w.ip} daddr {_addresses(ips)}"
 
 
 @functools.lru_cache(maxsize=8)
@@ -333,21 +475,46 @@ def fixed_chains(family: IPFamily, node: NodeContext) -> tuple[Chain, ...]:
     """The chains every node has, whatever its services (base chains first)."""
     w = _words(family)
     mark = f"{1 << node.masquerade_bit:#010x}"
-    check_endpoints = (f"ct state new jump {ENDPOINTS_CHECK}",)
+
+    def new(chain: str) -> str:
+        return f"ct state new jump {chain}"
+
     record_affinity = tuple(
+        f"ct status dnat meta l4proto {proto.lower()} ct original proto-dst vmap @{affinity_nodeports_map(proto)}"
+        for proto in PROTOCOLS
+    ) + tuple(
         f"ct status dnat meta l4proto {proto.lower()} ct original {w.ip} daddr . ct original proto-dst "
         f"vmap @{affinity_services_map(proto)}"
         for proto in PROTOCOLS
     )
+    nodeports = _nodeport_match(family, node)
+    dispatch = f"{w.ip} daddr . meta l4proto . th dport"
+    # In input, the destination is local already: kube-proxy leaves out the fib test there.
+    nodeport_check = nodeports.removeprefix("fib daddr type local ") if nodeports else None
     return (
-        Chain("filter-input", check_endpoints, Hook("filter", "input", PRIORITY_FILTER)),
-        Chain("filter-forward", check_endpoints, Hook("filter", "forward", PRIORITY_FILTER)),
-        Chain("filter-output", check_endpoints, Hook("filter", "output", PRIORITY_FILTER)),
+        Chain("filter-prerouting", (new(FIREWALL_CHECK),), Hook("filter", "prerouting", PRIORITY_FILTER)),
+        Chain(
+            "filter-input",
+            (new(NODEPORT_ENDPOINTS_CHECK), new(ENDPOINTS_CHECK)),
+            Hook("filter", "input", PRIORITY_FILTER),
+        ),
+        Chain(
+            "filter-forward",
+            (new(ENDPOINTS_CHECK), new(CLUSTER_IPS_CHECK)),
+            Hook("filter", "forward", PRIORITY_FILTER),
+        ),
+        Chain("filter-output", (new(ENDPOINTS_CHECK), new(FIREWALL_CHECK)), Hook("filter", "output", PRIORITY_FILTER)),
+        Chain(
+            "filter-output-post-dnat",
+            (new(CLUSTER_IPS_CHECK),),
+            Hook("filter", "output", PRIORITY_FILTER_POST_DNAT),
+        ),
         Chain("nat-prerouting", (f"jump {SERVICES}",), Hook("nat", "prerouting", PRIORITY_DSTNAT)),
         Chain("nat-output", (f"jump {SERVICES}",), Hook("nat", "output", PRIORITY_DSTNAT)),
         Chain(
             "nat-postrouting",
             (
+                # Node ports first: the records by exact destination below come later and win.
                 *record_affinity,
                 # Hairpin: a pod that reached itself through a service must be masqueraded, or
                 # it would answer itself directly with the wrong source address.
@@ -356,8 +523,28 @@ def fixed_chains(family: IPFamily, node: NodeContext) -> tuple[Chain, ...]:
             ),
             Hook("nat", "postrouting", PRIORITY_SRCNAT),
         ),
-        Chain(SERVICES, (f"{w.ip} daddr . meta l4proto . th dport vmap @{SERVICE_IPS}",)),
-        Chain(ENDPOINTS_CHECK, (f"{w.ip} daddr . meta l4proto . th dport vmap @{NO_ENDPOINT_SERVICES}",)),
+        Chain(
+            SERVICES,
+            (
+                f"{dispatch} vmap @{SERVICE_IPS}",
+                *((f"{nodeports} meta l4proto . th dport vmap @{SERVICE_NODEPORTS}",) if nodeports else ()),
+            ),
+        ),
+        Chain(ENDPOINTS_CHECK, (f"{dispatch} vmap @{NO_ENDPOINT_SERVICES}",)),
+        Chain(
+            NODEPORT_ENDPOINTS_CHECK,
+            (f"{nodeport_check} meta l4proto . th dport vmap @{NO_ENDPOINT_NODEPORTS}",) if nodeport_check else (),
+        ),
+        Chain(FIREWALL_CHECK, (f"{dispatch} vmap @{FIREWALL_IPS}",)),
+        Chain(
+            CLUSTER_IPS_CHECK,
+            (
+                # Still addressed to a cluster IP after DNAT: no service port matched.
+                f"{w.ip} daddr @{CLUSTER_IPS} reject",
+                # Service addresses no service holds: nothing will ever answer.
+                *(f"{w.ip} daddr {_nft_prefix(cidr)} drop" for cidr in node.service_cidrs_of(family)),
+            ),
+        ),
         # Refuse at once, as a closed port would: a reset for TCP, port unreachable otherwise.
         Chain(REJECT_CHAIN, ("reject with tcp reset", "reject")),
         Chain(MARK_MASQ, (f"meta mark set meta mark | {mark}",)),
@@ -379,16 +566,74 @@ def fixed_chains(family: IPFamily, node: NodeContext) -> tuple[Chain, ...]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _nft_ip(ip: str) -> str:
-    """The address as nft prints it: IPv6 compressed (API text may not be); IPv4 is already."""
-    return str(ipaddress.ip_address(ip)) if ":" in ip else ip
+def _targets(endpoints: Iterable[Endpoint]) -> list[str]:
+    return [f"{_nft_ip(ep.ip)} . {ep.port}" for ep in endpoints]
+
+
+def _dnat_rules(
+    family: IPFamily, proto: Protocol, endpoints: tuple[Endpoint, ...], affinity: bool, condition: str = ""
+) -> list[str]:
+    """DNAT (under `condition`) to one of `endpoints`: the client's sticky one, else at random."""
+    w = _words(family)
+    when = f"{condition} " if condition else ""
+    rules = [when + _affinity_dnat(family, proto)] if affinity else []
+    choices = ", ".join(f"{i} : {target}" for i, target in enumerate(_targets(endpoints)))
+    rules.append(
+        f"{when}meta l4proto {proto.lower()} dnat {w.ip} to numgen random mod {len(endpoints)} map {{ {choices} }}"
+    )
+    return rules
+
+
+def _external_rules(
+    svc: ServicePort, sel: EndpointSelection, node: NodeContext, family: IPFamily
+) -> tuple[str, ...]:
+    """kube-proxy's `external-…` chain: the external traffic policy, then the DNAT."""
+    affinity = svc.session_affinity_seconds is not None
+    proto = svc.protocol
+    if svc.external_traffic_policy is TrafficPolicy.CLUSTER:
+        # Endpoints may be on other nodes: the reply must come back through this one.
+        return (f"jump {MARK_MASQ}", *_dnat_rules(family, proto, sel.cluster, affinity))
+    rules: list[str] = []
+    cidrs = node.cluster_cidrs_of(family)
+    if sel.cluster:
+        if cidrs:
+            # Pods reach external destinations as if from outside and back: no policy applies.
+            rules += _dnat_rules(family, proto, sel.cluster, affinity, f"{_words(family).ip} saddr {cidrs[0]}")
+        # The host itself: its source address would be the (local) destination, so masquerade.
+        rules.append(f"fib saddr type local jump {MARK_MASQ}")
+        rules += _dnat_rules(family, proto, sel.cluster, affinity, "fib saddr type local")
+    if sel.local:
+        # Everyone else: this node's endpoints, the client's address kept. With none, the
+        # traffic was dropped before DNAT (`no-endpoint-*` maps, verdict drop).
+        rules += _dnat_rules(family, proto, sel.local, affinity)
+    return tuple(rules)
+
+
+def _firewall_rules(
+    family: IPFamily, ranges: list[str], lb_ips: list[str], node: NodeContext
+) -> tuple[str, ...]:
+    """kube-proxy's `firewall-…` chain: let the source ranges through, drop the rest.
+
+    A VIP-style load balancer often makes its IP a local address: a node then reaches it with
+    the VIP as the source, so when a node IP is allowed, so are the LB IPs (kube-proxy).
+    """
+    w = _words(family)
+    networks = [ipaddress.ip_network(r, strict=False) for r in ranges]
+    allowed = [_nft_prefix(r) for r in ranges]
+    if any(ipaddress.ip_address(ip) in net for ip in node.node_ips_of(family) for net in networks):
+        allowed += lb_ips
+    return (*(f"{w.ip} saddr {source} return" for source in dict.fromkeys(allowed)), "drop")
+
+
+def _of_family(ips: Iterable[str], family: IPFamily) -> list[str]:
+    return [_nft_ip(ip) for ip in dict.fromkeys(ips) if ip_family(ip) is family]
 
 
 @functools.lru_cache(maxsize=1 << 18)
 def compile_service_port(
     svc: ServicePort, endpoints: tuple[Endpoint, ...], node: NodeContext, family: IPFamily
 ) -> ServiceFragment:
-    """The elements and shared chains of one service port (`endpoints` already of `family`)."""
+    """The elements and chains of one service port (`endpoints` already of `family`)."""
     name = svc.name
     cluster_ip = svc.cluster_ip(family)
     if cluster_ip is None:
@@ -396,37 +641,89 @@ def compile_service_port(
 
     sel = categorize_endpoints(svc, endpoints, node)
     proto = svc.protocol
+    p = proto.lower()
     vip = _nft_ip(cluster_ip)
     port = svc.port
-    service_key = f"{vip} . {proto.lower()} . {port}"
-    internal = sel.local if svc.internal_traffic_policy is TrafficPolicy.LOCAL else sel.cluster
+    affinity = svc.session_affinity_seconds
+    reject = f"goto {REJECT_CHAIN}"
 
-    if not internal:
+    # Destinations of this family: kube-proxy's per-family service info drops the others.
+    external_ips = _of_family((*svc.external_ips, *svc.load_balancer_ips), family)
+    lb_ips = _of_family(svc.load_balancer_ips, family)
+    ranges = [r for r in svc.load_balancer_source_ranges if ip_family(r) is family]
+    node_port = svc.node_port
+
+    elements: list[Element] = [(CLUSTER_IPS, vip, None)]
+    shared: set[str] = set()
+    chains: list[Chain] = []
+    sticky: set[str] = set()  # endpoints affinity entries may point at
+    destinations: list[str] = []  # `ip . port` of the addresses affinity is recorded for
+
+    # Internal traffic (the cluster IP).
+    internal = sel.local if svc.internal_traffic_policy is TrafficPolicy.LOCAL else sel.cluster
+    service_key = f"{vip} . {p} . {port}"
+    if internal:
+        lb = lb_chain(proto, len(internal), affinity is not None)
+        shared.add(lb)
+        targets = _targets(internal)
+        elements.append((SERVICE_IPS, service_key, f"goto {lb}"))
+        prefix = f"{vip} . {port} . "
+        elements += [(backends_map(proto), f"{prefix}{i}", target) for i, target in enumerate(targets)]
+        sticky.update(targets)
+        destinations.append(f"{vip} . {port}")
+    else:
         # kube-proxy: no endpoints anywhere → reject; internalTrafficPolicy Local with endpoints
         # only on other nodes → drop (the traffic must not be rerouted to them).
-        verdict = "drop" if sel.has_any else f"goto {REJECT_CHAIN}"
-        return ServiceFragment(name, ((NO_ENDPOINT_SERVICES, service_key, verdict),))
+        elements.append((NO_ENDPOINT_SERVICES, service_key, "drop" if sel.has_any else reject))
 
-    affinity = svc.session_affinity_seconds
-    lb = lb_chain(proto, len(internal), affinity is not None)
-    backends = backends_map(proto)
-    prefix = f"{vip} . {port} . "
-    targets = [f"{_nft_ip(ep.ip)} . {ep.port}" for ep in internal]
-    elements: list[Element] = [(SERVICE_IPS, service_key, f"goto {lb}")]
-    elements += [(backends, f"{prefix}{i}", target) for i, target in enumerate(targets)]
+    # External traffic (external and LB IPs, node port): kube-proxy's EXT chain. It exists
+    # whenever there are endpoints at all, for its short-circuit rules, even if none is local.
+    external_keys = [f"{ip} . {p} . {port}" for ip in external_ips]
+    nodeport_key = f"{p} . {node_port}" if node_port else None
+    reached_externally = sel.has_any and bool(external_keys or nodeport_key)
+    if reached_externally:
+        ext = external_chain(name)
+        chains.append(Chain(ext, _external_rules(svc, sel, node, family)))
+        elements += [(SERVICE_IPS, key, f"goto {ext}") for key in external_keys]
+        if nodeport_key:
+            elements.append((SERVICE_NODEPORTS, nodeport_key, f"goto {ext}"))
+        sticky.update(_targets(sel.cluster))
+        sticky.update(_targets(sel.local))
+        destinations += [f"{ip} . {port}" for ip in external_ips]
+    local_policy = svc.external_traffic_policy is TrafficPolicy.LOCAL
+    if not sel.has_any or (local_policy and not sel.local):
+        # Nothing to reach (reject), or nothing here for traffic from outside (drop: what the
+        # EXT chain short-circuits for pods and the host was DNATed before this check).
+        verdict = "drop" if sel.has_any else reject
+        elements += [(NO_ENDPOINT_SERVICES, key, verdict) for key in external_keys]
+        if nodeport_key:
+            elements.append((NO_ENDPOINT_NODEPORTS, nodeport_key, verdict))
+
+    # loadBalancerSourceRanges: LB IPs only (node ports and external IPs are not filtered).
+    if lb_ips and ranges:
+        fw = firewall_chain(name)
+        chains.append(Chain(fw, _firewall_rules(family, ranges, lb_ips, node)))
+        elements += [(FIREWALL_IPS, f"{ip} . {p} . {port}", f"goto {fw}") for ip in lb_ips]
+
     # Hairpin pairs for every reachable endpoint, as kube-proxy marks in every endpoint chain:
     # nodeName is only a hint (a manifest may name no node, or another one for a pod that is
     # in fact routed through here), and the set is keyed, so shared endpoints cost one element.
     reachable = {_nft_ip(ep.ip) for ep in sel.all_reachable}
     elements += [(HAIRPIN, f"{ip} . {ip}", None) for ip in sorted(reachable)]
-    chains = {lb}
+
     target = None
-    if affinity is not None:
+    sticky_nodeport = reached_externally and node_port is not None
+    if affinity is not None and (destinations or sticky_nodeport):
         record = affinity_record_chain(proto, affinity)
-        chains.add(record)
-        elements.append((affinity_services_map(proto), f"{vip} . {port}", f"jump {record}"))
-        target = AffinityTarget(affinity_map(proto), f" . {vip} . {port}", frozenset(targets))
-    return ServiceFragment(name, tuple(elements), frozenset(chains), target)
+        shared.add(record)
+        jump = f"jump {record}"
+        elements += [(affinity_services_map(proto), dest, jump) for dest in destinations]
+        suffixes = {f" . {dest}" for dest in destinations}
+        if sticky_nodeport:
+            elements.append((affinity_nodeports_map(proto), str(node_port), jump))
+            suffixes.add(f" . {node_port}")  # reached on any local address
+        target = AffinityTarget(affinity_map(proto), frozenset(suffixes), frozenset(sticky))
+    return ServiceFragment(name, tuple(elements), frozenset(shared), target, tuple(chains))
 
 
 # Identity memo in front of `compile_service_port` (see `compile_ruleset`).
@@ -460,7 +757,7 @@ def compile_ruleset(state: ClusterState, node: NodeContext, family: IPFamily = I
             fragment = compile_service_port(svc, endpoints, node, family)
             memo[key] = (svc, raw, node, fragment)
         fragments[name] = fragment
-        needed.update(fragment.chains)
+        needed.update(fragment.shared_chains)
     generated = tuple(generated_chain(chain, family, node) for chain in sorted(needed, key=_chain_order))
     return Ruleset(family, declarations(family), fixed_chains(family, node) + generated, fragments)
 
@@ -520,7 +817,7 @@ def render_table(ruleset: Ruleset) -> list[str]:
     lines = [f"table {ruleset.nft_family} {TABLE} {{", f'\tcomment "{TABLE_COMMENT}"']
     for decl in ruleset.sets:
         lines += render_set(decl)
-    for chain in ruleset.chains:
+    for chain in ruleset.all_chains():
         lines += render_chain(chain)
     lines.append("}")
     return lines

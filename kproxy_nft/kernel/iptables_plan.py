@@ -304,7 +304,9 @@ class _TableEditor:
         for name in dict.fromkeys(names):
             want = {canonical(j.rule, self.family): j.rule for j in wanted if j.chain == name}
             current = self.current.rules(name)
-            ours = [canonical(rule, self.family) if self._ours(rule) else None for rule in current]
+            # A wanted jump to a chain we don't own (KUBE-FIREWALL) counts as ours while wanted.
+            canons = [canonical(rule, self.family) for rule in current]
+            ours = [c if self._ours(rule) or c in want else None for rule, c in zip(current, canons, strict=True)]
             counts = Counter(c for c in ours if c is not None)
             keep = {c for c, n in counts.items() if n == 1 and c in want}
             remaining = []

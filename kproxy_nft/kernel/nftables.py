@@ -5,7 +5,10 @@
 * `plan(desired)` compares the desired rulesets (from `compile.nftables`) with what this
   backend last applied, *by key*: service ports whose fragment is the same object (the compiler
   memoizes them) are skipped outright, and of the others only the elements that differ are
-  sent. The result is a `Plan`: the transaction text, a summary, and `is_empty`.
+  sent. The chains a service port owns (external and firewall chains) are diffed with its
+  fragment: created with it, rewritten (flush + rules) when their rules change, deleted with
+  it in the same transaction. The result is a `Plan`: the transaction text, a summary, and
+  `is_empty`.
 * `apply(plan)` runs that text as one transaction, in-process through libnftables (one context
   kept for the backend's lifetime) or with `nft -f -` as the fallback. If the kernel refuses
   it, nothing changed (nft transactions are atomic) and neither does our record of the state.
@@ -22,10 +25,12 @@ Two deliberate exceptions to "no kernel reads on incremental syncs":
   affinity set), so the plan lists those maps — only then, and only the affected protocol's.
   Each entry is re-added with the value read, then deleted: `add` of an existing identical
   element is a no-op, so an entry that expired since the read does not fail the transaction.
-* Shared chains that lose their last user are kept until the next full sync instead of being
-  deleted in the transaction that removes the last map element pointing at them: with kernels
-  before 6.2 the reference lingers briefly and the deletion fails (see `staleChains` in
-  `pkg/proxy/nftables/proxier.go`).
+* Shared chains (`lb-…`, `affinity-…`) that lose their last user are kept until the next full
+  sync instead of being deleted in the transaction that removes the last map element pointing
+  at them: with kernels before 6.2 the reference lingers briefly and the deletion fails (see
+  `staleChains` in `pkg/proxy/nftables/proxier.go`). A service port's own chains, by
+  contrast, are deleted at once, as a per-service chain must not outlive its service; on such
+  a kernel that transaction would fail (not worked around: current kernels accept it).
 
 Running in a network namespace (`netns`): libnftables calls are made from inside it (setns,
 see `libnftables`), the `nft` command is run through `ip netns exec`.
@@ -40,6 +45,7 @@ from typing import Any, Protocol
 
 from kproxy_nft.compile.nftables import (
     TABLE,
+    AffinityTarget,
     Chain,
     Element,
     Ruleset,
@@ -544,8 +550,9 @@ class NftablesBackend:
         touched: dict[ElementKey, tuple[int, str | None]] = {}
         new_counts: dict[ElementKey, int] = {}
         new_values: dict[ElementKey, str | None] = {}
-        lost_affinity: list[tuple[str, str, frozenset[str]]] = []
+        lost_affinity: list[tuple[str, frozenset[str], frozenset[str]]] = []
         services_changed = 0
+        chains_deleted = 0
 
         def touch(k: ElementKey) -> None:
             if k not in touched:
@@ -565,13 +572,10 @@ class NftablesBackend:
                 if new_counts[k] <= 0:
                     new_values[k] = value
                 new_counts[k] += 1
+            a, d, c = _own_chain_commands(t, family, before, after, stale)
+            added, changed, chains_deleted = added + a, changed + d, chains_deleted + c
             if before is not None and before.affinity is not None:
-                kept = after.affinity if after is not None else None
-                lost = before.affinity.endpoints - (
-                    kept.endpoints if kept is not None and kept.prefix == before.affinity.prefix else frozenset()
-                )
-                if lost:
-                    lost_affinity.append((before.affinity.map, before.affinity.prefix, lost))
+                lost_affinity += _lost_affinity(before.affinity, after.affinity if after is not None else None)
 
         deletes: dict[str, list[str]] = {}
         adds: dict[str, list[str]] = {}
@@ -592,6 +596,7 @@ class NftablesBackend:
             services_changed=services_changed,
             chains_added=added,
             chains_changed=changed,
+            chains_deleted=chains_deleted,
             elements_added=elements_added,
             elements_deleted=elements_deleted,
             affinity_entries_deleted=affinity_deleted,
@@ -599,19 +604,72 @@ class NftablesBackend:
         delta = {k: (new_counts[k], new_values[k]) for k in touched}
         return Delta(desired, delta, stale), summary
 
-    def _affinity_cleanup(self, t: _Transaction, family: str, lost: list[tuple[str, str, frozenset[str]]]) -> int:
+    def _affinity_cleanup(
+        self, t: _Transaction, family: str, lost: list[tuple[str, frozenset[str], frozenset[str]]]
+    ) -> int:
         """Commands deleting affinity entries that point at endpoints a service no longer has."""
         if not lost:
             return 0
         entries = {m: read_dynamic_elements(self.transport, family, m) for m in sorted({m for m, _, _ in lost})}
         n = 0
-        for map_name, prefix, endpoints in lost:
-            doomed = [(k, v) for k, v in entries[map_name].items() if k.endswith(prefix) and v in endpoints]
+        for map_name, suffixes, endpoints in lost:
+            doomed = [
+                (k, v)
+                for k, v in entries[map_name].items()
+                if v in endpoints and any(k.endswith(suffix) for suffix in suffixes)
+            ]
             for key, value in doomed:
                 t.affinity.append(f"add element {family} {TABLE} {map_name} {{ {key} timeout 1s : {value} }}")
                 t.affinity.append(f"delete element {family} {TABLE} {map_name} {{ {key} }}")
             n += len(doomed)
         return n
+
+
+def _lost_affinity(
+    before: AffinityTarget, after: AffinityTarget | None
+) -> list[tuple[str, frozenset[str], frozenset[str]]]:
+    """(map, key suffixes, endpoints) of the affinity entries a fragment change invalidates.
+
+    A destination the service port no longer has loses all its entries; one it keeps loses
+    those pointing at endpoints that left.
+    """
+    kept_suffixes = after.suffixes if after is not None and after.map == before.map else frozenset()
+    kept_endpoints = after.endpoints if after is not None else frozenset()
+    out = []
+    if before.suffixes - kept_suffixes:
+        out.append((before.map, before.suffixes - kept_suffixes, before.endpoints))
+    if (before.suffixes & kept_suffixes) and before.endpoints - kept_endpoints:
+        out.append((before.map, before.suffixes & kept_suffixes, before.endpoints - kept_endpoints))
+    return out
+
+
+def _own_chain_commands(
+    t: _Transaction,
+    family: str,
+    before: ServiceFragment | None,
+    after: ServiceFragment | None,
+    stale: dict[str, Chain],
+) -> tuple[int, int, int]:
+    """Create, rewrite or delete the chains a changed service port owns; (added, changed, deleted).
+
+    A chain that a full sync left behind as stale (still referenced then) is rewritten, not
+    declared again, and is no longer stale. Chains are deleted in this same transaction, after
+    the element deletes that drop the last references to them (only their own fragment's
+    elements point at them). Kernels before 6.2 may refuse that (the reference is released
+    late, see `staleChains` in kube-proxy's proxier.go); this is not worked around here.
+    """
+    old = {c.name: c for c in before.chains} if before is not None else {}
+    new = {c.name: c for c in after.chains} if after is not None else {}
+    added = changed = 0
+    for name, chain in new.items():
+        existing = old.get(name) or stale.pop(name, None)
+        if existing is None or existing.rules != chain.rules:
+            _chain_commands(t, family, chain, existing=existing is not None)
+            added += existing is None
+            changed += existing is not None
+    gone = [name for name in old if name not in new]
+    t.drop_chains += [f"delete chain {family} {TABLE} {name}" for name in gone]
+    return added, changed, len(gone)
 
 
 def _changed_fragments(
@@ -664,7 +722,7 @@ def _plan_full_table(
         summary = PlanSummary(
             full=True,
             services_changed=len(desired.fragments),
-            chains_added=len(desired.chains),
+            chains_added=sum(1 for _ in desired.all_chains()),
             elements_added=n,
             rebuilt_tables=int(rebuilt),
             drift=drift,
@@ -672,13 +730,13 @@ def _plan_full_table(
         return Applied.of(desired), summary
 
     added = changed = deleted = 0
-    for chain in desired.chains:
+    for chain in desired.all_chains():
         existing = kernel.chains.get(chain.name)
         if existing is None or existing.rules != chain.expected_listing:
             _chain_commands(t, family, chain, existing=existing is not None)
             added += existing is None
             changed += existing is not None
-    wanted = {c.name for c in desired.chains}
+    wanted = {c.name for c in desired.all_chains()}
     referenced = _referenced_chains(kernel)
     stale: dict[str, Chain] = {}
     for name, listed in kernel.chains.items():
@@ -732,7 +790,7 @@ def _referenced_chains(kernel: KernelTable) -> set[str]:
 
 def _drift(kernel: KernelTable | None, believed: Applied) -> int:
     """How many chains and elements the kernel holds differently from what we applied."""
-    expected_chains = {c.name: c.expected_listing for c in believed.ruleset.chains}
+    expected_chains = {c.name: c.expected_listing for c in believed.ruleset.all_chains()}
     expected_chains.update({n: c.expected_listing for n, c in believed.stale.items()})
     if kernel is None:
         return len(expected_chains) + len(believed.values)

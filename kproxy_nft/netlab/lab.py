@@ -278,7 +278,7 @@ class Lab:
         if run_id is not None and not (run_id.isalnum() and run_id.islower() and len(run_id) <= 8):
             raise ValueError(f"run_id must be 1-8 lower-case alphanumerics, got {run_id!r}")
         #: Dual-stack when any pod or client has an IPv6 address (else IPv6 stays disabled).
-        self.ipv6 = any(spec.ip6 is not None for spec in (*self.pods, *self.clients))
+        self.ipv6 = any(spec.ip6 is not None for spec in self._specs())
         self.run_id = run_id or _fresh_run_id()
         self.prefix = f"{PREFIX}{self.run_id}-"
         self.node_ns = self.prefix + "node"
@@ -302,6 +302,9 @@ class Lab:
         self._spawned: list[subprocess.Popen[Any]] = []
         self._started = False
         self._closed = False
+
+    def _specs(self) -> tuple[PodSpec | ClientSpec, ...]:
+        return (*self.pods, *self.clients)
 
     # ------------------------------------------------------------------ naming
     @property
@@ -459,7 +462,7 @@ class Lab:
         if dup:
             raise ValueError(f"duplicate pod/client names: {sorted(dup)}")
         a = self.addressing
-        specs = (*self.pods, *self.clients)
+        specs = self._specs()
         # Compared as parsed addresses: "fd00::0:1" and "fd00::1" are the same IPv6 address.
         ips = [ipaddress.ip_address(ip) for s in specs for ip in (s.ip, s.ip6) if ip is not None]
         dup = {str(ip) for ip in ips if ips.count(ip) > 1}
@@ -478,7 +481,7 @@ class Lab:
             # The IPv4 address decides pod client vs external client; IPv6 must agree, since
             # both families share the client's one veth and gateway role.
             if cl.ip6 is not None and a.in_cluster(cl.ip6) != a.in_cluster(cl.ip):
-                raise ValueError(f"client {cl.name}: {cl.ip} and {cl.ip6} must both be inside the cluster or both outside")
+                raise ValueError(f"client {cl.name}: {cl.ip} and {cl.ip6} must be both in or both out of the cluster")
 
     def _build(self) -> None:
         from pyroute2 import IPRoute, netns
@@ -519,7 +522,7 @@ class Lab:
             node.link("add", ifname=UPLINK, kind="veth", peer={"ifname": "eth0", "net_ns_fd": self.wan_ns})
             up = node.link_lookup(ifname=UPLINK)[0]
             uplink = [(a.node_ip, a.upstream)] + ([(a.node_ip6, a.upstream6)] if self.ipv6 else [])
-            for own, upstream in uplink:
+            for own, _ in uplink:
                 _host_address(node, up, own)
             node.link("set", index=up, state="up")
             for own, upstream in uplink:
@@ -527,7 +530,7 @@ class Lab:
                 _default_route(node, up, upstream, prefsrc=own)
             with IPRoute(netns=self.wan_ns, flags=0) as wan:
                 eth0 = wan.link_lookup(ifname="eth0")[0]
-                for own, upstream in uplink:
+                for _, upstream in uplink:
                     _host_address(wan, eth0, upstream)
                 wan.link("set", index=eth0, state="up")
                 for own, _ in uplink:
@@ -610,6 +613,8 @@ class Lab:
             if pod.name in self._servers or not (pod.tcp_ports or pod.udp_ports):
                 continue
             args = ["--name", pod.name]
+            if pod.ip6:
+                args += ["--bind", "0.0.0.0", "--bind", "::"]  # both families (the default: IPv4 only)
             for port in pod.tcp_ports:
                 args += ["--tcp", str(port)]
             for port in pod.udp_ports:
@@ -653,7 +658,8 @@ class Lab:
     ) -> list[str]:
         if proto not in ("tcp", "udp"):
             raise ValueError(f"proto must be tcp or udp, got {proto!r}")
-        args = ["--target", f"{target_ip}:{port}", "--timeout", str(timeout)]
+        host = f"[{target_ip}]" if ":" in target_ip else target_ip
+        args = ["--target", f"{host}:{port}", "--timeout", str(timeout)]
         if proto == "udp":
             args.append("--udp")
         if source_port is not None:
@@ -673,7 +679,10 @@ class Lab:
         source_port: int | None = None,
         interval: float = 0.0,
     ) -> ProbeResult:
-        """*count* fresh connections from *client* (client/pod name or "node") to target."""
+        """*count* fresh connections from *client* (client/pod name or "node") to target.
+
+        *target_ip* may be IPv6 in a dual-stack lab; the result's ``target`` is then ``[ip]:port``.
+        """
         args = self._probe_args(target_ip, port, proto, timeout, source_port, interval)
         args += ["--count", str(count)]
         cmd = self._exec_argv(client, self._python("probe", args))

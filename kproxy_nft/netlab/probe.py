@@ -1,6 +1,7 @@
 """Client prober run inside a netlab client (or pod, or node) namespace.
 
 ``python -m kproxy_nft.netlab.probe --target IP:PORT --count N [--udp] [--timeout S]``
+(an IPv6 target is written ``[IP]:PORT``)
 makes N independent attempts -- a fresh socket each time, so every attempt is a new
 conntrack entry and a new load-balancing decision -- and prints a single JSON document::
 
@@ -46,18 +47,28 @@ def _classify(exc: BaseException) -> tuple[str, str]:
 
 
 def _parse_body(text: str) -> tuple[str, str, int]:
-    """``"pod1 10.1.0.50:40112\\n"`` -> ("pod1", "10.1.0.50", 40112)."""
+    """``"pod1 10.1.0.50:40112\\n"`` -> ("pod1", "10.1.0.50", 40112); an IPv6 peer has no brackets."""
     name, addr = text.strip().split(" ", 1)
     ip, port = addr.rsplit(":", 1)
     return name, ip, int(port)
 
 
-def _new_socket(kind: int, source: str | None, source_port: int | None) -> socket.socket:
-    sock = socket.socket(socket.AF_INET, kind)
+def _new_socket(kind: int, v6: bool, source: str | None, source_port: int | None) -> socket.socket:
+    sock = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, kind)
     if source or source_port:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((source or "0.0.0.0", source_port or 0))
+        sock.bind((source or ("::" if v6 else "0.0.0.0"), source_port or 0))
     return sock
+
+
+def split_target(target: str) -> tuple[str, int]:
+    """``"10.96.0.10:80"`` or ``"[fd00::10]:80"`` -> (ip, port); ValueError when malformed."""
+    host, sep, port = target.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"expected IP:PORT or [IPv6]:PORT, got {target!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, int(port)
 
 
 def attempt(
@@ -76,7 +87,7 @@ def attempt(
     payload = b""
     sock: socket.socket | None = None
     try:
-        sock = _new_socket(kind, source, source_port)
+        sock = _new_socket(kind, ":" in ip, source, source_port)
         sock.settimeout(timeout)
         sock.connect((ip, port))
         rec["local_port"] = sock.getsockname()[1]
@@ -84,7 +95,8 @@ def attempt(
             sock.send(b"netlab-probe\n")
             payload = sock.recv(65535)
         else:
-            sock.sendall(f"GET / HTTP/1.0\r\nHost: {ip}:{port}\r\n\r\n".encode())
+            host = f"[{ip}]" if ":" in ip else ip
+            sock.sendall(f"GET / HTTP/1.0\r\nHost: {host}:{port}\r\n\r\n".encode())
             chunks = []
             while True:
                 sock.settimeout(max(0.001, deadline - time.monotonic()))
@@ -111,7 +123,7 @@ def attempt(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="netlab prober (prints one JSON document)")
-    parser.add_argument("--target", required=True, help="IP:PORT")
+    parser.add_argument("--target", required=True, help="IP:PORT or [IPv6]:PORT")
     parser.add_argument("--count", type=int, default=1, help="number of attempts (ignored with --loop)")
     parser.add_argument("--udp", action="store_true", help="probe UDP instead of TCP")
     parser.add_argument("--timeout", type=float, default=1.0, help="per-attempt timeout in seconds")
@@ -120,9 +132,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--source-port", type=int, default=None, help="bind to this source port")
     parser.add_argument("--loop", action="store_true", help="print READY, run until SIGTERM/SIGINT")
     args = parser.parse_args(argv)
-    ip, _, port_s = args.target.rpartition(":")
-    if not ip or not port_s.isdigit():
-        parser.error("--target must be IP:PORT")
+    try:
+        ip, port = split_target(args.target)
+    except ValueError as exc:
+        parser.error(str(exc))
     proto = "udp" if args.udp else "tcp"
 
     stop = False
@@ -138,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write("READY\n")
         sys.stdout.flush()
     while not stop and (args.loop or len(attempts) < args.count):
-        attempts.append(attempt(ip, int(port_s), proto, args.timeout, args.source, args.source_port))
+        attempts.append(attempt(ip, port, proto, args.timeout, args.source, args.source_port))
         if args.interval > 0 and not stop:
             time.sleep(args.interval)
     json.dump({"target": args.target, "proto": proto, "attempts": attempts}, sys.stdout)

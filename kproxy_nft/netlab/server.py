@@ -1,6 +1,7 @@
 """Tiny echo-who-am-i server run inside a netlab pod namespace.
 
-Run as ``python -m kproxy_nft.netlab.server --name pod1 --tcp 80 --tcp 443 --udp 53``.
+Run as ``python -m kproxy_nft.netlab.server --name pod1 --tcp 80 --tcp 443 --udp 53``
+(IPv4 only), with ``--bind 0.0.0.0 --bind ::`` to listen on both families (a dual-stack pod).
 Every TCP connection gets a minimal HTTP/1.0 response and every UDP datagram a reply,
 both with the body ``"<name> <peer_ip>:<peer_port>\\n"`` -- i.e. which pod answered and
 which source address it saw (after any NAT).  After all sockets are bound and listening
@@ -36,8 +37,13 @@ def http_response(payload: bytes) -> bytes:
 
 
 def _listen(kind: int, port: int, bind: str) -> socket.socket:
-    sock = socket.socket(socket.AF_INET, kind)
+    family = socket.AF_INET6 if ":" in bind else socket.AF_INET
+    sock = socket.socket(family, kind)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if family == socket.AF_INET6:
+        # IPv6 only, whatever net.ipv6.bindv6only says: IPv4 has its own socket, so that IPv4
+        # peers are reported as "10.1.0.50", not as the mapped "::ffff:10.1.0.50".
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
     sock.bind((bind, port))
     if kind == socket.SOCK_STREAM:
         sock.listen(1024)
@@ -45,10 +51,10 @@ def _listen(kind: int, port: int, bind: str) -> socket.socket:
     return sock
 
 
-def serve(name: str, tcp_ports: list[int], udp_ports: list[int], bind: str = "0.0.0.0") -> None:
-    """Bind all ports, print READY, then answer forever."""
-    tcp = {s.fileno(): s for s in (_listen(socket.SOCK_STREAM, p, bind) for p in tcp_ports)}
-    udp = {s.fileno(): s for s in (_listen(socket.SOCK_DGRAM, p, bind) for p in udp_ports)}
+def serve(name: str, tcp_ports: list[int], udp_ports: list[int], binds: tuple[str, ...] = ("0.0.0.0",)) -> None:
+    """Bind all ports on every bind address, print READY, then answer forever."""
+    tcp = {s.fileno(): s for s in (_listen(socket.SOCK_STREAM, p, b) for p in tcp_ports for b in binds)}
+    udp = {s.fileno(): s for s in (_listen(socket.SOCK_DGRAM, p, b) for p in udp_ports for b in binds)}
     conns: dict[int, tuple[socket.socket, float]] = {}
     poller = select.poll()
     for fd in (*tcp, *udp):
@@ -117,12 +123,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", required=True, help="pod name to answer with")
     parser.add_argument("--tcp", type=int, action="append", default=[], help="TCP port (repeatable)")
     parser.add_argument("--udp", type=int, action="append", default=[], help="UDP port (repeatable)")
-    parser.add_argument("--bind", default="0.0.0.0", help="address to bind (default: all)")
+    parser.add_argument(
+        "--bind", action="append", default=[], help="address to bind, repeatable (default: 0.0.0.0, all IPv4)"
+    )
     args = parser.parse_args(argv)
     if not args.tcp and not args.udp:
         parser.error("need at least one --tcp or --udp port")
     try:
-        serve(args.name, args.tcp, args.udp, args.bind)
+        serve(args.name, args.tcp, args.udp, tuple(args.bind) or ("0.0.0.0",))
     except KeyboardInterrupt:
         return 0
     except OSError as exc:

@@ -2,8 +2,9 @@
 
 Accepts what people actually have: multi-document YAML, JSON, `kind: List` as
 `kubectl get -o yaml` prints it, directories searched recursively for `*.yaml|*.yml|*.json`,
-and `-` for stdin. Services, EndpointSlices (discovery.k8s.io/v1) and legacy Endpoints (v1,
-converted to slices) are kept; other kinds are skipped with a notice.
+and `-` for stdin. Services, EndpointSlices (discovery.k8s.io/v1), legacy Endpoints (v1,
+converted to slices) and ServiceCIDRs (networking.k8s.io/v1, their CIDRs) are kept; other kinds
+are skipped with a notice.
 
 Every problem becomes a `ManifestError` whose one-line message names the file, the document
 index (1-based, as a reader counts) and the field, e.g.
@@ -22,7 +23,7 @@ from typing import IO, Any
 
 import pydantic
 import yaml
-from kubernetes.client import V1Endpoints, V1EndpointSlice, V1Service
+from kubernetes.client import V1Endpoints, V1EndpointSlice, V1Service, V1ServiceCIDR
 
 from kproxy_nft.convert import (
     EndpointsByPort,
@@ -31,6 +32,7 @@ from kproxy_nft.convert import (
     build_state,
     convert_endpoint_slice,
     convert_service,
+    convert_service_cidr,
     endpoints_to_slice,
 )
 from kproxy_nft.model import ClusterState
@@ -47,6 +49,7 @@ _KINDS: dict[tuple[str, str], Any] = {
     ("v1", "Service"): V1Service,
     ("discovery.k8s.io/v1", "EndpointSlice"): V1EndpointSlice,
     ("v1", "Endpoints"): V1Endpoints,
+    ("networking.k8s.io/v1", "ServiceCIDR"): V1ServiceCIDR,
 }
 
 
@@ -77,6 +80,7 @@ class Manifests:
     services: tuple[V1Service, ...]
     endpoint_slices: tuple[V1EndpointSlice, ...]
     notices: tuple[str, ...]
+    service_cidrs: tuple[str, ...] = ()  # of every ServiceCIDR, in reading order, no duplicates
 
     def cluster_state(self) -> ClusterState:
         """The proxy's view of these objects (see `convert.build_state`)."""
@@ -176,6 +180,8 @@ def load_document(doc: Document) -> Any | None:
             convert_service(obj)
         elif kind == "EndpointSlice":
             convert_endpoint_slice(obj)
+        elif kind == "ServiceCIDR":
+            convert_service_cidr(obj)
         else:
             obj = endpoints_to_slice(obj)
             convert_endpoint_slice(obj)
@@ -188,6 +194,7 @@ def read_manifests(paths: Sequence[str], stdin: IO[str] | None = None) -> Manife
     """Read and validate every manifest under `paths`; raise ManifestError on the first problem."""
     services: list[V1Service] = []
     slices: list[V1EndpointSlice] = []
+    cidrs: list[str] = []
     notices: list[str] = []
     for path in expand_paths(paths):
         source = "<stdin>" if path == "-" else path
@@ -205,6 +212,8 @@ def read_manifests(paths: Sequence[str], stdin: IO[str] | None = None) -> Manife
                                for i, port in enumerate(obj.ports or []) if port.name is None)
             if isinstance(obj, V1Service):
                 services.append(obj)
+            elif isinstance(obj, V1ServiceCIDR):
+                cidrs.extend(convert_service_cidr(obj))
             else:
                 slices.append(obj)
-    return Manifests(tuple(services), tuple(slices), tuple(notices))
+    return Manifests(tuple(services), tuple(slices), tuple(notices), tuple(dict.fromkeys(cidrs)))
