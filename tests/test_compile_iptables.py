@@ -223,23 +223,6 @@ def test_golden_dump_of_examples() -> None:
 # externally reachable services: node ports, external and LB IPs, source ranges, policies
 # ---------------------------------------------------------------------------------------------
 
-EVERY_TYPE = GOLDEN / "every-type"
-EVERY_TYPE_FLAGS = ["--hostname-override", "node-a", "--node-ip", "192.168.100.1", "--cluster-cidr", "10.1.0.0/16"]
-
-
-@pytest.mark.parametrize(("family", "golden"), [("4", "every-type.iptables"), ("6", "every-type.ip6tables")])
-def test_golden_dump_of_every_service_type(family: str, golden: str) -> None:
-    """Every Service type and policy in one object set, both families (reviewed against kube-proxy)."""
-    result = subprocess.run(
-        [sys.executable, "-m", "kproxy_nft.cli", "dump", "-f", str(EVERY_TYPE), *EVERY_TYPE_FLAGS,
-         "--ip-family", family],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    assert result.stdout == (GOLDEN / golden).read_text()
-
-
 def all_rules(text: str, table: str, chain: str) -> list[str]:
     body = text.split(f"*{table}\n", 1)[1].split("COMMIT", 1)[0]
     return [line.removeprefix(f"-A {chain} ") for line in body.splitlines() if line.startswith(f"-A {chain} ")]

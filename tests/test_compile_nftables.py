@@ -1,6 +1,6 @@
 """The nftables compiler: flat layout, kube-proxy semantics, golden output, memoized fragments.
 
-The every-type golden (tests/golden/every-type.yaml → every-type.nft) holds every Service type
+The every-type golden (tests/golden/every-type-shop.yaml → every-type-shop.nft) holds every Service type
 and policy; tests/kernel/test_nftables_backend.py checks that it loads and lists back as written.
 """
 
@@ -174,7 +174,7 @@ def test_script_commands_stay_small() -> None:
 # externally reachable services
 # ---------------------------------------------------------------------------------------------
 
-EVERY_TYPE = GOLDEN / "every-type.yaml"
+EVERY_TYPE = GOLDEN / "every-type-shop.yaml"
 EVERY_NODE = NodeContext(hostname="node1", node_ips=("192.168.100.1",), cluster_cidrs=("10.1.0.0/16",))
 
 
@@ -191,7 +191,7 @@ def every_type_rulesets() -> tuple[Ruleset, ...]:
 
 def test_every_type_matches_golden() -> None:
     # Regenerate after an intended change: write render_script(every_type_rulesets()) to the file.
-    assert render_script(every_type_rulesets()) == (GOLDEN / "every-type.nft").read_text()
+    assert render_script(every_type_rulesets()) == (GOLDEN / "every-type-shop.nft").read_text()
 
 
 def test_service_cidrs_come_from_servicecidr_objects_and_bad_ones_name_the_field(tmp_path: Path) -> None:

@@ -193,7 +193,7 @@ def test_tables_deleted_behind_our_back_are_rebuilt(backend: NftablesBackend, ne
 
 
 def test_every_type_golden_checks_loads_and_lists_as_compiled(netns: str) -> None:
-    golden = (GOLDEN / "every-type.nft").read_text()
+    golden = (GOLDEN / "every-type-shop.nft").read_text()
     check = run_in(netns, ["nft", "-c", "-f", "-"], golden)
     assert check.returncode == 0, check.stderr
     assert run_in(netns, ["nft", "list", "ruleset"]).stdout == ""  # -c loads nothing
