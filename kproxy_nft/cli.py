@@ -17,7 +17,8 @@ import click
 
 from kproxy_nft.compile import iptables as ipt
 from kproxy_nft.config import ConfigError, Overrides, ProxySettings, load_config_file, resolve
-from kproxy_nft.model import ClusterState, IPFamily
+from kproxy_nft.kernel.runner import kernel_has_ipv6
+from kproxy_nft.model import ClusterState, IPFamily, node_families
 from kproxy_nft.sources.manifests import ManifestError, Manifests, read_manifests
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -207,12 +208,6 @@ def demo(paths: tuple[str, ...], config_path: str | None, count: int, backend: s
     sys.exit(1 if failures else 0)
 
 
-def _families(state: ClusterState) -> list[IPFamily]:
-    """IPv4 always; IPv6 too when some service has an IPv6 cluster IP (a v4-only node stays v4)."""
-    has_v6 = any(svc.cluster_ip(IPFamily.V6) for svc in state.services.values())
-    return [IPFamily.V4, IPFamily.V6] if has_v6 else [IPFamily.V4]
-
-
 def _print_iptables_plan(p: Any, dry_run: bool) -> None:
     """Per service port: chains added / changed / deleted; then the exact restore payload."""
     for group in p.services:
@@ -232,7 +227,8 @@ def _apply_nftables(state: ClusterState, settings: ProxySettings, dry_run: bool)
     from kproxy_nft.kernel.nftables import NftablesBackend
 
     with NftablesBackend() as backend:
-        plan = backend.plan(nftables.compile_all(state, settings.node))
+        families = node_families(settings.node, kernel_has_ipv6)
+        plan = backend.plan(nftables.compile_all(state, settings.node, families))
         click.echo(f"nftables: {plan.summary}")
         if dry_run:
             click.echo(plan.text, nl=False)
@@ -246,7 +242,7 @@ def _apply_iptables(state: ClusterState, settings: ProxySettings, dry_run: bool,
 
     host = kernel.open_host(None if backend == "auto" else backend)
     changed = False
-    for family in _families(state):
+    for family in node_families(settings.node, lambda: host.run(IPFamily.V6, "save", "-t", "nat").returncode == 0):
         plan = kernel.plan(ipt.compile_ruleset(state, settings.node, family), kernel.read_state(host, family))
         changed |= not plan.is_empty
         status = "nothing to change" if plan.is_empty else ("would change" if dry_run else "changed")

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import enum
 import ipaddress
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TypeVar
@@ -271,3 +271,22 @@ class ClusterState:
 
     def endpoints_of(self, name: ServicePortName) -> tuple[Endpoint, ...]:
         return self.endpoints.get(name, ())
+
+
+def node_families(node: NodeContext, ipv6_supported: Callable[[], bool]) -> tuple[IPFamily, ...]:
+    """The IP families this node programs (pure; `ipv6_supported` is asked only when needed).
+
+    kube-proxy (cmd/kube-proxy/app/server_linux.go, `platformCheckSupported`) runs dual-stack
+    whenever its backend supports both families -- iptables mode: `ip6tables` is present;
+    nftables mode: assumed -- "regardless of whether the node is *actually* configured as
+    dual-stack" (server.go, `detectNodeIPs`); its node IPs only pick the primary family, the one
+    a single-stack proxier uses when the other family is unsupported. We follow that when no node
+    IP is given. Node IPs given (`--node-ip`, or `bindAddress`) are taken as the node's
+    families instead: a node whose node IPs are all IPv4 is single-stack and its services'
+    IPv6 cluster IPs get no rules (kube-proxy would program ip6tables rules that no address of
+    the node can receive traffic for), and a node with an IPv4 and an IPv6 node IP programs both.
+    """
+    given = {ip_family(ip) for ip in node.node_ips}
+    if given:
+        return tuple(family for family in IPFamily if family in given)
+    return (IPFamily.V4, IPFamily.V6) if ipv6_supported() else (IPFamily.V4,)

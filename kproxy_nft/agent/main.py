@@ -25,7 +25,8 @@ from kproxy_nft.agent.changes import ChangeTracker, Snapshot
 from kproxy_nft.agent.metrics import Metrics
 from kproxy_nft.agent.runner import SyncRunner
 from kproxy_nft.kernel.conntrack import ConntrackCleaner
-from kproxy_nft.model import ClusterState, IPFamily, NodeContext, ip_family
+from kproxy_nft.kernel.runner import kernel_has_ipv6
+from kproxy_nft.model import ClusterState, IPFamily, NodeContext, node_families
 from kproxy_nft.sources.kube import Change, Replace
 from kproxy_nft.sources.manifests import ManifestError, read_manifests
 
@@ -47,35 +48,6 @@ class Backend(Protocol):
     def drift(self) -> int:
         """Kernel differences repaired so far (full syncs)."""
         ...
-
-
-def node_families(node: NodeContext, ipv6_supported: Callable[[], bool]) -> tuple[IPFamily, ...]:
-    """The IP families this node programs (pure; `ipv6_supported` is asked only when needed).
-
-    kube-proxy (cmd/kube-proxy/app/server_linux.go, `platformCheckSupported`) runs dual-stack
-    whenever its backend supports both families -- iptables mode: `ip6tables` is present;
-    nftables mode: assumed -- "regardless of whether the node is *actually* configured as
-    dual-stack" (server.go, `detectNodeIPs`); its node IPs only pick the primary family, the one
-    a single-stack proxier uses when the other family is unsupported. We follow that when no node
-    IP is given. Node IPs given (`--node-ip`, or `bindAddress`) are taken as the node's
-    families instead: a node whose node IPs are all IPv4 is single-stack and its services'
-    IPv6 cluster IPs get no rules (kube-proxy would program ip6tables rules that no address of
-    the node can receive traffic for), and a node with an IPv4 and an IPv6 node IP programs both.
-    """
-    given = {ip_family(ip) for ip in node.node_ips}
-    if given:
-        return tuple(family for family in IPFamily if family in given)
-    return (IPFamily.V4, IPFamily.V6) if ipv6_supported() else (IPFamily.V4,)
-
-
-def kernel_has_ipv6() -> bool:
-    """The kernel was booted with IPv6 (no `ipv6.disable=1`): /proc/sys/net/ipv6 exists.
-
-    kube-proxy's nftables mode assumes both families ("FIXME: figure out how to check for kernel
-    IPv6 support using nft"); without IPv6 the ip6 table's nat chains cannot be created and every
-    sync would fail, so we check. Kernel-wide, hence the same in every network namespace.
-    """
-    return Path("/proc/sys/net/ipv6").is_dir()
 
 
 class IptablesBackend:

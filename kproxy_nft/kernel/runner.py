@@ -13,6 +13,7 @@ import re
 import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import NamedTuple, Protocol
 
 
@@ -57,3 +58,13 @@ def in_netns(netns: str | None, argv: Sequence[str]) -> tuple[str, ...]:
     if not _NETNS_NAME.fullmatch(netns) or netns in (".", ".."):
         raise ValueError(f"not a network namespace name: {netns!r}")
     return ("ip", "netns", "exec", netns, *argv)
+
+
+def kernel_has_ipv6() -> bool:
+    """The kernel was booted with IPv6 (no `ipv6.disable=1`): /proc/sys/net/ipv6 exists.
+
+    kube-proxy's nftables mode assumes both families ("FIXME: figure out how to check for kernel
+    IPv6 support using nft"); without IPv6 the ip6 table's nat chains cannot be created and every
+    sync would fail, so we check. Kernel-wide, hence the same in every network namespace.
+    """
+    return Path("/proc/sys/net/ipv6").is_dir()

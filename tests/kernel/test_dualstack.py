@@ -18,10 +18,19 @@ from pathlib import Path
 
 import pytest
 
-from kproxy_nft.agent.main import Backend, IptablesBackend, NftablesSyncBackend, node_families
+from kproxy_nft.agent.main import Backend, IptablesBackend, NftablesSyncBackend
 from kproxy_nft.kernel import iptables as iptables_kernel
 from kproxy_nft.kernel.nftables import NftablesBackend
-from kproxy_nft.model import ClusterState, Endpoint, IPFamily, NodeContext, Protocol, ServicePort, ServicePortName
+from kproxy_nft.model import (
+    ClusterState,
+    Endpoint,
+    IPFamily,
+    NodeContext,
+    Protocol,
+    ServicePort,
+    ServicePortName,
+    node_families,
+)
 from kproxy_nft.netlab import NODE, ClientSpec, Lab, PodSpec
 
 pytestmark = pytest.mark.kernel
