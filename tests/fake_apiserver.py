@@ -19,13 +19,20 @@ from urllib.parse import parse_qs, urlparse
 PATHS = {
     "/api/v1/services": ("services", "ServiceList", "v1"),
     "/apis/discovery.k8s.io/v1/endpointslices": ("endpointslices", "EndpointSliceList", "discovery.k8s.io/v1"),
+    "/api/v1/nodes": ("nodes", "NodeList", "v1"),
 }
+
+
+def _selected(obj: dict[str, Any], query: dict[str, str]) -> bool:
+    """The one field selector the agent uses: `metadata.name=<node>`."""
+    selector = query.get("fieldSelector", "")
+    return not selector.startswith("metadata.name=") or obj["metadata"]["name"] == selector.split("=", 1)[1]
 
 
 class FakeAPIServer:
     def __init__(self) -> None:
         self.version = 100
-        self.objects: dict[str, dict[tuple[str, str], dict[str, Any]]] = {"services": {}, "endpointslices": {}}
+        self.objects: dict[str, dict[tuple[str, str], dict[str, Any]]] = {r: {} for r, _, _ in PATHS.values()}
         self.events: list[tuple[int, str, str, dict[str, Any]]] = []  # (version, resource, type, object)
         self.oldest_watchable = 0  # versions below this get 410 Gone
         self.changed = threading.Condition()
@@ -107,7 +114,7 @@ class FakeAPIServer:
                 "kind": list_kind,
                 "apiVersion": api_version,
                 "metadata": {"resourceVersion": str(self.version)},
-                "items": list(self.objects[resource].values()),
+                "items": [obj for obj in self.objects[resource].values() if _selected(obj, query)],
             }
         data = json.dumps(body).encode()
         req.send_response(200)
@@ -139,7 +146,7 @@ class FakeAPIServer:
                 return
             sent = since
             while True:
-                pending = [e for e in self.events if e[0] > sent and e[1] == resource]
+                pending = [e for e in self.events if e[0] > sent and e[1] == resource and _selected(e[3], query)]
                 for version, _, kind, obj in pending:
                     send({"type": kind, "object": obj})
                     sent = version

@@ -126,3 +126,36 @@ def test_gone_resource_version_relists(harness: tuple[FakeAPIServer, Harness]) -
     api.apply("endpointslices", endpoint_slice("db-1", "db", ["10.1.0.9"]))
     h.wait_for(lambda: h.ips("db") == ["10.1.0.9"])
     h.wait_for(lambda: h.reflectors[1].relists >= 2)
+
+
+def test_only_this_nodes_node_object_is_listed_and_watched() -> None:
+    from kproxy_nft.convert import convert_node
+
+    def node(name: str, ip: str) -> dict[str, object]:
+        return {"apiVersion": "v1", "kind": "Node", "metadata": {"name": name, "labels": {}},
+                "status": {"addresses": [{"type": "InternalIP", "address": ip}]}}
+
+    with FakeAPIServer() as api:
+        api.apply("nodes", node("node1", "10.0.0.1"))
+        api.apply("nodes", node("node2", "10.0.0.2"))
+        seen: list[Replace | Change] = []
+        stop = threading.Event()
+        fns = list_functions(client.ApiClient(client.Configuration(host=api.url)), "node1")
+        reflector = Reflector("nodes", fns["nodes"], seen.append, stop, watch_timeout=2, initial_backoff=0.05)
+        thread = threading.Thread(target=reflector.run, daemon=True)
+        thread.start()
+        try:
+            assert reflector.synced.wait(10)
+            deadline = time.monotonic() + 10
+            api.apply("nodes", node("node2", "10.0.0.22"))
+            api.apply("nodes", node("node1", "10.0.0.11"))
+            while time.monotonic() < deadline and not any(isinstance(i, Change) for i in seen):
+                time.sleep(0.02)
+        finally:
+            stop.set()
+            api.drop_watches()
+            thread.join(timeout=5)
+    listed = next(i for i in seen if isinstance(i, Replace))
+    assert [convert_node(n).ips for n in listed.items] == [("10.0.0.1",)]
+    changes = [convert_node(i.obj).ips for i in seen if isinstance(i, Change)]
+    assert changes == [("10.0.0.11",)]  # node2's change never arrives

@@ -11,6 +11,7 @@ is a full one, which diffs against the kernel instead of flushing).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import queue
 import threading
@@ -24,6 +25,7 @@ from typing import Protocol
 from kproxy_nft.agent.changes import ChangeTracker, Snapshot
 from kproxy_nft.agent.metrics import Metrics
 from kproxy_nft.agent.runner import SyncRunner
+from kproxy_nft.convert import convert_node
 from kproxy_nft.kernel.conntrack import ConntrackCleaner
 from kproxy_nft.kernel.runner import kernel_has_ipv6
 from kproxy_nft.model import ClusterState, IPFamily, NodeContext, node_families
@@ -40,6 +42,7 @@ class Backend(Protocol):
     """What the agent needs from a kernel backend: make the kernel hold this state."""
 
     mode: str
+    node: NodeContext  # what the rules are compiled for; the agent replaces it when the Node changes
 
     def sync(self, state: ClusterState, full: bool) -> str:
         """Apply; return a short summary. `full` re-reads the kernel and repairs drift."""
@@ -60,7 +63,7 @@ class IptablesBackend:
         from kproxy_nft.kernel import iptables as kernel
 
         self._kernel = kernel
-        self._node = node
+        self.node = node
         self._host = kernel.open_host(backend, netns=netns)
         if families is None:
             families = node_families(node, self._ip6tables_present)
@@ -79,7 +82,7 @@ class IptablesBackend:
 
         parts = []
         for family, syncer in self._syncers.items():
-            desired = compile_ruleset(state, self._node, family)
+            desired = compile_ruleset(state, self.node, family)
             if full and syncer.state is not None:
                 # A full sync reads the kernel back; if what it finds needs a different payload
                 # than what we believe we applied, someone changed our chains: count the repair.
@@ -108,7 +111,7 @@ class NftablesSyncBackend:
                  families: tuple[IPFamily, ...] | None = None) -> None:
         from kproxy_nft.kernel.nftables import NftablesBackend
 
-        self._node = node
+        self.node = node
         self.families = families if families is not None else node_families(node, kernel_has_ipv6)
         self._backend = NftablesBackend(netns=netns)
         self.conntrack = ConntrackCleaner(node, netns, self.families)
@@ -116,7 +119,7 @@ class NftablesSyncBackend:
     def sync(self, state: ClusterState, full: bool) -> str:
         from kproxy_nft.compile.nftables import compile_all
 
-        desired = compile_all(state, self._node, self.families)
+        desired = compile_all(state, self.node, self.families)
         plan = self._backend.full_sync(desired) if full else self._backend.sync(desired)
         return str(plan.summary)
 
@@ -183,6 +186,8 @@ class Agent:
         self.tracker = ChangeTracker()
         self.stop = threading.Event()
         self.listed: set[str] = set()
+        # Node fields given by flags, which the Node object must not override.
+        self.fixed_node_fields: frozenset[str] = frozenset()
         self._clock = clock
         self._pending_triggers: list[float] = []
         self.syncs = 0
@@ -199,6 +204,9 @@ class Agent:
     # -- events -------------------------------------------------------------------------------
 
     def _apply_event(self, item: Replace | Change) -> None:
+        if item.resource == "nodes":
+            self._node_event(item)
+            return
         t = self.tracker
         if item.resource == "endpointslices":
             self.metrics.endpoint_changes.inc(1 if isinstance(item, Change) else max(len(item.items), 1))
@@ -213,6 +221,33 @@ class Agent:
         else:
             (t.slice_deleted if item.type == "DELETED" else t.slice_updated)(item.obj)
         self.metrics.last_queued_timestamp.set(self._clock())
+        self.runner.request()
+
+    def _node_event(self, item: Replace | Change) -> None:
+        """This node's Node object: its IPs and zone, for whatever the flags left unset.
+
+        A changed node context changes every service's rules (topology, node ports), so the
+        next sync is a full one. A deleted Node object changes nothing: the node is still here
+        and the rules it has keep working.
+        """
+        objs = item.items if isinstance(item, Replace) else (() if item.type == "DELETED" else (item.obj,))
+        if not objs:
+            return
+        info = convert_node(objs[0])
+        current = self.backend.node
+        updated = dataclasses.replace(
+            current,
+            node_ips=current.node_ips if "node_ips" in self.fixed_node_fields else info.ips,
+            zone=current.zone if "zone" in self.fixed_node_fields else info.zone,
+        )
+        if updated == current:
+            return
+        log.info("node %s: ips=%s zone=%s", updated.hostname, ",".join(updated.node_ips) or "-", updated.zone or "-")
+        self.backend.node = updated
+        cleaner = getattr(self.backend, "conntrack", None)
+        if isinstance(cleaner, ConntrackCleaner):
+            cleaner.node = updated
+        self.tracker.mark_all_changed()
         self.runner.request()
 
     def _drain(self, timeout: float) -> None:

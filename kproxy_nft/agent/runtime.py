@@ -49,7 +49,11 @@ def run_agent(settings: ProxySettings, *, kubeconfig: str | None, manifest_paths
         from kproxy_nft.sources.kube import Reflector, api_client, list_functions
 
         api = api_client(kubeconfig)
-        for resource, list_fn in list_functions(api).items():
+        # Flags win over the Node object (kube-proxy: --node-ip over the Node's addresses).
+        agent.fixed_node_fields = frozenset(
+            name for name, given in (("node_ips", settings.node.node_ips), ("zone", settings.node.zone)) if given
+        )
+        for resource, list_fn in list_functions(api, settings.node.hostname).items():
             reflector = Reflector(resource, list_fn, agent.events.put, agent.stop)
             threads.append(threading.Thread(target=reflector.run, name=resource, daemon=True))
 
