@@ -17,7 +17,7 @@ class RecordingBackend:
         self.node = node
         self.synced_with: list[tuple[NodeContext, bool]] = []  # the node each sync compiled for
 
-    def sync(self, state: ClusterState, full: bool) -> str:
+    def sync(self, state: ClusterState, full: bool, changed: object = None) -> str:
         self.synced_with.append((self.node, full))
         return "ok"
 

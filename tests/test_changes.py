@@ -45,6 +45,7 @@ def test_first_snapshot_is_full_then_only_changes() -> None:
     second = t.snapshot()
     assert not second.full and second.changed == {("default", "a")}
     (a_port,) = [n for n in second.state.services if n.name == "a"]
+    assert second.changed_ports == {a_port}
     assert [ep.ip for ep in second.state.endpoints_of(a_port)] == ["10.1.0.1", "10.1.0.2"]
     # The earlier snapshot is unaffected.
     assert [ep.ip for ep in first.state.endpoints_of(a_port)] == ["10.1.0.1"]
@@ -60,6 +61,7 @@ def test_unchanged_update_is_not_a_change_and_deletes_are() -> None:
     t.service_deleted(svc("a", "10.96.0.1"))
     snap = t.snapshot()
     assert snap.changed == {("default", "a")} and not snap.state.services
+    assert [n.name for n in snap.changed_ports] == ["a"]  # a deleted port is a changed port too
 
 
 def test_relist_removes_what_is_gone() -> None:

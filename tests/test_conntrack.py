@@ -212,7 +212,7 @@ class CleaningBackend:
     def __init__(self) -> None:
         self.conntrack = ConntrackCleaner(NODE, netns="kpn-x")
 
-    def sync(self, state: ClusterState, full: bool) -> str:
+    def sync(self, state: ClusterState, full: bool, changed: object = None) -> str:
         return "ok"
 
     def drift(self) -> int:

@@ -251,7 +251,7 @@ class FakeBackend:
     def __init__(self, fail: bool = False) -> None:
         self.fail = fail
 
-    def sync(self, state: ClusterState, full: bool) -> str:
+    def sync(self, state: ClusterState, full: bool, changed: object = None) -> str:
         if self.fail:
             raise RuntimeError("kernel said no")
         return "ok"

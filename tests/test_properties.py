@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from kproxy_nft.compile.iptables import compile_ruleset, render_restore
 from kproxy_nft.convert import ServiceInfo, build_state
-from kproxy_nft.model import ClusterState, Endpoint, Protocol, ServicePort, ServicePortName
+from kproxy_nft.model import ClusterState, Endpoint, IPFamily, Protocol, ServicePort, ServicePortName
 from kproxy_nft.selection import categorize_endpoints
 from tests.helpers import NODE
 
@@ -134,3 +134,21 @@ def test_probabilities_compose_to_a_uniform_choice(n: int) -> None:
         remaining *= 1 - p
     assert abs(remaining) < 1e-12  # the last rule takes everything left
     assert all(abs(share - 1 / n) < 1e-9 for share in shares)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.data())
+def test_nftables_update_equals_a_fresh_compile(data: st.DataObject) -> None:
+    """update_ruleset(previous, b, changed) holds the same elements as compile_ruleset(b)."""
+    from kproxy_nft.compile.nftables import compile_ruleset as nft_compile
+    from kproxy_nft.compile.nftables import update_ruleset
+
+    a, b = build_state(*data.draw(clusters())), build_state(*data.draw(clusters()))
+    changed = {name for name in {*a.services, *b.services}
+               if a.services.get(name) != b.services.get(name) or a.endpoints_of(name) != b.endpoints_of(name)}
+    for family in IPFamily:
+        fresh = nft_compile(b, NODE, family)
+        updated = update_ruleset(nft_compile(a, NODE, family), b, NODE, changed)
+        assert updated.elements() == fresh.elements()
+        assert dict(updated.fragments) == dict(fresh.fragments)
+        assert {c.name for c in fresh.chains} <= {c.name for c in updated.chains}  # unused ones may linger

@@ -37,6 +37,8 @@ class Snapshot:
     state: ClusterState
     changed: frozenset[ServiceKey]
     full: bool  # the first snapshot, or one after `mark_all_changed`
+    # The service ports of `changed` services, before and after: what a partial sync recompiles.
+    changed_ports: frozenset[ServicePortName] = frozenset()
 
 
 def _key(obj: V1Service | V1EndpointSlice) -> ServiceKey:
@@ -161,11 +163,14 @@ class ChangeTracker:
         Only changed services are re-merged; the dicts are copied (O(n) pointer copies, no
         conversion) so earlier snapshots stay valid for whoever still holds them.
         """
+        changed_ports: set[ServicePortName] = set()
         for key in self._changed:
             for name in self._names_of.pop(key, ()):
+                changed_ports.add(name)
                 del self._services[name]
                 self._endpoints.pop(name, None)
             ports = self._ports.get(key, ())
+            changed_ports.update(port.name for port in ports)
             self._names_of[key] = tuple(port.name for port in ports)
             merged = merge_endpoints(self._slices[s] for s in sorted(self._slices_of.get(key, ())))
             for port in ports:
@@ -175,4 +180,5 @@ class ChangeTracker:
         changed, full = frozenset(self._changed), self._full
         self._changed.clear()
         self._full = False
-        return Snapshot(ClusterState(dict(self._services), dict(self._endpoints)), changed, full)
+        state = ClusterState(dict(self._services), dict(self._endpoints))
+        return Snapshot(state, changed, full, frozenset(changed_ports))

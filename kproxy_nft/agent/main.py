@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from kproxy_nft.agent.changes import ChangeTracker, Snapshot
 from kproxy_nft.agent.metrics import Metrics
@@ -28,9 +28,12 @@ from kproxy_nft.agent.runner import SyncRunner
 from kproxy_nft.convert import convert_node
 from kproxy_nft.kernel.conntrack import ConntrackCleaner
 from kproxy_nft.kernel.runner import kernel_has_ipv6
-from kproxy_nft.model import ClusterState, IPFamily, NodeContext, node_families
+from kproxy_nft.model import ClusterState, IPFamily, NodeContext, ServicePortName, node_families
 from kproxy_nft.sources.kube import Change, Replace
 from kproxy_nft.sources.manifests import ManifestError, read_manifests
+
+if TYPE_CHECKING:
+    from kproxy_nft.compile.nftables import Ruleset
 
 log = logging.getLogger("kproxy_nft.agent")
 
@@ -44,8 +47,12 @@ class Backend(Protocol):
     mode: str
     node: NodeContext  # what the rules are compiled for; the agent replaces it when the Node changes
 
-    def sync(self, state: ClusterState, full: bool) -> str:
-        """Apply; return a short summary. `full` re-reads the kernel and repairs drift."""
+    def sync(self, state: ClusterState, full: bool, changed: frozenset[ServicePortName] | None = None) -> str:
+        """Apply; return a short summary. `full` re-reads the kernel and repairs drift.
+
+        `changed`: the service ports that differ from the previously synced state (None: unknown,
+        consider everything), so that a backend may recompile only those.
+        """
         ...
 
     def drift(self) -> int:
@@ -77,7 +84,7 @@ class IptablesBackend:
         """kube-proxy's `Present()` for IPv6: ip6tables runs and has a nat table (in our netns)."""
         return self._host.run(IPFamily.V6, "save", "-t", "nat").returncode == 0
 
-    def sync(self, state: ClusterState, full: bool) -> str:
+    def sync(self, state: ClusterState, full: bool, changed: frozenset[ServicePortName] | None = None) -> str:
         from kproxy_nft.compile.iptables import compile_ruleset
 
         parts = []
@@ -115,12 +122,19 @@ class NftablesSyncBackend:
         self.families = families if families is not None else node_families(node, kernel_has_ipv6)
         self._backend = NftablesBackend(netns=netns)
         self.conntrack = ConntrackCleaner(node, netns, self.families)
+        self._desired: tuple[tuple[Ruleset, ...], NodeContext] | None = None  # last synced, and its node
 
-    def sync(self, state: ClusterState, full: bool) -> str:
-        from kproxy_nft.compile.nftables import compile_all
+    def sync(self, state: ClusterState, full: bool, changed: frozenset[ServicePortName] | None = None) -> str:
+        from kproxy_nft.compile.nftables import compile_all, update_ruleset
 
-        desired = compile_all(state, self.node, self.families)
+        previous, self._desired = self._desired, None  # None again if this sync fails
+        if full or changed is None or previous is None or previous[1] is not self.node:
+            desired = compile_all(state, self.node, self.families)
+        else:
+            # Only the changed service ports are recompiled: O(changed), not O(cluster).
+            desired = tuple(update_ruleset(ruleset, state, self.node, changed) for ruleset in previous[0])
         plan = self._backend.full_sync(desired) if full else self._backend.sync(desired)
+        self._desired = (desired, self.node)
         return str(plan.summary)
 
     def drift(self) -> int:
@@ -276,7 +290,7 @@ class Agent:
         snapshot = self.tracker.snapshot()
         started = time.perf_counter()
         try:
-            summary = self.backend.sync(snapshot.state, full)
+            summary = self.backend.sync(snapshot.state, full, None if snapshot.full else snapshot.changed_ports)
         except Exception as e:
             failures = (self.metrics.nftables_sync_failures if self.backend.mode == "nftables"
                         else self.metrics.iptables_restore_failures)

@@ -90,7 +90,7 @@ import base64
 import functools
 import hashlib
 import ipaddress
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import NamedTuple
@@ -760,6 +760,35 @@ def compile_ruleset(state: ClusterState, node: NodeContext, family: IPFamily = I
         needed.update(fragment.shared_chains)
     generated = tuple(generated_chain(chain, family, node) for chain in sorted(needed, key=_chain_order))
     return Ruleset(family, declarations(family), fixed_chains(family, node) + generated, fragments)
+
+
+def update_ruleset(
+    previous: Ruleset, state: ClusterState, node: NodeContext, changed: Collection[ServicePortName]
+) -> Ruleset:
+    """`compile_ruleset(state, node, previous.family)` in O(changed), for an agent's partial sync.
+
+    `previous` must have been compiled for the same node, from a state that differs from `state`
+    only in the `changed` service ports (added, modified or removed). Fragments keep their
+    previous order, new ones come last: the backend diffs by key, so order is irrelevant there
+    (dumps use `compile_ruleset`). Shared chains that lost their last user are still listed,
+    until the next full compile: the backend keeps those until its next full sync anyway.
+    """
+    family = previous.family
+    v6 = family is IPFamily.V6
+    fragments = dict(previous.fragments)
+    fixed = fixed_chains(family, node)
+    needed = {chain.name for chain in previous.chains[len(fixed):]}  # compile_ruleset: fixed, then generated
+    for name in changed:
+        svc = state.services.get(name)
+        if svc is None:
+            fragments.pop(name, None)
+            continue
+        endpoints = tuple(ep for ep in state.endpoints_of(name) if (":" in ep.ip) is v6)
+        fragment = compile_service_port(svc, endpoints, node, family)
+        fragments[name] = fragment
+        needed.update(fragment.shared_chains)
+    generated = tuple(generated_chain(chain, family, node) for chain in sorted(needed, key=_chain_order))
+    return Ruleset(family, previous.sets, fixed + generated, fragments)
 
 
 def compile_all(
