@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import enum
 import ipaddress
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 
 from kproxy_nft.model import (
@@ -46,6 +46,7 @@ from kproxy_nft.model import (
     ServicePortName,
     TrafficPolicy,
     ip_family,
+    sort_key,
 )
 from kproxy_nft.selection import categorize_endpoints
 
@@ -204,20 +205,30 @@ def _frontends(
 def _changed_ports(previous: ClusterState, current: ClusterState) -> list[ServicePortName]:
     """UDP/SCTP service ports whose service or endpoints differ between the two states.
 
-    Identity first: the change tracker reuses unchanged objects, so most ports cost one `is`.
+    Identity first: the change tracker reuses unchanged objects, so most ports cost one `is`;
+    the protocol is checked before any lookup, so TCP ports (most of a cluster) are never hashed.
     """
     changed = []
-    for name in {*previous.services, *current.services}:
-        if name.protocol not in CLEANED_PROTOCOLS:
+    for name, new_svc in current.services.items():
+        if name.protocol is Protocol.TCP:  # an identity test: enum hashing is slow in 3.11
             continue
-        old_svc, new_svc = previous.services.get(name), current.services.get(name)
+        old_svc = previous.services.get(name)
         old_eps, new_eps = previous.endpoints_of(name), current.endpoints_of(name)
         if (old_svc is not new_svc and old_svc != new_svc) or (old_eps is not new_eps and old_eps != new_eps):
             changed.append(name)
+    changed += [
+        name for name in previous.services
+        if name.protocol is not Protocol.TCP and name not in current.services
+    ]
     return changed
 
 
-def stale_flow_filters(previous: ClusterState, current: ClusterState, node: NodeContext) -> tuple[FlowFilter, ...]:
+def stale_flow_filters(
+    previous: ClusterState,
+    current: ClusterState,
+    node: NodeContext,
+    candidates: Collection[ServicePortName] | None = None,
+) -> tuple[FlowFilter, ...]:
     """The flows to delete after a sync from `previous` to `current`: a sorted tuple without duplicates.
 
     A frontend that is served now but was not (or did not exist) gets one filter for all its
@@ -228,9 +239,13 @@ def stale_flow_filters(previous: ClusterState, current: ClusterState, node: Node
 
     Start an agent with `previous = ClusterState()`: kube-proxy's first sync likewise treats
     every UDP service with endpoints as newly active, since nobody knows what happened to
-    the table while no proxy was running.
+    the table while no proxy was running. `candidates`, when given, are the only service ports
+    that may differ (an agent's change tracker knows them): the rest is not compared.
     """
-    names = _changed_ports(previous, current)
+    if candidates is None:
+        names = _changed_ports(previous, current)
+    else:
+        names = sorted((n for n in candidates if n.protocol is not Protocol.TCP), key=sort_key)
     if not names:
         return ()
     before, after = _frontends(previous, names, node), _frontends(current, names, node)

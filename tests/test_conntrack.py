@@ -304,3 +304,14 @@ def test_what_survives_points_at_reachable_endpoints(before: ClusterState, after
         else:
             # What stays is NATed to an endpoint still reachable, or not NATed and still unserved.
             assert (f.reply_src, f.reply_sport) in reachable if natted else not served, f
+
+
+@settings(max_examples=150, deadline=None)
+@given(udp_states(), udp_states())
+def test_candidates_from_the_change_tracker_give_the_same_filters(before: ClusterState, after: ClusterState) -> None:
+    """With the changed ports named (as the agent's tracker does), nothing else is compared."""
+    changed = {n for n in {*before.services, *after.services}
+               if before.services.get(n) != after.services.get(n) or before.endpoints_of(n) != after.endpoints_of(n)}
+    expected = stale_flow_filters(before, after, NODE)
+    assert stale_flow_filters(before, after, NODE, changed) == expected
+    assert stale_flow_filters(before, after, NODE, set()) == ()

@@ -130,10 +130,12 @@ class NftablesSyncBackend:
         previous, self._desired = self._desired, None  # None again if this sync fails
         if full or changed is None or previous is None or previous[1] is not self.node:
             desired = compile_all(state, self.node, self.families)
+            hint = None
         else:
-            # Only the changed service ports are recompiled: O(changed), not O(cluster).
+            # Only the changed service ports are recompiled and compared: O(changed), not O(cluster).
             desired = tuple(update_ruleset(ruleset, state, self.node, changed) for ruleset in previous[0])
-        plan = self._backend.full_sync(desired) if full else self._backend.sync(desired)
+            hint = changed
+        plan = self._backend.full_sync(desired) if full else self._backend.sync(desired, hint)
         self._desired = (desired, self.node)
         return str(plan.summary)
 
@@ -214,6 +216,7 @@ class Agent:
         cleaner = getattr(backend, "conntrack", None)
         if isinstance(cleaner, ConntrackCleaner):
             self.after_sync.append(lambda state: self._clean_conntrack(cleaner, state))
+        self._synced_changes: frozenset[ServicePortName] | None = None  # of the sync the hooks run after
 
     # -- events -------------------------------------------------------------------------------
 
@@ -316,6 +319,7 @@ class Agent:
         m.endpoint_changes_pending.set(0)
         log.info("sync mode=%s kind=%s services_changed=%d duration=%.3fs result=ok %s",
                  self.backend.mode, "full" if full else "partial", len(snapshot.changed), duration, summary)
+        self._synced_changes = None if snapshot.full else snapshot.changed_ports
         for hook in self.after_sync:
             try:
                 hook(snapshot.state)
@@ -324,7 +328,7 @@ class Agent:
 
     def _clean_conntrack(self, cleaner: ConntrackCleaner, state: ClusterState) -> None:
         """Never fails the sync: errors are logged and counted, and retried by the next sync."""
-        result = cleaner.after_sync(state)
+        result = cleaner.after_sync(state, self._synced_changes)
         if result.errors:
             self.metrics.conntrack_cleanup_errors.inc(len(result.errors))
             log.error("conntrack cleanup: deleted=%d errors=%s", result.deleted, "; ".join(result.errors))

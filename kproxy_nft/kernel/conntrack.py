@@ -23,7 +23,7 @@ from __future__ import annotations
 import errno
 import logging
 import socket
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,7 +36,7 @@ from kproxy_nft.conntrack import (
     stale_flow_filters,
 )
 from kproxy_nft.kernel.libnftables import entered_netns
-from kproxy_nft.model import ClusterState, IPFamily, NodeContext, Protocol
+from kproxy_nft.model import ClusterState, IPFamily, NodeContext, Protocol, ServicePortName
 
 log = logging.getLogger("kproxy_nft.conntrack")
 
@@ -184,11 +184,21 @@ class ConntrackCleaner:
         self.netns = netns
         self.families = frozenset(families)
         self.previous = ClusterState()
+        # Service ports changed since `previous` (the union of the agent's hints), None: unknown.
+        self._pending: set[ServicePortName] | None = None
 
-    def after_sync(self, state: ClusterState) -> CleanupResult:
-        """Delete what the change from the previous state made stale. Never raises."""
+    def after_sync(self, state: ClusterState, changed: Collection[ServicePortName] | None = None) -> CleanupResult:
+        """Delete what the change from the previous state made stale. Never raises.
+
+        `changed`: the service ports that differ from the last synced state (None: unknown),
+        so that only those are compared.
+        """
+        if changed is None:
+            self._pending = None
+        elif self._pending is not None:
+            self._pending.update(changed)
         try:
-            stale = stale_flow_filters(self.previous, state, self.node)
+            stale = stale_flow_filters(self.previous, state, self.node, self._pending)
         except Exception as e:  # noqa: BLE001 - a bug here must not fail a sync whose rules are in
             log.exception("conntrack: computing stale flows")
             return CleanupResult(errors=(f"computing stale flows: {e!r}",))
@@ -198,4 +208,5 @@ class ConntrackCleaner:
         result = delete_stale_flows(filters, self.netns) if filters else CleanupResult()
         if result.ok:
             self.previous = state
+            self._pending = set()
         return result

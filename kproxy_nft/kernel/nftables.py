@@ -39,7 +39,7 @@ see `libnftables`), the `nft` command is run through `ip netns exec`.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -56,7 +56,7 @@ from kproxy_nft.compile.nftables import (
 )
 from kproxy_nft.kernel import libnftables
 from kproxy_nft.kernel.runner import Completed, Runner, SubprocessRunner, in_netns
-from kproxy_nft.model import IPFamily, ServicePortName
+from kproxy_nft.model import IPFamily, ServicePortName, sort_key
 
 NFT = "nft"
 FAMILIES = {"ip": IPFamily.V4, "ip6": IPFamily.V6}
@@ -466,8 +466,12 @@ class NftablesBackend:
         return self._applied is not None
 
     # ------------------------------------------------------------------ public API
-    def plan(self, desired: Ruleset | Sequence[Ruleset]) -> Plan:
-        """The transaction from what we applied to `desired` (a full sync plan the first time)."""
+    def plan(self, desired: Ruleset | Sequence[Ruleset], changed: Collection[ServicePortName] | None = None) -> Plan:
+        """The transaction from what we applied to `desired` (a full sync plan the first time).
+
+        `changed`, when given, promises that every other service port's fragment is the one last
+        applied (as `compile.nftables.update_ruleset` makes them): only those are compared.
+        """
         rulesets = _as_tuple(desired)
         if self._applied is None or any(
             r.nft_family not in self._applied or self._applied[r.nft_family].ruleset.sets != r.sets for r in rulesets
@@ -478,7 +482,7 @@ class NftablesBackend:
         next_state: dict[str, Applied | Delta] = {}
         for ruleset in rulesets:
             family = ruleset.nft_family
-            applied, s = self._plan_incremental(t, self._applied[family], ruleset)
+            applied, s = self._plan_incremental(t, self._applied[family], ruleset, changed)
             next_state[family] = applied
             summary += s
         return Plan(t.text(), summary, rulesets, next_state, self._generation)
@@ -513,9 +517,9 @@ class NftablesBackend:
             self._applied[family] = state.apply_to(self._applied[family]) if isinstance(state, Delta) else state
         self._generation += 1
 
-    def sync(self, desired: Ruleset | Sequence[Ruleset]) -> Plan:
+    def sync(self, desired: Ruleset | Sequence[Ruleset], changed: Collection[ServicePortName] | None = None) -> Plan:
         """Plan and apply (incremental when possible); returns the applied plan."""
-        plan = self.plan(desired)
+        plan = self.plan(desired, changed)
         self.apply(plan)
         return plan
 
@@ -534,7 +538,9 @@ class NftablesBackend:
         self._generation += 1
 
     # ------------------------------------------------------------------ incremental diff
-    def _plan_incremental(self, t: _Transaction, applied: Applied, desired: Ruleset) -> tuple[Delta, PlanSummary]:
+    def _plan_incremental(
+        self, t: _Transaction, applied: Applied, desired: Ruleset, hint: Collection[ServicePortName] | None = None
+    ) -> tuple[Delta, PlanSummary]:
         family = desired.nft_family
         old_chains = applied.chains()
         new_chains = {c.name: c for c in desired.chains}
@@ -560,7 +566,7 @@ class NftablesBackend:
                 new_counts[k] = touched[k][0]
                 new_values[k] = touched[k][1]
 
-        for before, after in _changed_fragments(applied.ruleset.fragments, desired.fragments):
+        for before, after in _changed_fragments(applied.ruleset.fragments, desired.fragments, hint):
             services_changed += 1
             for set_name, key, _ in before.elements if before else ():
                 k = (set_name, key)
@@ -673,15 +679,25 @@ def _own_chain_commands(
 
 
 def _changed_fragments(
-    old: Mapping[ServicePortName, ServiceFragment], new: Mapping[ServicePortName, ServiceFragment]
+    old: Mapping[ServicePortName, ServiceFragment],
+    new: Mapping[ServicePortName, ServiceFragment],
+    hint: Collection[ServicePortName] | None = None,
 ) -> list[tuple[ServiceFragment | None, ServiceFragment | None]]:
     """(before, after) of every service port whose fragment changed; None where it is absent.
+
+    With a `hint` (the only names that may differ), only those are looked at: O(changed).
 
     The compiler memoizes fragments and emits service ports in a fixed order, so the common case
     is walked in lockstep with identity checks (no hashing of 10,000 names per sync); any
     difference in the sequence of names falls back to lookups by name.
     """
     changed: list[tuple[ServiceFragment | None, ServiceFragment | None]] = []
+    if hint is not None:
+        for name in sorted(hint, key=sort_key):
+            before, after = old.get(name), new.get(name)
+            if before is not after and before != after:
+                changed.append((before, after))
+        return changed
     if len(old) == len(new):
         for (k1, f1), (k2, f2) in zip(old.items(), new.items(), strict=True):
             if k1 is not k2 and k1 != k2:

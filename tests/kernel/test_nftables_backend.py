@@ -22,6 +22,7 @@ from kproxy_nft.compile.nftables import (
     external_chain,
     firewall_chain,
     render_script,
+    update_ruleset,
 )
 from kproxy_nft.kernel.nftables import NftablesBackend, NftablesError, parse_terse_listing, read_table
 from kproxy_nft.model import ClusterState, Endpoint, NodeContext, TrafficPolicy
@@ -99,6 +100,9 @@ def test_incremental_sync_sends_only_the_changed_elements(backend: NftablesBacke
     changed = ClusterState(state.services, {**state.endpoints, name: moved})
     plan = backend.plan(compile_ruleset(changed, node))
     lines = plan.text.splitlines()
+    # The agent's O(changed) path: recompile and compare only the changed port; the same plan.
+    updated = update_ruleset(compile_ruleset(state, node), changed, node, {name})
+    assert backend.plan(updated, changed={name}).text == plan.text
 
     def hairpin_pairs(eps: tuple[Endpoint, ...]) -> str:  # hairpin pairs: every endpoint, as kube-proxy
         return ", ".join(f"{e.ip} . {e.ip}" for e in eps)
