@@ -152,3 +152,25 @@ def test_nftables_update_equals_a_fresh_compile(data: st.DataObject) -> None:
         assert updated.elements() == fresh.elements()
         assert dict(updated.fragments) == dict(fresh.fragments)
         assert {c.name for c in fresh.chains} <= {c.name for c in updated.chains}  # unused ones may linger
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.data())
+def test_iptables_partial_plan_equals_the_full_plan(data: st.DataObject) -> None:
+    """An agent's O(changed) path (update_fragments + a focused plan) sends what a full plan sends."""
+    from kproxy_nft.compile.iptables import assemble_ruleset, compile_fragments, update_fragments
+    from kproxy_nft.kernel.iptables_plan import focus_of, plan
+    from kproxy_nft.kernel.iptables_text import KernelState
+
+    a, b = build_state(*data.draw(clusters())), build_state(*data.draw(clusters()))
+    changed = {name for name in {*a.services, *b.services}
+               if a.services.get(name) != b.services.get(name) or a.endpoints_of(name) != b.endpoints_of(name)}
+    family = IPFamily.V4
+    old = compile_fragments(a, NODE, family)
+    current = plan(assemble_ruleset(old.values(), NODE, family), KernelState(family)).after
+    new = update_fragments(old, b, NODE, family, changed)
+    assert new == compile_fragments(b, NODE, family) and list(new) == list(compile_fragments(b, NODE, family))
+    desired = assemble_ruleset(new.values(), NODE, family)
+    partial, full = plan(desired, current, focus_of(old, new, changed)), plan(desired, current)
+    assert partial.payload == full.payload
+    assert partial.after == full.after

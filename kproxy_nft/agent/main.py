@@ -33,6 +33,7 @@ from kproxy_nft.sources.kube import Change, Replace
 from kproxy_nft.sources.manifests import ManifestError, read_manifests
 
 if TYPE_CHECKING:
+    from kproxy_nft.compile.iptables import Fragments
     from kproxy_nft.compile.nftables import Ruleset
 
 log = logging.getLogger("kproxy_nft.agent")
@@ -79,17 +80,32 @@ class IptablesBackend:
         self.conntrack = ConntrackCleaner(node, netns, families)
         self.backend = self._host.backend
         self._drift = 0
+        # The last synced fragments per family, and the node they were compiled for.
+        self._fragments: tuple[dict[IPFamily, Fragments], NodeContext] | None = None
 
     def _ip6tables_present(self) -> bool:
         """kube-proxy's `Present()` for IPv6: ip6tables runs and has a nat table (in our netns)."""
         return self._host.run(IPFamily.V6, "save", "-t", "nat").returncode == 0
 
     def sync(self, state: ClusterState, full: bool, changed: frozenset[ServicePortName] | None = None) -> str:
-        from kproxy_nft.compile.iptables import compile_ruleset
+        from kproxy_nft.compile.iptables import assemble_ruleset, compile_fragments, update_fragments
+        from kproxy_nft.kernel.iptables_plan import focus_of
 
         parts = []
+        previous, self._fragments = self._fragments, None  # None again if this sync fails
+        partial = not full and changed is not None and previous is not None and previous[1] is self.node
+        synced = {}
         for family, syncer in self._syncers.items():
-            desired = compile_ruleset(state, self.node, family)
+            focus = None
+            if partial and previous is not None and changed is not None:
+                # Only the changed service ports are recompiled and compared: O(changed), plus
+                # assembling the shared chains. The kernel's cost is another matter (see README).
+                old = previous[0][family]
+                fragments = update_fragments(old, state, self.node, family, changed)
+                focus = focus_of(old, fragments, changed)
+            else:
+                fragments = compile_fragments(state, self.node, family)
+            desired = assemble_ruleset(fragments.values(), self.node, family)
             if full and syncer.state is not None:
                 # A full sync reads the kernel back; if what it finds needs a different payload
                 # than what we believe we applied, someone changed our chains: count the repair.
@@ -98,8 +114,10 @@ class IptablesBackend:
                 if self._kernel.plan(desired, kernel_state).payload != expected:
                     self._drift += 1
                 syncer.state = kernel_state
-            plan = syncer.sync(desired, full=full and syncer.state is None)
+            plan = syncer.sync(desired, full=full and syncer.state is None, focus=focus)
+            synced[family] = fragments
             parts.append(f"v{int(family)} chains={len(plan.chains)} jumps={len(plan.jumps)}")
+        self._fragments = (synced, self.node)
         return " ".join(parts)
 
     def drift(self) -> int:

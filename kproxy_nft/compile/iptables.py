@@ -23,7 +23,7 @@ import functools
 import hashlib
 import ipaddress
 import re
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 
 from kproxy_nft.model import (
@@ -542,6 +542,47 @@ def uses_localhost_nodeports(node: NodeContext, family: IPFamily) -> bool:
 
 def compile_ruleset(state: ClusterState, node: NodeContext, family: IPFamily = IPFamily.V4) -> Ruleset:
     """All rules for one IP family (iptables or ip6tables), deterministic for any input order."""
+    return assemble_ruleset(compile_fragments(state, node, family).values(), node, family)
+
+
+Fragments = dict[ServicePortName, ServiceRules]  # in service-port order
+
+
+def compile_fragments(state: ClusterState, node: NodeContext, family: IPFamily) -> Fragments:
+    """Every service port's rules, in the order they appear in the shared chains."""
+    services, endpoints = state.services, state.endpoints
+    return {
+        name: compile_service_port(services[name], endpoints.get(name, ()), node, family)
+        for name in sorted(services, key=sort_key)
+    }
+
+
+def update_fragments(
+    previous: Fragments, state: ClusterState, node: NodeContext, family: IPFamily, changed: Collection[ServicePortName]
+) -> Fragments:
+    """`compile_fragments(state, node, family)` in O(changed), for an agent's partial sync.
+
+    `previous` must be the fragments of a state that differs from `state` only in the `changed`
+    service ports, for the same node. Only a new service port costs a re-sort (its place in the
+    shared chains); changed ones keep theirs.
+    """
+    fragments = previous.copy()
+    added = False
+    for name in changed:
+        svc = state.services.get(name)
+        if svc is None:
+            fragments.pop(name, None)
+            continue
+        added = added or name not in fragments
+        fragments[name] = compile_service_port(svc, state.endpoints_of(name), node, family)
+    if added:
+        fragments = {name: fragments[name] for name in sorted(fragments, key=sort_key)}
+    return fragments
+
+
+def assemble_ruleset(fragments: Iterable[ServiceRules], node: NodeContext, family: IPFamily) -> Ruleset:
+    """The ruleset from the service ports' fragments (in service-port order) and the node's chains."""
+    fragments = list(fragments)
     t = _Tables()
     _static_rules(t, node)
     localhost = uses_localhost_nodeports(node, family)
@@ -552,11 +593,6 @@ def compile_ruleset(state: ClusterState, node: NodeContext, family: IPFamily = I
         t.add("filter", KUBE_FIREWALL,
               f"{comment('block incoming localnet connections')} -d 127.0.0.0/8 ! -s 127.0.0.0/8 "
               "-m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP")
-    services, endpoints = state.services, state.endpoints
-    fragments = [
-        compile_service_port(services[name], endpoints.get(name, ()), node, family)
-        for name in sorted(services, key=sort_key)
-    ]
     for fragment in fragments:
         for table, chain, rule in fragment.shared:
             t.add(table, chain, rule)

@@ -46,6 +46,7 @@ from kproxy_nft.compile.iptables import KUBE_FIREWALL, Ruleset
 from kproxy_nft.kernel.iptables_plan import (
     MANAGED_TABLES,
     ChainChange,
+    Focus,
     JumpChange,
     Plan,
     PlanError,
@@ -386,10 +387,13 @@ class Syncer:
         self.family = family
         self.state: KernelState | None = None
 
-    def sync(self, desired: Ruleset, full: bool = False) -> Plan:
+    def sync(self, desired: Ruleset, full: bool = False, focus: Focus | None = None) -> Plan:
+        """`focus` (see `iptables_plan.Focus`) limits the comparison to what changed since the
+        previous sync; ignored when the kernel must be read (full, first, after an error)."""
         if full or self.state is None:
             self.state = read_state(self.host, self.family)
-        step = plan(desired, self.state)
+            focus = None
+        step = plan(desired, self.state, focus)
         try:
             self.state = apply(step, self.host)
         except IptablesError:

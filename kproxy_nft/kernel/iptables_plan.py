@@ -31,7 +31,7 @@ import enum
 import functools
 import re
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from difflib import SequenceMatcher
 from types import MappingProxyType
@@ -43,6 +43,7 @@ from kproxy_nft.compile.iptables import (
     BuiltinJump,
     Chain,
     Ruleset,
+    ServiceRules,
     Table,
 )
 from kproxy_nft.kernel.iptables_rule import canonical, jump_target
@@ -223,8 +224,11 @@ class _TableEditor:
         self.chain_changes: list[ChainChange] = []
         self.jump_changes: list[JumpChange] = []
 
-    def sync_chains(self, target: Sequence[Chain]) -> None:
+    def sync_chains(self, target: Sequence[Chain], removed: Collection[str] | None = None) -> None:
         """Make our chains exactly `target`: add, rewrite, delete.
+
+        With `removed` (a partial plan, see `Focus`), `target` is only part of our chains and
+        only the chains named in `removed` are candidates for deletion.
 
         This loop sees every chain on every sync (110,000 at 10,000 services), hence the inline
         identity/equality test before `same_rules`: the compiler memoizes unchanged services, so
@@ -255,7 +259,10 @@ class _TableEditor:
         current = self.current.chains
         # Set operations (C speed over every chain): what is not wanted is stale if it is ours,
         # else built-in or someone else's.
-        gone = current.keys() - set(seen)
+        if removed is None:
+            gone = current.keys() - set(seen)
+        else:
+            gone = {name for name in removed if name in current} - set(seen)
         stale = [current[n] for n in sorted(gone) if not current[n].builtin and self.owned(n)]
         if not stale:
             return
@@ -440,7 +447,31 @@ def _finish(family: IPFamily, before: KernelState, editors: Iterable[_TableEdito
     return Plan(family, tuple(edits), tuple(chains), tuple(jumps), before, after)
 
 
-def plan(desired: Ruleset, current: KernelState) -> Plan:
+@dataclass(frozen=True)
+class Focus:
+    """What a partial plan compares: the shared chains, these service chains, these removals.
+
+    For an agent's partial sync: `current` is the state the previous plan left, and the
+    desired rules differ from it only in the chains of the changed service ports (`chains`,
+    their names before and after) and in the shared chains; `removed` are chains those
+    services no longer have. Everything else is taken as equal, unread: O(changed).
+    """
+
+    chains: frozenset[str]
+    removed: frozenset[str]
+
+
+def focus_of(
+    old: Mapping[ServicePortName, ServiceRules], new: Mapping[ServicePortName, ServiceRules],
+    changed: Collection[ServicePortName],
+) -> Focus:
+    """The focus of a partial plan from the fragments before and after the `changed` ports."""
+    before = {c.name for name in changed if name in old for c in old[name].chains}
+    after = {c.name for name in changed if name in new for c in new[name].chains}
+    return Focus(frozenset(before | after), frozenset(before - after))
+
+
+def plan(desired: Ruleset, current: KernelState, focus: Focus | None = None) -> Plan:
     """The changes that make our chains and jumps in `current` equal to `desired`. Pure."""
     if desired.family is not current.family:
         raise PlanError(f"desired rules are IPv{desired.family.value}, the kernel state IPv{current.family.value}")
@@ -448,7 +479,11 @@ def plan(desired: Ruleset, current: KernelState) -> Plan:
     for name in MANAGED_TABLES:
         table = next((t for t in desired.tables if t.name == name), Table(name, ()))
         editor = _TableEditor(current.table(name), current.family, _ownership(name))
-        editor.sync_chains(table.chains)
+        if focus is None:
+            editor.sync_chains(table.chains)
+        else:
+            wanted = focus.chains
+            editor.sync_chains([c for c in table.chains if c.owner is None or c.name in wanted], focus.removed)
         editor.sync_jumps([j for j in desired.jumps if j.table == name])
         editors.append(editor)
     return _finish(current.family, current, editors)
