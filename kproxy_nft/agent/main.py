@@ -11,6 +11,8 @@ is a full one, which diffs against the kernel instead of flushing).
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import dataclasses
 import logging
 import queue
@@ -59,6 +61,20 @@ class Backend(Protocol):
     def drift(self) -> int:
         """Kernel differences repaired so far (full syncs)."""
         ...
+
+
+def release_free_memory() -> None:
+    """Hand memory freed by a big relist or full sync back to the system (glibc's malloc_trim).
+
+    Converting 10,000 Services and EndpointSlices through the client's typed models leaves
+    hundreds of MB of freed heap that glibc keeps for reuse: at 10,000 services × 10 endpoints
+    the agent measured 617 MB resident after its first sync and 284 MB after a trim. A no-op
+    where libc has no malloc_trim (musl).
+    """
+    name = ctypes.util.find_library("c")
+    trim = getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
+    if trim is not None:
+        trim(0)
 
 
 class IptablesBackend:
@@ -338,6 +354,8 @@ class Agent:
         log.info("sync mode=%s kind=%s services_changed=%d duration=%.3fs result=ok %s",
                  self.backend.mode, "full" if full else "partial", len(snapshot.changed), duration, summary)
         self._synced_changes = None if snapshot.full else snapshot.changed_ports
+        if snapshot.full:
+            release_free_memory()  # after relists and full syncs: the big transient allocations
         for hook in self.after_sync:
             try:
                 hook(snapshot.state)

@@ -83,6 +83,11 @@ REJECT_FAST = 0.5  # a REJECT answers within milliseconds; a SYN retry would tak
 # ---------------------------------------------------------------------------------------------
 
 
+# Probes per "every endpoint answers" check: the chance that a random pick misses one endpoint
+# is 3·(2/3)^40 ≈ 3e-7 for three, 2·(1/2)^25 ≈ 6e-8 for two: never a flaky failure.
+SPREAD3 = 40
+SPREAD2 = 25
+
 def svc(name: str, vip: str, port: int = 80, proto: Protocol = Protocol.TCP, **kw: Any) -> ServicePort:
     """A service port named test/<name>:p (target port = port)."""
     return ServicePort(
@@ -232,9 +237,9 @@ NODEPORT_EPS = (ep("pod1"), ep("pod2", "node-b"), ep("pod3", "node-b"))
 def test_nodeport_from_outside_pods_and_the_node(lab: Lab, mode: Mode) -> None:
     mode.load(cluster((NODEPORT, NODEPORT_EPS)))
     # eTP Cluster: every endpoint, the client masqueraded to a node address (KUBE-EXT- marks all).
-    assert_reaches(mode, lab.probe("ext", NODE_IP, 30080, count=15), set(POD_IPS), masqueraded(lab))
-    assert_reaches(mode, lab.probe("testpod", NODE_IP, 30080, count=15), set(POD_IPS), masqueraded(lab))
-    assert_reaches(mode, lab.probe(NODE, NODE_IP, 30080, count=15), set(POD_IPS), masqueraded(lab))
+    assert_reaches(mode, lab.probe("ext", NODE_IP, 30080, count=SPREAD3), set(POD_IPS), masqueraded(lab))
+    assert_reaches(mode, lab.probe("testpod", NODE_IP, 30080, count=SPREAD3), set(POD_IPS), masqueraded(lab))
+    assert_reaches(mode, lab.probe(NODE, NODE_IP, 30080, count=SPREAD3), set(POD_IPS), masqueraded(lab))
     # Localhost NodePorts are off by default: 127.0.0.1 reaches the node's own listener.
     assert_reaches(mode, lab.probe(NODE, "127.0.0.1", 30080, count=3), {NODE_LISTENER})
 
@@ -260,10 +265,10 @@ def test_nodeport_addresses_limit_where_nodeports_answer(lab: Lab, mode: Mode) -
     state = cluster((NODEPORT, NODEPORT_EPS))
     # Control: "every local address" (a /0) serves the NodePort on the pod gateway 10.1.0.1 too.
     mode.load(state, dataclasses.replace(NODE_A, nodeport_addresses=("0.0.0.0/0",)))
-    assert_reaches(mode, lab.probe("testpod", "10.1.0.1", 30080, count=15), set(POD_IPS))
+    assert_reaches(mode, lab.probe("testpod", "10.1.0.1", 30080, count=SPREAD3), set(POD_IPS))
     mode.load(state, dataclasses.replace(NODE_A, nodeport_addresses=("192.168.100.1/32",)))
-    assert_reaches(mode, lab.probe("ext", NODE_IP, 30080, count=15), set(POD_IPS), masqueraded(lab))
-    assert_reaches(mode, lab.probe("testpod", NODE_IP, 30080, count=15), set(POD_IPS))
+    assert_reaches(mode, lab.probe("ext", NODE_IP, 30080, count=SPREAD3), set(POD_IPS), masqueraded(lab))
+    assert_reaches(mode, lab.probe("testpod", NODE_IP, 30080, count=SPREAD3), set(POD_IPS))
     assert_reaches(mode, lab.probe("testpod", "10.1.0.1", 30080, count=3), {NODE_LISTENER})
 
 
@@ -284,10 +289,10 @@ def test_external_and_load_balancer_ips(lab: Lab, mode: Mode) -> None:
     mode.load(cluster((lb, (ep("pod1"), ep("pod2", "node-b")))))
     pods = {"pod1", "pod2"}
     for ip in (LB_IP, EXT_IP):
-        assert_reaches(mode, lab.probe("ext", ip, 80, count=12), pods, masqueraded(lab))
+        assert_reaches(mode, lab.probe("ext", ip, 80, count=SPREAD2), pods, masqueraded(lab))
         # Pods and the node reach them too (KUBE-SERVICES matches them from any source).
-        assert_reaches(mode, lab.probe("testpod", ip, 80, count=12), pods, masqueraded(lab))
-        assert_reaches(mode, lab.probe(NODE, ip, 80, count=12), pods)
+        assert_reaches(mode, lab.probe("testpod", ip, 80, count=SPREAD2), pods, masqueraded(lab))
+        assert_reaches(mode, lab.probe(NODE, ip, 80, count=SPREAD2), pods)
     # Only the service's port is translated: another port of the LB IP leaks upstream.
     assert_reaches(mode, lab.probe("ext", LB_IP, 81, count=2), {LEAK})
 
@@ -302,11 +307,11 @@ def test_load_balancer_source_ranges(lab: Lab, mode: Mode) -> None:
         load_balancer_source_ranges=("192.168.100.2/32",),
     )
     mode.load(cluster((fw, (ep("pod1"), ep("pod2", "node-b")))))
-    assert_reaches(mode, lab.probe("ext", LB_IP, 80, count=12), {"pod1", "pod2"}, masqueraded(lab))
+    assert_reaches(mode, lab.probe("ext", LB_IP, 80, count=SPREAD2), {"pod1", "pod2"}, masqueraded(lab))
     # Outside the ranges: dropped (KUBE-PROXY-FIREWALL / firewall-check), not leaked upstream.
     assert_dropped(mode, lab.probe("ext2", LB_IP, 80, count=2, timeout=DROP_TIMEOUT))
     # The NodePort of the same service is not subject to the ranges.
-    assert_reaches(mode, lab.probe("ext2", NODE_IP, 30082, count=12), {"pod1", "pod2"}, masqueraded(lab))
+    assert_reaches(mode, lab.probe("ext2", NODE_IP, 30082, count=SPREAD2), {"pod1", "pod2"}, masqueraded(lab))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -334,8 +339,8 @@ def test_external_traffic_policy_local(lab: Lab, mode: Mode) -> None:
         assert_reaches(mode, lab.probe("ext", target, port, count=12), {"pod1"}, {EXT_CLIENT_IP})
     # Pod traffic short-circuits to the cluster endpoints (kube-proxy: "pod traffic for ... external
     # destinations" → KUBE-SVC-), and so does the node's own, masqueraded ("masquerade LOCAL traffic").
-    assert_reaches(mode, lab.probe("testpod", NODE_IP, 30083, count=20), {"pod1", "pod2"})
-    assert_reaches(mode, lab.probe(NODE, NODE_IP, 30083, count=20), {"pod1", "pod2"}, masqueraded(lab))
+    assert_reaches(mode, lab.probe("testpod", NODE_IP, 30083, count=SPREAD2), {"pod1", "pod2"})
+    assert_reaches(mode, lab.probe(NODE, NODE_IP, 30083, count=SPREAD2), {"pod1", "pod2"}, masqueraded(lab))
 
 
 def test_external_traffic_policy_local_without_local_endpoints(lab: Lab, mode: Mode) -> None:
@@ -343,10 +348,10 @@ def test_external_traffic_policy_local_without_local_endpoints(lab: Lab, mode: M
     mode.load(cluster((local, (ep("pod2", "node-b"), ep("pod3", "node-b")))))
     for target, port in ((NODE_IP, 30084), (LB_IP, 80), (EXT_IP, 80)):
         assert_dropped(mode, lab.probe("ext", target, port, count=2, timeout=DROP_TIMEOUT))
-    assert_reaches(mode, lab.probe("testpod", "10.96.1.41", 80, count=20), {"pod2", "pod3"})
+    assert_reaches(mode, lab.probe("testpod", "10.96.1.41", 80, count=SPREAD2), {"pod2", "pod3"})
     # kube-proxy still short-circuits pod traffic to the cluster endpoints (its DROP sits in filter
     # KUBE-EXTERNAL-SERVICES, after the DNAT; the spec above is silent on this).
-    assert_reaches(mode, lab.probe("testpod", NODE_IP, 30084, count=20), {"pod2", "pod3"})
+    assert_reaches(mode, lab.probe("testpod", NODE_IP, 30084, count=SPREAD2), {"pod2", "pod3"})
 
 
 def test_internal_traffic_policy_local(lab: Lab, mode: Mode) -> None:
@@ -407,7 +412,7 @@ def test_terminating_endpoints_fallback(lab: Lab, mode: Mode) -> None:
     term = svc("term", "10.96.1.70")
     # All terminating: the serving ones keep taking connections (pod3 is not serving).
     mode.load(cluster((term, (terminating("pod1"), terminating("pod2"), terminating("pod3", serving=False)))))
-    assert_reaches(mode, lab.probe("testpod", "10.96.1.70", 80, count=20), {"pod1", "pod2"})
+    assert_reaches(mode, lab.probe("testpod", "10.96.1.70", 80, count=SPREAD2), {"pod1", "pod2"})
     # A ready endpoint: the terminating ones get no new connections.
     mode.load(cluster((term, (ep("pod1"), terminating("pod2"), terminating("pod3")))))
     assert_reaches(mode, lab.probe("testpod", "10.96.1.70", 80, count=20), {"pod1"})
@@ -421,10 +426,10 @@ def test_topology_hints(lab: Lab, mode: Mode) -> None:
         return ep(pod, zone=zones[0] if zones else None, zone_hints=frozenset(zones))
 
     mode.load(cluster((hinted, (at("pod1", "zone-a"), at("pod2", "zone-b"), at("pod3", "zone-a")))), node)
-    assert_reaches(mode, lab.probe("testpod", "10.96.1.80", 80, count=20), {"pod1", "pod3"})
+    assert_reaches(mode, lab.probe("testpod", "10.96.1.80", 80, count=SPREAD2), {"pod1", "pod3"})
     # One endpoint without hints: hints are ignored, every endpoint is used.
     mode.load(cluster((hinted, (at("pod1", "zone-a"), at("pod2", "zone-b"), at("pod3")))), node)
-    assert_reaches(mode, lab.probe("testpod", "10.96.1.80", 80, count=30), set(POD_IPS))
+    assert_reaches(mode, lab.probe("testpod", "10.96.1.80", 80, count=SPREAD3), set(POD_IPS))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -436,8 +441,8 @@ def test_udp_cluster_ip_and_nodeport(lab: Lab, mode: Mode) -> None:
     dns = svc("dns", "10.96.1.90", 53, Protocol.UDP, node_port=30053, service_type="NodePort")
     mode.load(cluster((dns, (ep("pod1", port=53), ep("pod2", "node-b", port=53)))))
     pods = {"pod1", "pod2"}
-    assert_reaches(mode, lab.probe("testpod", "10.96.1.90", 53, count=15, proto="udp"), pods, {"10.1.0.50"})
-    assert_reaches(mode, lab.probe("ext", NODE_IP, 30053, count=15, proto="udp"), pods, masqueraded(lab))
+    assert_reaches(mode, lab.probe("testpod", "10.96.1.90", 53, count=SPREAD2, proto="udp"), pods, {"10.1.0.50"})
+    assert_reaches(mode, lab.probe("ext", NODE_IP, 30053, count=SPREAD2, proto="udp"), pods, masqueraded(lab))
 
 
 def sctp_unsupported() -> str | None:
