@@ -211,6 +211,7 @@ class ManifestSource:
                 else:
                     self.emit(Replace("services", manifests.services))
                     self.emit(Replace("endpointslices", manifests.endpoint_slices))
+                    del manifests  # the typed objects are big: don't keep them until the next change
             self.stop.wait(self.interval)
 
 

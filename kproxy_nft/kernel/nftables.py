@@ -153,16 +153,43 @@ class KernelTable:
 
 def parse_terse_listing(text: str) -> tuple[dict[str, SetDecl], dict[str, KernelChain]]:
     """Sets/maps and chains of `nft -t -y list table` output (one table)."""
+    sets, chains, _ = parse_listing(text)
+    return sets, chains
+
+
+def parse_listing(
+    text: str,
+) -> tuple[dict[str, SetDecl], dict[str, KernelChain], dict[str, dict[str, str | None]]]:
+    """Sets/maps, chains and set elements of `nft -y list table` output (one table).
+
+    Elements are printed as `elements = { k : v, k : v,` continued over lines up to `}`; keys
+    and values are nft's own text, the syntax the compiler writes them in. Without elements
+    (`-t`, terse) only declarations and chains are found.
+    """
     sets: dict[str, SetDecl] = {}
     chains: dict[str, KernelChain] = {}
+    elements: dict[str, dict[str, str | None]] = {}
     current: tuple[str, str] | None = None
     body: list[str] = []
+    items: list[str] | None = None  # inside `elements = { … }`
     for raw in text.splitlines():
         line = raw.strip()
         if current is None:
             parts = line.split()
             if len(parts) == 3 and parts[0] in ("map", "set", "chain") and parts[2] == "{":
                 current, body = (parts[0], parts[1]), []
+            continue
+        if items is not None or (current[0] != "chain" and line.startswith("elements = {")):
+            if items is None:
+                items, line = [], line.removeprefix("elements = {")
+            done = line.endswith("}")
+            items += [item.strip() for item in line.removesuffix("}").split(",") if item.strip()]
+            if done:
+                is_map = current[0] == "map"
+                elements[current[1]] = {
+                    (k := item.partition(" : "))[0]: (k[2] if is_map else None) for item in items
+                }
+                items = None
             continue
         if line != "}":
             if line:
@@ -174,8 +201,9 @@ def parse_terse_listing(text: str) -> tuple[dict[str, SetDecl], dict[str, Kernel
             chains[name] = KernelChain(name, header, tuple(body[1:] if header else body))
         else:
             sets[name] = SetDecl(name, kind == "map", tuple(body))
+            elements.setdefault(name, {})
         current = None
-    return sets, chains
+    return sets, chains, elements
 
 
 def _atom(value: Any) -> str:
@@ -223,20 +251,19 @@ def _check(result: Completed, what: str) -> str:
 
 
 def read_table(transport: Transport, family: str) -> KernelTable | None:
-    """Our table of `family` as the kernel has it, None when it does not exist."""
-    listing = transport.run(f"list table {family} {TABLE}", libnftables.Output(terse=True, numeric_priority=True))
+    """Our table of `family` as the kernel has it, None when it does not exist.
+
+    One listing with the elements: every `nft list` fetches the whole table into nft's cache
+    first (about 2 s at 10,000 services whatever is printed), so listing each map on its own
+    cost that 17 times; and nft's text is parsed much faster than its JSON.
+    """
+    listing = transport.run(f"list table {family} {TABLE}", libnftables.Output(numeric_priority=True))
     if listing.returncode != 0:
         if "No such file or directory" in listing.stderr:
             return None
         raise NftablesError(f"list table {family} {TABLE}: {listing.stderr.strip()}")
-    sets, chains = parse_terse_listing(listing.stdout)
-    elements = {}
-    for name, decl in sets.items():
-        if _is_dynamic(decl):
-            continue
-        text = _check(transport.run(f"list {decl.keyword} {family} {TABLE} {name}", libnftables.Output(json=True)),
-                      f"list {decl.keyword} {name}")
-        elements[name] = parse_json_elements(text)
+    sets, chains, listed = parse_listing(listing.stdout)
+    elements = {name: listed.get(name, {}) for name, decl in sets.items() if not _is_dynamic(decl)}
     return KernelTable(family, sets, chains, elements)
 
 

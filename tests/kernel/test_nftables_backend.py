@@ -333,3 +333,18 @@ def test_affinity_entries_of_a_gone_endpoint_go_for_every_destination(backend: N
     assert plan.summary.affinity_entries_deleted == 3
     left = run_in(netns, ["nft", "list", "map", "ip", "kproxy-nft", "affinity-tcp"]).stdout
     assert "10.9.9.4" in left and not any(f"10.9.9.{i}" in left for i in (1, 2, 3))
+
+
+def test_text_listing_gives_the_elements_nft_json_gives(netns: str) -> None:
+    """read_table parses nft's text (one listing, fast); nft's JSON per map must agree with it."""
+    from kproxy_nft.kernel.nftables import parse_json_elements, parse_listing
+
+    state, node = every_type()
+    assert run_in(netns, ["nft", "-f", "-"], render_script(compile_all(state, node))).returncode == 0
+    for family in ("ip", "ip6"):
+        text = run_in(netns, ["nft", "-y", "list", "table", family, "kproxy-nft"]).stdout
+        sets, _, elements = parse_listing(text)
+        assert sum(len(e) for e in elements.values()) > (20 if family == "ip" else 3)
+        for name, decl in sets.items():
+            listed = run_in(netns, ["nft", "-j", "list", decl.keyword, family, "kproxy-nft", name]).stdout
+            assert elements[name] == parse_json_elements(listed), name
