@@ -232,6 +232,9 @@ def _apply_nftables(state: ClusterState, settings: ProxySettings, dry_run: bool)
         click.echo(f"nftables: {plan.summary}")
         if dry_run:
             click.echo(plan.text, nl=False)
+            if plan.followup:
+                click.echo("--- then, as a second transaction (backend indexes no longer reachable) ---")
+                click.echo(plan.followup, nl=False)
         elif not plan.is_empty:
             backend.apply(plan)
         return not plan.is_empty

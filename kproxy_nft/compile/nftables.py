@@ -153,8 +153,11 @@ AFFINITY_MAP_SIZE = 1 << 20
 NUMGEN_BOUND = 65536
 
 
+BACKENDS_PREFIX = "backends-"
+
+
 def backends_map(proto: Protocol) -> str:
-    return f"backends-{proto.lower()}"
+    return f"{BACKENDS_PREFIX}{proto.lower()}"
 
 
 def affinity_map(proto: Protocol) -> str:

@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from kproxy_nft.compile.nftables import (
+    BACKENDS_PREFIX,
     TABLE,
     AffinityTarget,
     Chain,
@@ -370,10 +371,11 @@ class Plan:
     desired: tuple[Ruleset, ...]
     next_state: Mapping[str, Applied | Delta] = field(repr=False, compare=False, default_factory=dict)
     base_generation: int = field(repr=False, default=0)
+    followup: str = ""  # deletions run as a second transaction (see `_element_commands`)
 
     @property
     def is_empty(self) -> bool:
-        return not self.text
+        return not self.text and not self.followup
 
 
 # ---------------------------------------------------------------------------------------------
@@ -391,10 +393,14 @@ class _Transaction:
         self.deletes: list[str] = []
         self.adds: list[str] = []
         self.drop_chains: list[str] = []
+        self.followup: list[str] = []  # a second transaction, see `_element_commands`
 
     def text(self) -> str:
         lines = [*self.declare, *self.rules, *self.affinity, *self.deletes, *self.adds, *self.drop_chains]
         return "\n".join(lines) + "\n" if lines else ""
+
+    def followup_text(self) -> str:
+        return "\n".join(self.followup) + "\n" if self.followup else ""
 
 
 def _chain_commands(t: _Transaction, family: str, chain: Chain, existing: bool) -> None:
@@ -414,7 +420,22 @@ def _element_commands(
     deletes: Mapping[str, list[str]],
     adds: Mapping[str, list[str]],
 ) -> None:
+    """Element deletions and additions; backend indexes that go away are deleted afterwards.
+
+    A packet's set lookups each read the kernel's generation anew, so one that looked up
+    `service-ips` before a commit (→ `lb-tcp-3`) can look up `backends-tcp` after it. When a
+    service shrinks from 3 endpoints to 2, its index 2 must still be there for that packet, or
+    it is not DNATed at all (and is then rejected as traffic to a ClusterIP port without
+    rules). So indexes that are only deleted go in a follow-up transaction, run right after:
+    by then no packet can still hold the old `goto`. Until then they are unreachable for new
+    lookups of `service-ips`, and point at what that packet would have got a moment earlier.
+    """
     for set_name, keys in deletes.items():
+        if set_name.startswith(BACKENDS_PREFIX):
+            readded = {item.partition(" : ")[0] for item in adds.get(set_name, ())}
+            later = [key for key in keys if key not in readded]
+            keys = [key for key in keys if key in readded]
+            t.followup += render_elements(family, set_name, later, verb="delete")
         t.deletes += render_elements(family, set_name, keys, verb="delete")
     for set_name, items in adds.items():
         t.adds += render_elements(family, set_name, items)
@@ -512,7 +533,7 @@ class NftablesBackend:
             applied, s = self._plan_incremental(t, self._applied[family], ruleset, changed)
             next_state[family] = applied
             summary += s
-        return Plan(t.text(), summary, rulesets, next_state, self._generation)
+        return Plan(t.text(), summary, rulesets, next_state, self._generation, t.followup_text())
 
     def plan_full(self, desired: Ruleset | Sequence[Ruleset]) -> Plan:
         """Read the kernel back and plan whatever makes it equal to `desired`."""
@@ -527,10 +548,14 @@ class NftablesBackend:
             applied, s = _plan_full_table(t, kernel, ruleset, believed)
             next_state[family] = applied
             summary += s
-        return Plan(t.text(), summary, rulesets, next_state, self._generation)
+        return Plan(t.text(), summary, rulesets, next_state, self._generation, t.followup_text())
 
     def apply(self, plan: Plan) -> None:
-        """Run the plan's transaction; on failure raise NftablesError and change nothing."""
+        """Run the plan's transaction; on failure raise NftablesError and change nothing.
+
+        Then its follow-up (deletions of unreachable backend indexes), if any; should that
+        fail, the rules are in but the next plan is a full one, which reads the kernel back.
+        """
         if plan.base_generation != self._generation:
             raise StalePlanError("the backend changed since this plan was made; plan again")
         if plan.text:
@@ -543,6 +568,13 @@ class NftablesBackend:
         for family, state in plan.next_state.items():
             self._applied[family] = state.apply_to(self._applied[family]) if isinstance(state, Delta) else state
         self._generation += 1
+        if plan.followup:
+            result = self.transport.run(plan.followup)
+            if result.returncode != 0:
+                # The rules are in; only unreachable elements linger. Reading the kernel back
+                # (the full sync that follows a failed sync) finds and deletes them.
+                self._applied = None
+                raise NftablesError(f"nft follow-up transaction failed: {result.stderr.strip()}")
 
     def sync(self, desired: Ruleset | Sequence[Ruleset], changed: Collection[ServicePortName] | None = None) -> Plan:
         """Plan and apply (incremental when possible); returns the applied plan."""
