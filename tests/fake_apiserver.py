@@ -20,6 +20,7 @@ PATHS = {
     "/api/v1/services": ("services", "ServiceList", "v1"),
     "/apis/discovery.k8s.io/v1/endpointslices": ("endpointslices", "EndpointSliceList", "discovery.k8s.io/v1"),
     "/api/v1/nodes": ("nodes", "NodeList", "v1"),
+    "/apis/networking.k8s.io/v1/servicecidrs": ("servicecidrs", "ServiceCIDRList", "networking.k8s.io/v1"),
 }
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from kubernetes.client import V1Node
+from kubernetes.client import V1Node, V1ServiceCIDR
 
 from kproxy_nft.agent.main import Agent
 from kproxy_nft.agent.metrics import new_metrics
@@ -61,3 +61,25 @@ def test_flags_win_and_a_deleted_node_object_changes_nothing() -> None:
     agent._drain(0)  # noqa: SLF001
     assert backend.node == given
     assert "nodes" not in agent.listed or agent.ready()  # services and slices still decide readiness
+
+
+def servicecidr(name: str, *cidrs: str) -> V1ServiceCIDR:
+    return V1ServiceCIDR.from_dict({"metadata": {"name": name}, "spec": {"cidrs": list(cidrs)}})
+
+
+def test_service_cidrs_follow_the_servicecidr_objects_unless_given_by_flag() -> None:
+    agent, backend = agent_with(NodeContext(hostname="node1"))
+    agent.events.put(Replace("servicecidrs", (servicecidr("kubernetes", "10.96.0.0/16", "fd00:96::/112"),)))
+    agent.events.put(Change("servicecidrs", "ADDED", servicecidr("extra", "10.97.0.0/16")))
+    agent.events.put(Change("servicecidrs", "ADDED", servicecidr("bad", "not-a-cidr")))  # logged, ignored
+    agent._drain(0)  # noqa: SLF001
+    assert backend.node.service_cidrs == ("10.97.0.0/16", "10.96.0.0/16", "fd00:96::/112")
+    agent.events.put(Change("servicecidrs", "DELETED", servicecidr("extra", "10.97.0.0/16")))
+    agent._drain(0)  # noqa: SLF001
+    assert backend.node.service_cidrs == ("10.96.0.0/16", "fd00:96::/112")
+
+    flagged, backend = agent_with(NodeContext(hostname="node1", service_cidrs=("10.0.0.0/24",)),
+                                  frozenset({"service_cidrs"}))
+    flagged.events.put(Replace("servicecidrs", (servicecidr("kubernetes", "10.96.0.0/16"),)))
+    flagged._drain(0)  # noqa: SLF001
+    assert backend.node.service_cidrs == ("10.0.0.0/24",)

@@ -21,7 +21,8 @@ def test_manifest_validates_against_the_kubernetes_schema(name: str, index: int,
 def test_cluster_role_only_reads() -> None:
     (role,) = [d for _, _, d in DOCS if d["kind"] == "ClusterRole"]
     assert {v for rule in role["rules"] for v in rule["verbs"]} == {"get", "list", "watch"}
-    assert sorted(r for rule in role["rules"] for r in rule["resources"]) == ["endpointslices", "nodes", "services"]
+    resources = sorted(r for rule in role["rules"] for r in rule["resources"])
+    assert resources == ["endpointslices", "nodes", "servicecidrs", "services"]
 
 
 def test_daemonset_has_what_the_agent_needs() -> None:

@@ -39,7 +39,7 @@ class Harness:
         self.tracker = ChangeTracker()
         self.reflectors = [
             Reflector(name, fn, self.events.put, self.stop, watch_timeout=2, initial_backoff=0.05, jitter=lambda: 0.0)
-            for name, fn in list_functions(self.api_client).items()
+            for name, fn in list_functions(self.api_client).items() if name in ("services", "endpointslices")
         ]
         self.threads = [threading.Thread(target=r.run, daemon=True) for r in self.reflectors]
 

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Protocol
 from kproxy_nft.agent.changes import ChangeTracker, Snapshot
 from kproxy_nft.agent.metrics import Metrics
 from kproxy_nft.agent.runner import SyncRunner
-from kproxy_nft.convert import convert_node
+from kproxy_nft.convert import InvalidObject, convert_node, convert_service_cidr
 from kproxy_nft.kernel.conntrack import ConntrackCleaner
 from kproxy_nft.kernel.runner import kernel_has_ipv6
 from kproxy_nft.model import ClusterState, IPFamily, NodeContext, ServicePortName, node_families
@@ -237,8 +237,9 @@ class Agent:
         self.tracker = ChangeTracker()
         self.stop = threading.Event()
         self.listed: set[str] = set()
-        # Node fields given by flags, which the Node object must not override.
+        # Node fields given by flags, which the Node and ServiceCIDR objects must not override.
         self.fixed_node_fields: frozenset[str] = frozenset()
+        self._service_cidrs: dict[str, tuple[str, ...]] = {}  # ServiceCIDR name → its CIDRs
         self._clock = clock
         self._pending_triggers: list[float] = []
         self.syncs = 0
@@ -259,6 +260,9 @@ class Agent:
         if item.resource == "nodes":
             self._node_event(item)
             return
+        if item.resource == "servicecidrs":
+            self._service_cidr_event(item)
+            return
         t = self.tracker
         if item.resource == "endpointslices":
             self.metrics.endpoint_changes.inc(1 if isinstance(item, Change) else max(len(item.items), 1))
@@ -278,23 +282,47 @@ class Agent:
     def _node_event(self, item: Replace | Change) -> None:
         """This node's Node object: its IPs and zone, for whatever the flags left unset.
 
-        A changed node context changes every service's rules (topology, node ports), so the
-        next sync is a full one. A deleted Node object changes nothing: the node is still here
-        and the rules it has keep working.
+        A deleted Node object changes nothing: the node is still here and the rules it has
+        keep working.
         """
         objs = item.items if isinstance(item, Replace) else (() if item.type == "DELETED" else (item.obj,))
         if not objs:
             return
         info = convert_node(objs[0])
         current = self.backend.node
-        updated = dataclasses.replace(
+        self._set_node(dataclasses.replace(
             current,
             node_ips=current.node_ips if "node_ips" in self.fixed_node_fields else info.ips,
             zone=current.zone if "zone" in self.fixed_node_fields else info.zone,
-        )
-        if updated == current:
+        ))
+
+    def _service_cidr_event(self, item: Replace | Change) -> None:
+        """ServiceCIDR objects: the service IP ranges (nftables mode drops what is unallocated)."""
+        if isinstance(item, Replace):
+            self._service_cidrs = {}
+            objs = list(item.items)
+        else:
+            objs = [item.obj]
+        for obj in objs:
+            name = obj.metadata.name
+            if isinstance(item, Change) and item.type == "DELETED":
+                self._service_cidrs.pop(name, None)
+                continue
+            try:
+                self._service_cidrs[name] = convert_service_cidr(obj)
+            except InvalidObject as e:
+                log.error("ServiceCIDR %s: %s (ignored)", name, e)
+        if "service_cidrs" not in self.fixed_node_fields:
+            cidrs = tuple(dict.fromkeys(c for name in sorted(self._service_cidrs) for c in self._service_cidrs[name]))
+            self._set_node(dataclasses.replace(self.backend.node, service_cidrs=cidrs))
+
+    def _set_node(self, updated: NodeContext) -> None:
+        """A changed node context changes every service's rules (topology, node ports, service
+        CIDRs), so the next sync recompiles everything."""
+        if updated == self.backend.node:
             return
-        log.info("node %s: ips=%s zone=%s", updated.hostname, ",".join(updated.node_ips) or "-", updated.zone or "-")
+        log.info("node %s: ips=%s zone=%s service-cidrs=%s", updated.hostname, ",".join(updated.node_ips) or "-",
+                 updated.zone or "-", ",".join(updated.service_cidrs) or "-")
         self.backend.node = updated
         cleaner = getattr(self.backend, "conntrack", None)
         if isinstance(cleaner, ConntrackCleaner):

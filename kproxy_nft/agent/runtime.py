@@ -50,9 +50,9 @@ def run_agent(settings: ProxySettings, *, kubeconfig: str | None, manifest_paths
 
         api = api_client(kubeconfig)
         # Flags win over the Node object (kube-proxy: --node-ip over the Node's addresses).
-        agent.fixed_node_fields = frozenset(
-            name for name, given in (("node_ips", settings.node.node_ips), ("zone", settings.node.zone)) if given
-        )
+        given = {"node_ips": settings.node.node_ips, "zone": settings.node.zone,
+                 "service_cidrs": settings.node.service_cidrs}
+        agent.fixed_node_fields = frozenset(name for name, value in given.items() if value)
         for resource, list_fn in list_functions(api, settings.node.hostname).items():
             reflector = Reflector(resource, list_fn, agent.events.put, agent.stop)
             threads.append(threading.Thread(target=reflector.run, name=resource, daemon=True))

@@ -1,4 +1,4 @@
-"""The Kubernetes API as a source: list, then watch, Services, EndpointSlices and our Node.
+"""The Kubernetes API as a source: list, then watch, Services, EndpointSlices, ServiceCIDRs, our Node.
 
 A `Reflector` per resource runs in its own thread, as client-go's reflector does: it lists
 (everything, with the list's resourceVersion), hands the full list on as one `Replace`, then
@@ -63,12 +63,13 @@ def api_client(kubeconfig: str | None = None) -> client.ApiClient:
 def list_functions(api: client.ApiClient, node_name: str | None = None) -> dict[str, Callable[..., Any]]:
     """The list calls kproxy-nft watches, by resource name.
 
-    With `node_name`, also this node's own Node object (a field selector: the watch sees only
-    it), for its addresses and topology zone.
+    ServiceCIDRs give the service IP ranges. With `node_name`, also this node's own Node
+    object (a field selector: the watch sees only it), for its addresses and topology zone.
     """
     functions: dict[str, Callable[..., Any]] = {
         "services": client.CoreV1Api(api).list_service_for_all_namespaces,
         "endpointslices": client.DiscoveryV1Api(api).list_endpoint_slice_for_all_namespaces,
+        "servicecidrs": client.NetworkingV1Api(api).list_service_cidr,
     }
     if node_name:
         functions["nodes"] = functools.partial(client.CoreV1Api(api).list_node,
