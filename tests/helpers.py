@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from kproxy_nft.model import Endpoint, NodeContext, Protocol, ServicePort, ServicePortName
@@ -25,3 +27,13 @@ def endpoint(ip: str, port: int = 80, **kw: object) -> Endpoint:
 
 
 NODE = NodeContext(hostname="node1", cluster_cidrs=("10.0.0.0/8",))
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 10.0, interval: float = 0.05) -> None:
+    """Poll until `predicate()` holds; fail the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(interval)
+    raise AssertionError("condition not reached")

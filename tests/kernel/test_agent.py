@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 from kubernetes import client
@@ -14,6 +14,7 @@ from kproxy_nft.agent.metrics import new_metrics
 from kproxy_nft.model import NodeContext
 from kproxy_nft.sources.kube import Reflector, list_functions
 from tests.fake_apiserver import FakeAPIServer
+from tests.helpers import wait_for
 from tests.kernel.conftest import run_in
 from tests.test_kube_source import endpoint_slice, service
 
@@ -21,13 +22,6 @@ pytestmark = pytest.mark.kernel
 NODE = NodeContext(hostname="node1", cluster_cidrs=("10.1.0.0/16",))
 
 
-def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError("condition not reached")
 
 
 class Running:

@@ -14,8 +14,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +22,7 @@ import pytest
 from kproxy_nft.agent.healthcheck import HealthCheck, HealthCheckServers
 from kproxy_nft.model import NodeContext
 from kproxy_nft.netlab import ClientSpec, Lab, PodSpec
+from tests.helpers import wait_for
 from tests.kernel.conftest import run_in
 
 pytestmark = pytest.mark.kernel
@@ -73,13 +72,6 @@ def endpoint_slice(pod1_ready: bool) -> str:
     })
 
 
-def wait_for(predicate: Callable[[], bool], timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.2)
-    raise AssertionError("condition not reached")
 
 
 def write(path: Path, text: str) -> None:
@@ -117,7 +109,7 @@ def test_agent_serves_health_checks_inside_the_node_namespace(mode: str, tmp_pat
             return log.read()
 
         try:
-            wait_for(lambda: probe()[0] > 0)
+            wait_for(lambda: probe()[0] > 0, timeout=15.0, interval=0.2)
             status, headers, body = probe()
             assert status == 200, agent_log()
             # pod1 counts once although it is behind two ports; pod2 is on another node.
@@ -131,12 +123,12 @@ def test_agent_serves_health_checks_inside_the_node_namespace(mode: str, tmp_pat
 
             # pod1 starts terminating: the load balancer must drain this node (same server, new answer).
             write(manifests / "slice.json", endpoint_slice(pod1_ready=False))
-            wait_for(lambda: probe()[0] == 503)
+            wait_for(lambda: probe()[0] == 503, timeout=15.0, interval=0.2)
             assert probe()[2]["localEndpoints"] == 0
 
             # The Service goes: the port is closed.
             (manifests / "service.json").unlink()
-            wait_for(lambda: probe()[0] == 0)  # refused, not merely reset
+            wait_for(lambda: probe()[0] == 0, timeout=15.0, interval=0.2)  # refused, not merely reset
             assert f"healthcheck port={HC_PORT} closed" in agent_log()
         finally:
             agent.send_signal(signal.SIGINT)
