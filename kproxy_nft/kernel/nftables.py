@@ -718,10 +718,11 @@ def _own_chain_commands(
     """Create, rewrite or delete the chains a changed service port owns; (added, changed, deleted).
 
     A chain that a full sync left behind as stale (still referenced then) is rewritten, not
-    declared again, and is no longer stale. Chains are deleted in this same transaction, after
-    the element deletes that drop the last references to them (only their own fragment's
-    elements point at them). Kernels before 6.2 may refuse that (the reference is released
-    late, see `staleChains` in kube-proxy's proxier.go); this is not worked around here.
+    declared again, and is no longer stale. Chains that go are deleted in the follow-up
+    transaction, once the element deletes that drop the last references to them (only their
+    own fragment's elements point at them) are committed: kernels before 6.2 refuse both in
+    one transaction (see `staleChains` in kube-proxy's proxier.go). Should the follow-up fail
+    even so, the full sync after it keeps a still-referenced chain as stale for later.
     """
     old = {c.name: c for c in before.chains} if before is not None else {}
     new = {c.name: c for c in after.chains} if after is not None else {}
@@ -733,7 +734,7 @@ def _own_chain_commands(
             added += existing is None
             changed += existing is not None
     gone = [name for name in old if name not in new]
-    t.drop_chains += [f"delete chain {family} {TABLE} {name}" for name in gone]
+    t.followup += [f"delete chain {family} {TABLE} {name}" for name in gone]
     return added, changed, len(gone)
 
 

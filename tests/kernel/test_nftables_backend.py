@@ -282,10 +282,11 @@ def test_an_external_service_touches_only_its_elements_and_chains(backend: Nftab
     backend.apply(plan)
     assert backend.plan(compile_all(local, node)).is_empty
 
-    # Removed: its elements and, in the same transaction, its chains go.
+    # Removed: its elements go, then its chains, in the follow-up transaction (kernels before
+    # 6.2 refuse to delete a chain in the transaction that drops its last reference).
     plan = backend.plan(compile_all(state, node))
-    assert lines_about_others(plan.text) == []
-    assert plan.text.splitlines()[-2:] == [f"delete chain ip kproxy-nft {ext}", f"delete chain ip kproxy-nft {fw}"]
+    assert lines_about_others(plan.text) == [] and "delete chain" not in plan.text
+    assert plan.followup.splitlines()[:2] == [f"delete chain ip kproxy-nft {ext}", f"delete chain ip kproxy-nft {fw}"]
     assert plan.summary.chains_deleted == 2
     backend.apply(plan)
     listing = run_in(netns, ["nft", "list", "chains", "ip"]).stdout
