@@ -7,8 +7,20 @@ included, so that `iptables-save` on a kproxy-nft node reads like one running ku
          KUBE-SVC-<hash>    masquerade off-cluster sources, then pick one endpoint at random:
                             rule i of N matches with probability 1/(N−i); the last is unconditional
          KUBE-SEP-<hash>    hairpin mark (`-s <endpoint>`), then DNAT to <endpoint ip:port>
+         KUBE-SERVICES      -d <external IP> → KUBE-EXT-<hash>; -d <LB IP> → KUBE-FW-<hash> (with
+                            loadBalancerSourceRanges) or KUBE-EXT-; last rule: node-port
+                            addresses → KUBE-NODEPORTS  --dport <nodePort> → KUBE-EXT-<hash>
+         KUBE-EXT-<hash>    Cluster policy: masquerade, → KUBE-SVC-; Local policy: pods and the
+                            node short-circuit to KUBE-SVC- (the node masqueraded), the rest → KUBE-SVL-
+         KUBE-SVL-<hash>    this node's endpoints only (Local traffic policies)
          POSTROUTING → KUBE-POSTROUTING  MASQUERADE what KUBE-MARK-MASQ marked (0x4000)
-    filter KUBE-SERVICES    REJECT for service ports with no usable endpoint
+    filter KUBE-SERVICES / KUBE-EXTERNAL-SERVICES  REJECT when a service has no usable endpoint,
+                            DROP when a Local policy finds none on this node
+           KUBE-PROXY-FIREWALL  DROP what KUBE-FW- did not let through; KUBE-NODEPORTS  ACCEPT
+                            health-check node ports; KUBE-FIREWALL  localhost NodePorts' anti-martian rule
+
+Service ports are compiled one at a time into memoized fragments (`compile_service_port`), so
+an agent's partial sync recompiles only what changed (`update_fragments`, `assemble_ruleset`).
 
 Chain names hash like kube-proxy's: `KUBE-SVC-` + base32(sha256(servicePortName + protocol))[:16].
 
