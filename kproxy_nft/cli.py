@@ -246,12 +246,15 @@ def _apply_iptables(state: ClusterState, settings: ProxySettings, dry_run: bool,
     host = kernel.open_host(None if backend == "auto" else backend)
     changed = False
     for family in node_families(settings.node, lambda: host.run(IPFamily.V6, "save", "-t", "nat").returncode == 0):
-        plan = kernel.plan(ipt.compile_ruleset(state, settings.node, family), kernel.read_state(host, family))
+        desired = ipt.compile_ruleset(state, settings.node, family)
+        plan = kernel.plan(desired, kernel.read_state(host, family))
         changed |= not plan.is_empty
         status = "nothing to change" if plan.is_empty else ("would change" if dry_run else "changed")
         click.echo(f"iptables-{host.backend} IPv{int(family)}: {status}")
         _print_iptables_plan(plan, dry_run)
         if not dry_run:
+            if kernel.wants_route_localnet(desired):
+                kernel.enable_route_localnet(host)
             kernel.apply(plan, host)
     return changed
 

@@ -45,7 +45,6 @@ from kproxy_nft.model import (
     ServicePort,
     ServicePortName,
     TrafficPolicy,
-    ip_family,
     sort_key,
 )
 from kproxy_nft.selection import categorize_endpoints
@@ -168,15 +167,14 @@ def _service_frontends(
         cluster_ip = svc.cluster_ip(family)
         if cluster_ip is None:
             continue  # the compilers program nothing for a family without a cluster IP
-        sel = categorize_endpoints(svc, tuple(ep for ep in endpoints if ep.family is family), node)
+        sel = categorize_endpoints(svc, tuple(ep for ep in endpoints if ep.family is family), node, family)
         reachable = frozenset(_address(ep) for ep in sel.all_reachable)
         internal = sel.local if svc.internal_traffic_policy is TrafficPolicy.LOCAL else sel.cluster
         external = sel.local if svc.external_traffic_policy is TrafficPolicy.LOCAL else sel.cluster
         yield Frontend(family, proto, svc.port, canonical_ip(cluster_ip)), _Backends(bool(internal), reachable)
         outside = _Backends(bool(external), reachable)
-        for ip in (*svc.external_ips, *svc.load_balancer_ips):
-            if ip_family(ip) is family:
-                yield Frontend(family, proto, svc.port, canonical_ip(ip)), outside
+        for ip in (*svc.external_ips_of(family), *svc.load_balancer_ips_of(family)):
+            yield Frontend(family, proto, svc.port, canonical_ip(ip)), outside
         if svc.node_port:
             yield Frontend(family, proto, svc.node_port), outside
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import enum
 import ipaddress
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TypeVar
@@ -145,6 +145,31 @@ class ServicePort(_CachedHash):
     def externally_accessible(self) -> bool:
         """Reached from outside the cluster (node port, external or load-balancer IPs)."""
         return bool(self.node_port or self.external_ips or self.load_balancer_ips)
+
+    # The per-family view kube-proxy's proxiers get (its `MapIPsByIPFamily`): each family's
+    # rules see only that family's external IPs, load-balancer IPs and source ranges.
+
+    def external_ips_of(self, family: IPFamily) -> tuple[str, ...]:
+        return tuple(ip for ip in self.external_ips if ip_family(ip) is family)
+
+    def load_balancer_ips_of(self, family: IPFamily) -> tuple[str, ...]:
+        return tuple(ip for ip in self.load_balancer_ips if ip_family(ip) is family)
+
+    def source_ranges_of(self, family: IPFamily) -> tuple[str, ...]:
+        return tuple(cidr for cidr in self.load_balancer_source_ranges if ip_family(cidr) is family)
+
+    def externally_accessible_in(self, family: IPFamily) -> bool:
+        """`externally_accessible` for one family's rules (kube-proxy's `ExternallyAccessible`)."""
+        return bool(self.node_port or self.external_ips_of(family) or self.load_balancer_ips_of(family))
+
+    def source_ranges_admit(self, ips: Iterable[str], family: IPFamily) -> bool:
+        """Whether one of `ips` (the node's) lies in a source range of this family.
+
+        Then the load-balancer IPs are allowed as sources too: a VIP-style load balancer often
+        makes its IP a local address, so a node reaches it with the VIP as the source (kube-proxy).
+        """
+        networks = [ipaddress.ip_network(cidr, strict=False) for cidr in self.source_ranges_of(family)]
+        return any(ipaddress.ip_address(ip) in net for ip in ips for net in networks)
 
 
 @dataclass(frozen=True, order=True)

@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from kproxy_nft.model import Endpoint, NodeContext, ServicePort, TrafficPolicy
+from kproxy_nft.model import Endpoint, IPFamily, NodeContext, ServicePort, TrafficPolicy
 
 
 @dataclass(frozen=True)
@@ -38,17 +38,22 @@ class EndpointSelection:
         return bool(self.local) and not any(ep.ready for ep in self.local)
 
 
-def uses_cluster_endpoints(svc: ServicePort) -> bool:
+def _externally_accessible(svc: ServicePort, family: IPFamily | None) -> bool:
+    return svc.externally_accessible if family is None else svc.externally_accessible_in(family)
+
+
+def uses_cluster_endpoints(svc: ServicePort, family: IPFamily | None = None) -> bool:
     """Cluster endpoints are needed unless internal traffic is Local and nothing comes from outside.
 
     Even with externalTrafficPolicy Local the cluster set is used, to short-circuit pod traffic.
+    With a `family`, "from outside" counts only that family's external and LB IPs.
     """
-    return svc.internal_traffic_policy is TrafficPolicy.CLUSTER or svc.externally_accessible
+    return svc.internal_traffic_policy is TrafficPolicy.CLUSTER or _externally_accessible(svc, family)
 
 
-def uses_local_endpoints(svc: ServicePort) -> bool:
+def uses_local_endpoints(svc: ServicePort, family: IPFamily | None = None) -> bool:
     return svc.internal_traffic_policy is TrafficPolicy.LOCAL or (
-        svc.external_traffic_policy is TrafficPolicy.LOCAL and svc.externally_accessible
+        svc.external_traffic_policy is TrafficPolicy.LOCAL and _externally_accessible(svc, family)
     )
 
 
@@ -80,23 +85,27 @@ def _topology_filter(endpoints: Iterable[Endpoint], node: NodeContext) -> Callab
 
 
 def categorize_endpoints(
-    svc: ServicePort, endpoints: tuple[Endpoint, ...], node: NodeContext
+    svc: ServicePort, endpoints: tuple[Endpoint, ...], node: NodeContext, family: IPFamily | None = None
 ) -> EndpointSelection:
-    """Split a service port's endpoints into the cluster, local and reachable sets."""
+    """Split a service port's endpoints into the cluster, local and reachable sets.
+
+    `family`: the rules of one family are being made (the endpoints are of that family), so the
+    service is seen as that family's proxier sees it.
+    """
 
     def is_local(ep: Endpoint) -> bool:
         return ep.node_name == node.hostname
 
     cluster: tuple[Endpoint, ...] = ()
     has_any = False
-    if uses_cluster_endpoints(svc):
+    if uses_cluster_endpoints(svc, family):
         in_topology = _topology_filter(endpoints, node)
         cluster = tuple(ep for ep in endpoints if ep.ready and in_topology(ep))
         if not cluster:
             cluster = tuple(ep for ep in endpoints if _usable_terminating(ep))
         has_any = bool(cluster)
 
-    if not uses_local_endpoints(svc):
+    if not uses_local_endpoints(svc, family):
         return EndpointSelection(cluster, (), cluster, has_any)
 
     has_any = has_any or any(ep.ready or _usable_terminating(ep) for ep in endpoints)
@@ -104,7 +113,7 @@ def categorize_endpoints(
     if not local:
         local = tuple(ep for ep in endpoints if is_local(ep) and _usable_terminating(ep))
 
-    if not uses_cluster_endpoints(svc):
+    if not uses_cluster_endpoints(svc, family):
         return EndpointSelection((), local, local, has_any)
 
     reachable = {ep.address: ep for ep in (*cluster, *local)}

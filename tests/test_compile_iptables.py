@@ -353,3 +353,22 @@ def test_source_ranges_guard_lb_ips_but_not_node_ports() -> None:
     assert f"--dport 30080 -j {ext}" in text  # node port straight to EXT, not FW
     inside = dataclasses.replace(NODE, node_ips=("203.0.113.7",))
     assert f"-s 198.51.100.1 -j {ext}" in dump(ClusterState({spn(): svc}, {spn(): TWO}), inside)
+
+
+def test_each_family_sees_only_its_own_external_addresses_and_source_ranges() -> None:
+    """kube-proxy's per-family service view: IPv4-only source ranges don't firewall an IPv6 LB
+    IP, and an IPv4 external IP doesn't make the IPv6 side "externally accessible"."""
+    lb = service(ip="10.96.0.5", service_type="LoadBalancer", node_port=30080,
+                 load_balancer_ips=("192.0.2.10", "2001:db8::10"), load_balancer_source_ranges=("203.0.113.0/24",))
+    lb = dataclasses.replace(lb, cluster_ips=("10.96.0.5", "fd00::5"))
+    eps = (endpoint("10.180.0.1"), endpoint("fd01::1"))
+    v6 = dump(ClusterState({spn(): lb}, {spn(): eps}), NODE, IPFamily.V6)
+    assert "KUBE-FW-" not in v6 and "KUBE-PROXY-FIREWALL -m comment" not in v6
+    assert f"-d 2001:db8::10 --dport 80 -j {service_chain_name('KUBE-EXT-', spn())}" in v6
+    assert "-d 192.0.2.10" not in v6 and "KUBE-FW-" in dump(ClusterState({spn(): lb}, {spn(): eps}))
+
+    local = service(ip="10.96.0.6", internal_traffic_policy=TrafficPolicy.LOCAL, external_ips=("203.0.113.7",))
+    local = dataclasses.replace(local, cluster_ips=("10.96.0.6", "fd00::6"))
+    six = (endpoint("fd01::2", node_name="node1"), endpoint("fd01::3", node_name="other"))
+    v6 = dump(ClusterState({spn(): local}, {spn(): six}), NODE, IPFamily.V6)
+    assert ":KUBE-SVC-" not in v6 and ":KUBE-SVL-" in v6 and "fd01::3" not in v6

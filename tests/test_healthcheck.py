@@ -63,6 +63,12 @@ def test_several_ports_share_one_server_and_an_ip_counts_once() -> None:
     assert got == {32000: HealthCheck("shop", "web", 3)}  # 10.1.0.1 behind both ports is one endpoint
 
 
+def test_a_dual_stack_pod_counts_once() -> None:
+    web = spn("web", "shop", "http")
+    pods = (local("10.1.0.1"), local("fd00::1"), local("10.1.0.2"), local("fd00::2"), local("fd00::3"))
+    assert desired_health_checks(state((lb(web), pods)), NODE) == {32000: HealthCheck("shop", "web", 3)}
+
+
 def test_terminating_endpoints_do_not_count_even_when_traffic_still_uses_them() -> None:
     """kube-proxy: only terminating endpoints left → 503, so the load balancer drains the node,
     although the datapath keeps sending to them (categorize_endpoints' local fallback)."""

@@ -44,7 +44,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, cast
 
 from kproxy_nft.kernel.libnftables import entered_netns
-from kproxy_nft.model import ClusterState, NodeContext, TrafficPolicy, sort_key
+from kproxy_nft.model import ClusterState, IPFamily, NodeContext, TrafficPolicy, ip_family, sort_key
 
 log = logging.getLogger("kproxy_nft.agent.healthcheck")
 
@@ -92,7 +92,12 @@ def desired_health_checks(state: ClusterState, node: NodeContext) -> dict[int, H
         )
     desired: dict[int, HealthCheck] = {}
     for (namespace, svc_name), port in ports.items():
-        desired.setdefault(port, HealthCheck(namespace, svc_name, len(local_ips[(namespace, svc_name)])))
+        ips = local_ips[(namespace, svc_name)]
+        # A dual-stack pod has an IP per family: count pods of the family with more of them, as
+        # each of kube-proxy's per-family proxiers counts only its own (one shared server).
+        v6 = sum(1 for ip in ips if ip_family(ip) is IPFamily.V6)
+        count = max(len(ips) - v6, v6)
+        desired.setdefault(port, HealthCheck(namespace, svc_name, count))
     return desired
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import dataclasses
 import logging
 import queue
@@ -71,8 +70,7 @@ def release_free_memory() -> None:
     the agent measured 617 MB resident after its first sync and 284 MB after a trim. A no-op
     where libc has no malloc_trim (musl).
     """
-    name = ctypes.util.find_library("c")
-    trim = getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
+    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)  # the process's own libc; no ldconfig lookup
     if trim is not None:
         trim(0)
 

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import ipaddress
 import re
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
@@ -46,7 +45,6 @@ from kproxy_nft.model import (
     ServicePort,
     ServicePortName,
     TrafficPolicy,
-    ip_family,
     sort_key,
 )
 from kproxy_nft.selection import categorize_endpoints
@@ -371,13 +369,15 @@ def compile_service_port(
         return ServiceRules(name, ())  # no address of this family: nothing to program
 
     endpoints = tuple(ep for ep in endpoints if ep.family is family)
-    sel = categorize_endpoints(svc, endpoints, node)
+    sel = categorize_endpoints(svc, endpoints, node, family)
     names = _Names(svc)
     text, proto = names.text, names.proto
     has_endpoints = sel.has_any
-    external_ips = tuple(ip for ip in svc.external_ips if ip_family(ip) is family)
-    lb_ips = tuple(ip for ip in svc.load_balancer_ips if ip_family(ip) is family)
-    externally_accessible = bool(svc.node_port or external_ips or lb_ips)
+    # This family's view of the service (kube-proxy's per-family service info).
+    external_ips = svc.external_ips_of(family)
+    lb_ips = svc.load_balancer_ips_of(family)
+    ranges = svc.source_ranges_of(family)
+    externally_accessible = svc.externally_accessible_in(family)
 
     svc_chain = service_chain_name(SVC_PREFIX, name)
     svl_chain = service_chain_name(SVL_PREFIX, name)
@@ -394,7 +394,7 @@ def compile_service_port(
     # The EXT chain is needed whenever there are endpoints at all: with eTP Local it also
     # short-circuits pod and node traffic, which may go to endpoints on other nodes.
     uses_ext = has_endpoints and externally_accessible
-    uses_fw = has_endpoints and bool(lb_ips) and bool(svc.load_balancer_source_ranges)
+    uses_fw = has_endpoints and bool(lb_ips) and bool(ranges)
     lb_target = fw_chain if uses_fw else ext_chain
     internal_verdict, internal_comment = _local_only_target(has_endpoints, text)
     external_verdict, external_comment = _local_only_target(has_endpoints, text)
@@ -462,7 +462,7 @@ def compile_service_port(
         chains.append(Chain(ext_chain, tuple(_external_rules(
             text, node, family, external_local, svc_chain, external_policy if has_external else None)), name))
     if uses_fw:
-        chains.append(Chain(fw_chain, tuple(_firewall_rules(text, svc, lb_ips, node, family, ext_chain)), name))
+        chains.append(Chain(fw_chain, tuple(_firewall_rules(text, svc, ranges, lb_ips, node, family, ext_chain)), name))
 
     # The SVC/SVL chains exist only when they have endpoints to jump to (as in kube-proxy).
     seps = {ep.address: names.endpoint_chain(ep.address) for ep in sel.all_reachable}
@@ -509,7 +509,8 @@ def _external_rules(
 
 
 def _firewall_rules(
-    text: str, svc: ServicePort, lb_ips: tuple[str, ...], node: NodeContext, family: IPFamily, ext_chain: str
+    text: str, svc: ServicePort, ranges: tuple[str, ...], lb_ips: tuple[str, ...], node: NodeContext,
+    family: IPFamily, ext_chain: str,
 ) -> list[str]:
     """The KUBE-FW- chain: sources in loadBalancerSourceRanges go on to EXT, others fall off.
 
@@ -518,10 +519,8 @@ def _firewall_rules(
     sources too: a node reaching a VIP-style LB IP bound locally sends with that IP as source.
     """
     lb_comment = comment(f"{text} loadbalancer IP")
-    ranges = [r for r in svc.load_balancer_source_ranges if ip_family(r) is family]
     rules = [f"{lb_comment} -s {cidr} -j {ext_chain}" for cidr in ranges]
-    networks = [ipaddress.ip_network(r, strict=False) for r in ranges]
-    if any(ipaddress.ip_address(ip) in net for ip in node.node_ips_of(family) for net in networks):
+    if svc.source_ranges_admit(node.node_ips_of(family), family):
         rules += [f"{lb_comment} -s {ip} -j {ext_chain}" for ip in lb_ips]
     rules.append(comment(f"other traffic to {text} will be dropped by KUBE-PROXY-FIREWALL"))
     return rules

@@ -90,7 +90,7 @@ import base64
 import functools
 import hashlib
 import ipaddress
-from collections.abc import Collection, Iterable, Iterator, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import NamedTuple
@@ -613,17 +613,15 @@ def _external_rules(
 
 
 def _firewall_rules(
-    family: IPFamily, ranges: list[str], lb_ips: list[str], node: NodeContext
+    family: IPFamily, svc: ServicePort, ranges: Sequence[str], lb_ips: list[str], node: NodeContext
 ) -> tuple[str, ...]:
     """kube-proxy's `firewall-…` chain: let the source ranges through, drop the rest.
 
-    A VIP-style load balancer often makes its IP a local address: a node then reaches it with
-    the VIP as the source, so when a node IP is allowed, so are the LB IPs (kube-proxy).
+    When a node IP is inside a range, so are the LB IPs (`ServicePort.source_ranges_admit`).
     """
     w = _words(family)
-    networks = [ipaddress.ip_network(r, strict=False) for r in ranges]
     allowed = [_nft_prefix(r) for r in ranges]
-    if any(ipaddress.ip_address(ip) in net for ip in node.node_ips_of(family) for net in networks):
+    if svc.source_ranges_admit(node.node_ips_of(family), family):
         allowed += lb_ips
     return (*(f"{w.ip} saddr {source} return" for source in dict.fromkeys(allowed)), "drop")
 
@@ -642,7 +640,7 @@ def compile_service_port(
     if cluster_ip is None:
         return ServiceFragment(name)  # no address of this family: nothing to program
 
-    sel = categorize_endpoints(svc, endpoints, node)
+    sel = categorize_endpoints(svc, endpoints, node, family)
     proto = svc.protocol
     p = proto.lower()
     vip = _nft_ip(cluster_ip)
@@ -653,7 +651,7 @@ def compile_service_port(
     # Destinations of this family: kube-proxy's per-family service info drops the others.
     external_ips = _of_family((*svc.external_ips, *svc.load_balancer_ips), family)
     lb_ips = _of_family(svc.load_balancer_ips, family)
-    ranges = [r for r in svc.load_balancer_source_ranges if ip_family(r) is family]
+    ranges = svc.source_ranges_of(family)
     node_port = svc.node_port
 
     elements: list[Element] = [(CLUSTER_IPS, vip, None)]
@@ -705,7 +703,7 @@ def compile_service_port(
     # loadBalancerSourceRanges: LB IPs only (node ports and external IPs are not filtered).
     if lb_ips and ranges:
         fw = firewall_chain(name)
-        chains.append(Chain(fw, _firewall_rules(family, ranges, lb_ips, node)))
+        chains.append(Chain(fw, _firewall_rules(family, svc, ranges, lb_ips, node)))
         elements += [(FIREWALL_IPS, f"{ip} . {p} . {port}", f"goto {fw}") for ip in lb_ips]
 
     # Hairpin pairs for every reachable endpoint, as kube-proxy marks in every endpoint chain:

@@ -78,10 +78,12 @@ __all__ = [
     "cleanup",
     "cleanup_plan",
     "detect_backend",
+    "enable_route_localnet",
     "open_host",
     "plan",
     "read_state",
     "tool_name",
+    "wants_route_localnet",
 ]
 
 
@@ -315,8 +317,6 @@ def apply(plan: Plan, host: Host) -> KernelState:
     if plan.is_empty:
         return plan.after
     family = plan.family
-    if family is IPFamily.V4 and any(c.chain == KUBE_FIREWALL and c.kind == "added" for c in plan.chains):
-        enable_route_localnet(host)
     head = len(plan.edits[0].render())
     if len(plan.edits) > 1:
         rest = _prepare(host, plan, plan.edits[1:], first_line=head + 1)
@@ -333,12 +333,16 @@ def apply(plan: Plan, host: Host) -> KernelState:
     raise _rolled_back(plan, host, sent, result)
 
 
+def wants_route_localnet(desired: Ruleset) -> bool:
+    """IPv4 rules with localhost NodePorts (their anti-martian KUBE-FIREWALL rule is there)."""
+    return desired.family is IPFamily.V4 and desired.table("filter").chain(KUBE_FIREWALL) is not None
+
+
 def enable_route_localnet(host: Host) -> None:
     """Let 127.0.0.1 reach DNAT targets: what localhost NodePorts need (kube-proxy sets it too).
 
-    Done when the KUBE-FIREWALL chain, which drops the martians this admits, is first added:
-    the sysctl belongs to the (network namespace of the) node, so it outlives our process, as
-    it does with kube-proxy.
+    The sysctl belongs to the (network namespace of the) node and outlives our process, as with
+    kube-proxy; it is set on every first or full sync whose rules serve localhost NodePorts.
     """
     argv = in_netns(host.netns, ("sysctl", "-q", "-w", "net.ipv4.conf.all.route_localnet=1"))
     result = host.runner.run(argv)
@@ -393,6 +397,8 @@ class Syncer:
         if full or self.state is None:
             self.state = read_state(self.host, self.family)
             focus = None
+            if wants_route_localnet(desired):
+                enable_route_localnet(self.host)
         step = plan(desired, self.state, focus)
         try:
             self.state = apply(step, self.host)

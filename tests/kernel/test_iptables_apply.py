@@ -18,7 +18,7 @@ from __future__ import annotations
 import pytest
 
 from kproxy_nft.compile.iptables import Ruleset, compile_ruleset
-from kproxy_nft.kernel.iptables import Backend, Host, RestoreError, apply, cleanup, plan, read_state
+from kproxy_nft.kernel.iptables import Backend, Host, RestoreError, Syncer, apply, cleanup, plan, read_state
 from kproxy_nft.kernel.iptables_rule import canonical
 from kproxy_nft.kernel.iptables_text import strip_comments
 from kproxy_nft.model import ClusterState, IPFamily, NodeContext
@@ -223,3 +223,19 @@ def test_a_failing_single_table_restore_changes_nothing(netns: str, backend: str
     with pytest.raises(RestoreError, match="atomic per table"):
         apply(inject(step, *INJECTIONS["kernel-refusal-in-nat"]), host)
     assert saved(netns, backend) == before
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_localhost_nodeports_turn_route_localnet_on_even_over_kubelets_chain(netns: str, backend: str) -> None:
+    """kube-proxy sets route_localnet whenever localhost NodePorts are on, also when KUBE-FIREWALL
+    already exists (a pre-1.27 kubelet wrote it): our first sync must not skip it."""
+    run_in(netns, [f"iptables-{backend}", "-N", "KUBE-FIREWALL"])
+    run_in(netns, ["sysctl", "-q", "-w", "net.ipv4.conf.all.route_localnet=0"])
+    host = Host(Backend(backend), netns)
+    node = NodeContext(hostname="node1", localhost_nodeports=True)
+    Syncer(host).sync(compile_ruleset(synthetic_cluster(3, 2), node))
+    assert run_in(netns, ["sysctl", "-n", "net.ipv4.conf.all.route_localnet"]).stdout.strip() == "1"
+    plain = ClusterState()
+    run_in(netns, ["sysctl", "-q", "-w", "net.ipv4.conf.all.route_localnet=0"])
+    Syncer(host).sync(compile_ruleset(plain, NodeContext(hostname="node1")))
+    assert run_in(netns, ["sysctl", "-n", "net.ipv4.conf.all.route_localnet"]).stdout.strip() == "0"
