@@ -279,6 +279,9 @@ def apply(dry_run: bool, iptables_backend: str, **options: Any) -> None:
     manifests, settings = load_inputs(**options)
     state = manifests.cluster_state()
     try:
+        from kproxy_nft.agent.runtime import with_local_addresses
+
+        settings = with_local_addresses(settings, None)  # `--nodeport-addresses CIDR` matches these too
         if settings.mode == "nftables":
             changed = _apply_nftables(state, settings, dry_run)
         else:

@@ -228,6 +228,9 @@ class NodeContext:
     nodeport_addresses: tuple[str, ...] = ()
     localhost_nodeports: bool = False
     service_cidrs: tuple[str, ...] = ()
+    # Every interface address of the node (read by the agent and `apply`; empty for `dump`):
+    # `--nodeport-addresses CIDR` selects among these and the node IPs, as kube-proxy does.
+    local_addresses: tuple[str, ...] = ()
 
     @property
     def masquerade_mark(self) -> str:
@@ -248,9 +251,10 @@ class NodeContext:
 
         kube-proxy's `NodePortAddresses`: only the entries of this family count; none (or a
         /0) means every local address; `primary` is the node's first IP of the family. CIDRs
-        select among the node's IPs and the loopback address (kube-proxy matches interface
-        addresses, and `lo` holds 127.0.0.1). IPv6 loopback never serves NodePorts; IPv4
-        loopback only when `allow_localhost` (default: `localhost_nodeports`).
+        select among the node's IPs, its interface addresses (`local_addresses`, when known) and
+        the loopback address (kube-proxy matches interface addresses, and `lo` holds 127.0.0.1).
+        IPv6 loopback never serves NodePorts; IPv4 loopback only when `allow_localhost`
+        (default: `localhost_nodeports`).
         """
         if allow_localhost is None:
             allow_localhost = self.localhost_nodeports
@@ -264,7 +268,8 @@ class NodeContext:
         if not cidrs or any(c.prefixlen == 0 for c in cidrs):
             return None
         loopback = "127.0.0.1" if family is IPFamily.V4 else "::1"
-        candidates = [*self.node_ips_of(family), loopback]
+        own = tuple(ip for ip in self.local_addresses if ip_family(ip) is family)
+        candidates = [*self.node_ips_of(family), *own, loopback]
         out = []
         for ip in dict.fromkeys(candidates):
             addr = ipaddress.ip_address(ip)

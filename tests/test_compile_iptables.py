@@ -372,3 +372,11 @@ def test_each_family_sees_only_its_own_external_addresses_and_source_ranges() ->
     six = (endpoint("fd01::2", node_name="node1"), endpoint("fd01::3", node_name="other"))
     v6 = dump(ClusterState({spn(): local}, {spn(): six}), NODE, IPFamily.V6)
     assert ":KUBE-SVC-" not in v6 and ":KUBE-SVL-" in v6 and "fd01::3" not in v6
+
+
+def test_nodeport_cidrs_also_select_the_nodes_other_interface_addresses() -> None:
+    node = dataclasses.replace(NODE, node_ips=("192.168.1.5",), nodeport_addresses=("10.20.0.0/16",),
+                               local_addresses=("127.0.0.1", "10.20.3.4", "192.168.1.5", "fe80::1"))
+    text = dump(ClusterState({spn(): NODEPORT}, {spn(): TWO}), node)
+    assert [r for r in all_rules(text, "nat", "KUBE-SERVICES") if "KUBE-NODEPORTS" in r][0].endswith(
+        "-d 10.20.3.4 -j KUBE-NODEPORTS")

@@ -6,6 +6,7 @@ the metrics and health listeners, and SIGTERM/SIGINT → a clean stop that leave
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
 import threading
@@ -17,8 +18,21 @@ from kproxy_nft.agent.http import Listener, health_route, metrics_route
 from kproxy_nft.agent.main import Agent, Backend, IptablesBackend, ManifestSource, NftablesSyncBackend
 from kproxy_nft.agent.metrics import new_metrics
 from kproxy_nft.config import ProxySettings
+from kproxy_nft.kernel.addresses import local_addresses
 
 log = logging.getLogger("kproxy_nft.agent")
+
+
+def with_local_addresses(settings: ProxySettings, netns: str | None) -> ProxySettings:
+    """The settings with the node's interface addresses, for `--nodeport-addresses CIDR`.
+
+    Read once at startup (kube-proxy re-reads them on every sync; an address added later is
+    picked up on the agent's next start).
+    """
+    if not any(entry != "primary" for entry in settings.node.nodeport_addresses):
+        return settings  # no CIDR to match them against
+    node = dataclasses.replace(settings.node, local_addresses=local_addresses(netns))
+    return dataclasses.replace(settings, node=node)
 
 
 def make_backend(settings: ProxySettings, iptables_backend: str | None, netns: str | None) -> Backend:
@@ -33,6 +47,7 @@ def run_agent(settings: ProxySettings, *, kubeconfig: str | None, manifest_paths
     """`health_check_host`: where the per-Service healthCheckNodePort servers listen (None: every
     address of the node; with `netns`, inside that namespace)."""
     metrics = new_metrics()
+    settings = with_local_addresses(settings, netns)
     agent = Agent(make_backend(settings, iptables_backend, netns), metrics, min_sync_period, sync_period)
 
     def proxy_healthy() -> bool:  # one notion of health for /healthz and the service health checks
