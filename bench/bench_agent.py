@@ -71,10 +71,12 @@ def run(mode: str, services: int, endpoints: int, changes: int) -> None:
         for n in range(changes):
             done = agent.syncs
             i = (n * 7919) % services
+            # The object is built first: the clock starts when the event arrives, as from a watch.
+            event = Change("endpointslices", "MODIFIED", endpoint_slice(i, endpoints, generation=n + 1))
             start = time.perf_counter()
-            agent.events.put(Change("endpointslices", "MODIFIED", endpoint_slice(i, endpoints, generation=n + 1)))
+            agent.events.put(event)
             while agent.syncs == done:
-                time.sleep(0.0005)
+                time.sleep(0.002)  # poll gently: the agent thread needs the GIL
             latencies.append((time.perf_counter() - start) * 1000)
         agent.stop.set()
         thread.join(timeout=10)
