@@ -1,19 +1,16 @@
 """Kubernetes API objects → the proxy model, validated the way the API server would.
 
-Both sources meet here: manifests read from files (`sources.manifests`) and, later, objects
-from the API watch arrive as the official client's typed models (`V1Service`,
-`V1EndpointSlice`), and the same functions turn them into `ServicePort`s and `Endpoint`s.
+Both sources meet here: manifests read from files (`sources.manifests`) and objects from the
+API watch arrive as the official client's typed models (`V1Service`, `V1EndpointSlice`), and
+the same functions turn them into `ServicePort`s and `Endpoint`s.
 
-Validation mirrors the API server's rules that matter to a proxy (names, IPs, ports 1–65535,
-protocols, unique port names, the `kubernetes.io/service-name` label on slices) and reports the
-first problem as an `InvalidObject` naming the field path, e.g. `spec.ports[1].port`.
+Every field read is checked with the API server's rule (`validation`), and the first problem
+is reported as an `InvalidObject` naming the field path, e.g. `spec.ports[1].port`.
 Pure: no I/O.
 """
 
 from __future__ import annotations
 
-import ipaddress
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +22,7 @@ from kubernetes.client import (
     V1Service,
 )
 
+from kproxy_nft import validation as v
 from kproxy_nft.model import (
     ClusterState,
     Endpoint,
@@ -34,6 +32,12 @@ from kproxy_nft.model import (
     TrafficPolicy,
     ip_family,
 )
+from kproxy_nft.validation import DNS1035_LABEL, DNS1123_LABEL, DNS1123_SUBDOMAIN, InvalidObject, check, shown
+
+__all__ = [  # InvalidObject is re-exported: callers catch it from here
+    "InvalidObject", "ServiceInfo", "NodeInfo", "build_state", "convert_endpoint_slice", "convert_node",
+    "convert_service", "convert_service_cidr", "endpoints_to_slice", "merge_endpoints", "service_is_proxied",
+]
 
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 SERVICE_PROXY_NAME_LABEL = "service.kubernetes.io/service-proxy-name"
@@ -41,99 +45,44 @@ HEADLESS_LABEL = "service.kubernetes.io/headless"
 ZONE_LABEL = "topology.kubernetes.io/zone"
 DEFAULT_AFFINITY_SECONDS = 10800  # v1.DefaultClientIPServiceAffinitySeconds
 MAX_AFFINITY_SECONDS = 86400
-
-_DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-_DNS1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
-_DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
-_IANA_SVC_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$")
 _SERVICE_TYPES = ("ClusterIP", "NodePort", "LoadBalancer", "ExternalName")
-
-
-class InvalidObject(ValueError):
-    """An object the API server would refuse; `field` is a path like `spec.ports[0].port`."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.message = message
-
-
-# ---------------------------------------------------------------------------------------------
-# field validators
-# ---------------------------------------------------------------------------------------------
-
-
-def _check(ok: bool, field: str, message: str) -> None:
-    if not ok:
-        raise InvalidObject(field, message)
-
-
-def _check_name(value: str | None, field: str, pattern: re.Pattern[str], what: str, max_len: int) -> str:
-    _check(bool(value), field, "required value")
-    assert value is not None
-    _check(len(value) <= max_len, field, f"must be no more than {max_len} characters, got {value!r}")
-    _check(bool(pattern.match(value)), field, f"{value!r} is not a valid {what}")
-    return value
-
-
-def _check_ip(value: str, field: str) -> str:
-    try:
-        ip = ipaddress.ip_address(value)
-    except ValueError:
-        raise InvalidObject(field, f"{value!r} is not a valid IP address") from None
-    # The API server insists on the canonical spelling (no leading zeros, compressed IPv6).
-    _check(str(ip) == value, field, f"{value!r} must be written canonically as {str(ip)!r}")
-    return value
-
-
-def _check_cidr(value: str, field: str) -> str:
-    try:
-        ipaddress.ip_network(value, strict=False)
-    except ValueError:
-        raise InvalidObject(field, f"{value!r} is not a valid CIDR") from None
-    return value
+_TRAFFIC_DISTRIBUTIONS = ("PreferClose", "PreferSameZone", "PreferSameNode")
+_IP_MODES = ("VIP", "Proxy")
+# discovery validation: maxEndpoints, maxAddresses, maxPorts.
+MAX_SLICE_ENDPOINTS = 1000
+MAX_ENDPOINT_ADDRESSES = 100
+MAX_SLICE_PORTS = 100
 
 
 def convert_service_cidr(obj: Any) -> tuple[str, ...]:
     """The CIDRs of a ServiceCIDR (networking.k8s.io/v1): the ranges cluster IPs come from.
 
-    The API server allows one or two (one per family); the proxy only needs them for the
-    nftables mode's drop of traffic to unallocated service IPs.
+    The API server allows one or two, one per family, each a canonical network address
+    (`ValidateServiceCIDR`); the proxy only needs them for the nftables mode's drop of traffic
+    to unallocated service IPs.
     """
+    if obj.metadata is not None and obj.metadata.name is not None:
+        v.name(obj.metadata.name, "metadata.name", DNS1123_SUBDOMAIN, "ServiceCIDR name", 253)
     spec = obj.spec
     cidrs = (spec.cidrs if spec is not None else None) or []
-    _check(bool(cidrs), "spec.cidrs", "required value")
-    _check(len(cidrs) <= 2, "spec.cidrs", "may hold at most two CIDRs (one per family)")
-    return tuple(_check_cidr(c, f"spec.cidrs[{i}]") for i, c in enumerate(cidrs))
-
-
-def _check_port(value: int | None, field: str) -> int:
-    _check(value is not None, field, "required value")
-    assert value is not None
-    _check(1 <= value <= 65535, field, f"must be between 1 and 65535, inclusive, got {value}")
-    return value
+    check(bool(cidrs), "spec.cidrs", "required value")
+    check(len(cidrs) <= 2, "spec.cidrs", "may hold at most two CIDRs (one per family)")
+    checked = tuple(v.cidr(c, f"spec.cidrs[{i}]", strict=True) for i, c in enumerate(cidrs))
+    check(len({ip_family(c) for c in checked}) == len(checked), "spec.cidrs", "must hold one CIDR per IP family")
+    return checked
 
 
 def _protocol(value: str | None, field: str) -> Protocol:
     if value is None:
         return Protocol.TCP
-    _check(value in Protocol.__members__, field, f"unsupported protocol {value!r} (TCP, UDP or SCTP)")
+    check(value in Protocol.__members__, field, f"unsupported protocol {shown(value)} (TCP, UDP or SCTP)")
     return Protocol(value)
 
 
 def _target_port(value: int | str | None, port: int, field: str) -> int | str:
     if value is None:
         return port  # the API server defaults targetPort to port
-    if isinstance(value, str) and value.isdigit():
-        value = int(value)
-    if isinstance(value, int):
-        return _check_port(value, field)
-    _check(
-        len(value) <= 15 and bool(_IANA_SVC_NAME.match(value)) and "--" not in value,
-        field,
-        f"{value!r} is not a valid port number or IANA service name",
-    )
-    return value
+    return v.port_name_or_number(value, field)
 
 
 def _labels(obj: Any) -> Mapping[str, str]:
@@ -142,7 +91,7 @@ def _labels(obj: Any) -> Mapping[str, str]:
 
 def _namespace(obj: Any) -> str:
     namespace = obj.metadata.namespace or "default"
-    return _check_name(namespace, "metadata.namespace", _DNS1123_LABEL, "namespace name", 63)
+    return v.name(namespace, "metadata.namespace", DNS1123_LABEL, "namespace name", 63)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,48 +129,55 @@ def convert_service(svc: V1Service) -> ServiceInfo:
     """Validate a Service and turn each of its ports into a `ServicePort`."""
     if svc.metadata is None:
         raise InvalidObject("metadata", "required value")
-    name = _check_name(svc.metadata.name, "metadata.name", _DNS1035_LABEL, "Service name (DNS-1035 label)", 63)
+    name = v.name(svc.metadata.name, "metadata.name", DNS1035_LABEL, "Service name (DNS-1035 label)", 63)
     namespace = _namespace(svc)
     spec = svc.spec
     if spec is None:
         raise InvalidObject("spec", "required value")
     svc_type = spec.type or "ClusterIP"
-    _check(svc_type in _SERVICE_TYPES, "spec.type", f"unsupported value {svc_type!r}")
+    check(svc_type in _SERVICE_TYPES, "spec.type", f"unsupported value {shown(svc_type)}")
+    external_access = svc_type in ("NodePort", "LoadBalancer")
 
     cluster_ips = _cluster_ips(spec)
     headless = spec.cluster_ip == "None"
     ports = spec.ports or []
-    _check(bool(ports) or headless or svc_type == "ExternalName", "spec.ports", "required value")
+    check(bool(ports) or headless or svc_type == "ExternalName", "spec.ports", "required value")
     _check_port_names(ports)
 
-    external_ips = tuple(_check_ip(ip, f"spec.externalIPs[{i}]") for i, ip in enumerate(spec.external_ips or []))
+    external_ips = v.ip_list(spec.external_ips, "spec.externalIPs[{i}]")
     source_ranges = tuple(
-        _check_cidr(c.strip(), f"spec.loadBalancerSourceRanges[{i}]")
+        v.cidr(c.strip() if isinstance(c, str) else c, f"spec.loadBalancerSourceRanges[{i}]")
         for i, c in enumerate(spec.load_balancer_source_ranges or [])
     )
+    check(not source_ranges or svc_type == "LoadBalancer", "spec.loadBalancerSourceRanges",
+          "may only be used when `type` is 'LoadBalancer'")
     lb_ips = _load_balancer_ips(svc)
     affinity = _affinity_seconds(spec)
     external_policy = _policy(spec.external_traffic_policy, "spec.externalTrafficPolicy")
-    if svc_type not in ("NodePort", "LoadBalancer") and not spec.external_ips:
+    if not external_access and not spec.external_ips:
         # kube-proxy honours externalTrafficPolicy only for externally accessible services
         # (`apiservice.ExternalPolicyLocal`): node ports, load balancers, or external IPs.
         external_policy = TrafficPolicy.CLUSTER
     internal_policy = _policy(spec.internal_traffic_policy, "spec.internalTrafficPolicy")
+    distribution = spec.traffic_distribution
+    check(distribution is None or distribution in _TRAFFIC_DISTRIBUTIONS, "spec.trafficDistribution",
+          f"unsupported value {shown(distribution)} ({', '.join(_TRAFFIC_DISTRIBUTIONS)})")
     health_check = spec.health_check_node_port
     if health_check is not None:
         # The API server's rule: only a LoadBalancer with externalTrafficPolicy Local has one
         # (kube-proxy's `NeedsHealthCheck`).
-        _check(svc_type == "LoadBalancer" and external_policy is TrafficPolicy.LOCAL, "spec.healthCheckNodePort",
-               "may only be set when type is 'LoadBalancer' and externalTrafficPolicy is 'Local'")
-        health_check = _check_port(health_check, "spec.healthCheckNodePort")
+        check(svc_type == "LoadBalancer" and external_policy is TrafficPolicy.LOCAL, "spec.healthCheckNodePort",
+              "may only be set when type is 'LoadBalancer' and externalTrafficPolicy is 'Local'")
+        health_check = v.port(health_check, "spec.healthCheckNodePort")
 
     records = []
     for i, p in enumerate(ports):
         field = f"spec.ports[{i}]"
-        port = _check_port(p.port, f"{field}.port")
+        port = v.port(p.port, f"{field}.port")
         node_port = None
         if p.node_port is not None:
-            node_port = _check_port(p.node_port, f"{field}.nodePort")
+            node_port = v.port(p.node_port, f"{field}.nodePort")
+            check(external_access, f"{field}.nodePort", f"may not be used when `type` is {shown(svc_type)}")
         records.append(
             ServicePort(
                 name=ServicePortName(namespace, name, p.name or "", _protocol(p.protocol, f"{field}.protocol")),
@@ -229,45 +185,48 @@ def convert_service(svc: V1Service) -> ServiceInfo:
                 target_port=_target_port(p.target_port, port, f"{field}.targetPort"),
                 service_type=svc_type,
                 cluster_ips=cluster_ips,
-                node_port=node_port if svc_type in ("NodePort", "LoadBalancer") else None,
+                node_port=node_port,
                 external_ips=external_ips,
                 load_balancer_ips=lb_ips if svc_type == "LoadBalancer" else (),
-                load_balancer_source_ranges=source_ranges if svc_type == "LoadBalancer" else (),
+                load_balancer_source_ranges=source_ranges,
                 external_traffic_policy=external_policy,
                 internal_traffic_policy=internal_policy,
                 session_affinity_seconds=affinity,
                 health_check_node_port=health_check,
-                traffic_distribution=spec.traffic_distribution,
+                traffic_distribution=distribution,
             )
         )
+    # Two ports on one number and protocol would shadow each other ("Duplicate value").
+    v.duplicates([(r.port, r.protocol.value) for r in records], "spec.ports[{i}]", "port/protocol")
+    v.duplicates([(r.node_port, r.protocol.value) if r.node_port else None for r in records],
+                 "spec.ports[{i}].nodePort", "nodePort/protocol")
     proxied = service_is_proxied(svc)
     return ServiceInfo(namespace, name, tuple(records) if proxied else (), proxied)
 
 
 def _cluster_ips(spec: Any) -> tuple[str, ...]:
     if spec.cluster_ip in (None, "", "None"):
-        _check(not spec.cluster_ips or spec.cluster_ips == ["None"], "spec.clusterIPs", "must be empty or None")
+        check(not spec.cluster_ips or spec.cluster_ips == ["None"], "spec.clusterIPs", "must be empty or None")
         return ()
-    primary = _check_ip(spec.cluster_ip, "spec.clusterIP")
+    primary = v.service_ip(spec.cluster_ip, "spec.clusterIP")
     ips = list(spec.cluster_ips or [primary])
-    _check(ips[0] == primary, "spec.clusterIPs[0]", f"must match spec.clusterIP {primary!r}")
-    _check(len(ips) <= 2, "spec.clusterIPs", "may hold at most two addresses (one per family)")
-    checked = tuple(_check_ip(ip, f"spec.clusterIPs[{i}]") for i, ip in enumerate(ips))
-    families = {ipaddress.ip_address(ip).version for ip in checked}
-    _check(len(families) == len(checked), "spec.clusterIPs", "must hold one address per IP family")
+    check(ips[0] == primary, "spec.clusterIPs[0]", f"must match spec.clusterIP {shown(primary)}")
+    check(len(ips) <= 2, "spec.clusterIPs", "may hold at most two addresses (one per family)")
+    checked = v.ip_list(ips, "spec.clusterIPs[{i}]", v.service_ip)
+    check(len({ip_family(ip) for ip in checked}) == len(checked), "spec.clusterIPs",
+          "must hold one address per IP family")
     return checked
 
 
 def _check_port_names(ports: Sequence[Any]) -> None:
-    seen: set[str] = set()
+    names = []
     for i, p in enumerate(ports):
         field = f"spec.ports[{i}].name"
         if len(ports) > 1:
-            _check(bool(p.name), field, "required when the Service has more than one port")
-        if p.name:
-            _check_name(p.name, field, _DNS1123_LABEL, "port name (DNS-1123 label)", 63)
-            _check(p.name not in seen, field, f"duplicate port name {p.name!r}")
-            seen.add(p.name)
+            check(bool(p.name), field, "required when the Service has more than one port")
+        v.optional_name(p.name, field, DNS1123_LABEL, "port name (DNS-1123 label)", 63)
+        names.append((p.name,) if p.name else None)
+    v.duplicates(names, "spec.ports[{i}].name", "port name")
 
 
 def _load_balancer_ips(svc: V1Service) -> tuple[str, ...]:
@@ -280,14 +239,19 @@ def _load_balancer_ips(svc: V1Service) -> tuple[str, ...]:
     ingress = (status.load_balancer.ingress if status and status.load_balancer else None) or []
     ips = []
     for i, ing in enumerate(ingress):
-        if ing.ip and ing.ip_mode in (None, "VIP"):
-            ips.append(_check_ip(ing.ip, f"status.loadBalancer.ingress[{i}].ip"))
+        field = f"status.loadBalancer.ingress[{i}]"
+        check(ing.ip_mode in (None, *_IP_MODES), f"{field}.ipMode", f"unsupported value {shown(ing.ip_mode)}")
+        check(ing.ip_mode is None or bool(ing.ip), f"{field}.ipMode", "may only be set when `ip` is set")
+        if ing.ip:
+            ip = v.service_ip(ing.ip, f"{field}.ip")
+            if ing.ip_mode in (None, "VIP"):
+                ips.append(ip)
     return tuple(ips)
 
 
 def _affinity_seconds(spec: Any) -> int | None:
     affinity = spec.session_affinity or "None"
-    _check(affinity in ("None", "ClientIP"), "spec.sessionAffinity", f"unsupported value {affinity!r}")
+    check(affinity in ("None", "ClientIP"), "spec.sessionAffinity", f"unsupported value {shown(affinity)}")
     if affinity == "None":
         return None
     config = spec.session_affinity_config
@@ -296,10 +260,10 @@ def _affinity_seconds(spec: Any) -> int | None:
         seconds = config.client_ip.timeout_seconds
     if seconds is None:
         return DEFAULT_AFFINITY_SECONDS
-    _check(
-        0 < seconds <= MAX_AFFINITY_SECONDS,
+    check(
+        isinstance(seconds, int) and 0 < seconds <= MAX_AFFINITY_SECONDS,
         "spec.sessionAffinityConfig.clientIP.timeoutSeconds",
-        f"must be between 1 and {MAX_AFFINITY_SECONDS}, got {seconds}",
+        f"must be between 1 and {MAX_AFFINITY_SECONDS}, got {shown(seconds)}",
     )
     return int(seconds)
 
@@ -307,7 +271,7 @@ def _affinity_seconds(spec: Any) -> int | None:
 def _policy(value: str | None, field: str) -> TrafficPolicy:
     if value is None:
         return TrafficPolicy.CLUSTER
-    _check(value in ("Cluster", "Local"), field, f"unsupported value {value!r} (Cluster or Local)")
+    check(value in ("Cluster", "Local"), field, f"unsupported value {shown(value)} (Cluster or Local)")
     return TrafficPolicy(value)
 
 
@@ -321,67 +285,88 @@ EndpointsByPort = dict[ServicePortName, tuple[Endpoint, ...]]
 def convert_endpoint_slice(eps: V1EndpointSlice) -> EndpointsByPort:
     """Validate an EndpointSlice and give its endpoints per service port.
 
-    Like kube-proxy, only an endpoint's first address is used, ports without a number are
-    skipped, and FQDN slices are ignored. Condition defaults follow the API documentation:
-    `ready` unset means ready, `serving` unset means the value of `ready`.
+    Like kube-proxy, only an endpoint's first address is used, ports without a name or a
+    number are skipped, and FQDN slices are ignored. Condition defaults follow the API
+    documentation: `ready` unset means ready, `serving` unset means the value of `ready`.
     """
     if eps.metadata is None:
         raise InvalidObject("metadata", "required value")
-    _check_name(eps.metadata.name, "metadata.name", _DNS1123_SUBDOMAIN, "EndpointSlice name", 253)
+    v.name(eps.metadata.name, "metadata.name", DNS1123_SUBDOMAIN, "EndpointSlice name", 253)
     namespace = _namespace(eps)
     service = _labels(eps).get(SERVICE_NAME_LABEL)
-    _check(
+    check(
         bool(service),
         f"metadata.labels[{SERVICE_NAME_LABEL}]",
         "required: kube-proxy matches a slice to its Service by this label",
     )
-    assert service is not None
+    service = v.name(service, f"metadata.labels[{SERVICE_NAME_LABEL}]", DNS1035_LABEL, "Service name", 63)
     address_type = eps.address_type
-    _check(address_type in ("IPv4", "IPv6", "FQDN"), "addressType", f"unsupported value {address_type!r}")
+    check(address_type in ("IPv4", "IPv6", "FQDN"), "addressType", f"unsupported value {shown(address_type)}")
     if address_type == "FQDN":
         return {}
 
+    slice_endpoints = eps.endpoints or []
+    check(len(slice_endpoints) <= MAX_SLICE_ENDPOINTS, "endpoints", f"must have at most {MAX_SLICE_ENDPOINTS} items")
     # (ip, conditions and topology) of each endpoint; the port comes from the slice's ports.
     endpoints: list[tuple[str, bool, bool, bool, str | None, str | None, frozenset[str], frozenset[str]]] = []
-    for i, ep in enumerate(eps.endpoints or []):
+    for i, ep in enumerate(slice_endpoints):
         field = f"endpoints[{i}]"
-        _check(bool(ep.addresses), f"{field}.addresses", "required value")
+        check(bool(ep.addresses), f"{field}.addresses", "required value")
+        check(len(ep.addresses) <= MAX_ENDPOINT_ADDRESSES, f"{field}.addresses",
+              f"must have at most {MAX_ENDPOINT_ADDRESSES} items")
         for j, address in enumerate(ep.addresses):
-            _check_ip(address, f"{field}.addresses[{j}]")
-            version = ipaddress.ip_address(address).version
-            _check(f"IPv{version}" == address_type, f"{field}.addresses[{j}]", f"must be an {address_type} address")
+            v.non_special_ip(address, f"{field}.addresses[{j}]")
+            check(f"IPv{ip_family(address).value}" == address_type, f"{field}.addresses[{j}]",
+                  f"must be an {address_type} address")
+        node_name = v.optional_name(ep.node_name, f"{field}.nodeName", DNS1123_SUBDOMAIN, "node name", 253)
+        zone = v.label_value(ep.zone, f"{field}.zone")
+        v.optional_name(ep.hostname, f"{field}.hostname", DNS1123_LABEL, "hostname (DNS-1123 label)", 63)
         cond = ep.conditions
         ready = cond is None or cond.ready is None or bool(cond.ready)
         # kube-proxy's slice cache reads an unset `serving` as true (endpointslicecache.go), so
         # a terminating endpoint that never reported serving still carries its connections.
         serving = cond is None or cond.serving is None or bool(cond.serving)
         terminating = bool(cond and cond.terminating)
-        hints = ep.hints
-        zone_hints = frozenset(z.name for z in (hints.for_zones or [])) if hints else frozenset()
-        node_hints = frozenset(n.name for n in (hints.for_nodes or [])) if hints else frozenset()
-        endpoints.append((ep.addresses[0], ready, serving, terminating, ep.node_name, ep.zone, zone_hints, node_hints))
+        zone_hints, node_hints = _hints(ep.hints, f"{field}.hints")
+        endpoints.append((ep.addresses[0], ready, serving, terminating, node_name, zone, zone_hints, node_hints))
 
     result: EndpointsByPort = {}
-    seen_names: set[tuple[str, Protocol]] = set()
-    for i, port in enumerate(eps.ports or []):
+    slice_ports = eps.ports or []
+    check(len(slice_ports) <= MAX_SLICE_PORTS, "ports", f"must have at most {MAX_SLICE_PORTS} items")
+    names = []
+    for i, port in enumerate(slice_ports):
         field = f"ports[{i}]"
         protocol = _protocol(port.protocol, f"{field}.protocol")
-        if port.name is None or port.port in (None, 0):
+        v.optional_name(port.name, f"{field}.name", DNS1123_LABEL, "port name (DNS-1123 label)", 63)
+        names.append(None if port.name is None else (port.name,))
+        if port.port is not None:
+            v.port(port.port, f"{field}.port")
+        if port.name is None or port.port is None:
             # kube-proxy ignores slice ports without a name (the controller writes "" for an
             # unnamed service port) or without a number; the manifest reader says so.
             continue
-        name = port.name
-        if name:
-            _check_name(name, f"{field}.name", _DNS1123_LABEL, "port name (DNS-1123 label)", 63)
-        _check((name, protocol) not in seen_names, f"{field}.name", f"duplicate port name {name!r}")
-        seen_names.add((name, protocol))
-        number = _check_port(port.port, f"{field}.port")
-        key = ServicePortName(namespace, service, name, protocol)
+        key = ServicePortName(namespace, service, port.name, protocol)
         result[key] = tuple(
-            Endpoint(ip, number, ready, serving, terminating, node, zone, zone_hints, node_hints)
+            Endpoint(ip, port.port, ready, serving, terminating, node, zone, zone_hints, node_hints)
             for ip, ready, serving, terminating, node, zone, zone_hints, node_hints in endpoints
         )
+    # discovery validation: port names are unique within a slice, whatever the protocol.
+    v.duplicates(names, "ports[{i}].name", "port name")
     return result
+
+
+def _hints(hints: Any, field: str) -> tuple[frozenset[str], frozenset[str]]:
+    """Topology hints: at most 8 zones (label values) and 8 nodes (node names)."""
+    if hints is None:
+        return frozenset(), frozenset()
+    zones = hints.for_zones or []
+    nodes = hints.for_nodes or []
+    check(len(zones) <= v.MAX_TOPOLOGY_HINTS, f"{field}.forZones", f"must have at most {v.MAX_TOPOLOGY_HINTS} items")
+    check(len(nodes) <= v.MAX_TOPOLOGY_HINTS, f"{field}.forNodes", f"must have at most {v.MAX_TOPOLOGY_HINTS} items")
+    zone_names = [v.label_value(z.name, f"{field}.forZones[{i}].name") for i, z in enumerate(zones)]
+    node_names = [v.optional_name(n.name, f"{field}.forNodes[{i}].name", DNS1123_SUBDOMAIN, "node name", 253)
+                  for i, n in enumerate(nodes)]
+    return frozenset(z for z in zone_names if z), frozenset(n for n in node_names if n)
 
 
 def endpoints_to_slice(ep: V1Endpoints) -> V1EndpointSlice:
@@ -390,9 +375,9 @@ def endpoints_to_slice(ep: V1Endpoints) -> V1EndpointSlice:
     `addresses` become ready endpoints and `notReadyAddresses` not-ready ones; each subset
     becomes its own group of ports, as the controller would split them.
     """
-    if ep.metadata is None or not ep.metadata.name:
-        raise InvalidObject("metadata.name", "required value")
-    name = ep.metadata.name
+    if ep.metadata is None:
+        raise InvalidObject("metadata", "required value")
+    name = v.name(ep.metadata.name, "metadata.name", DNS1035_LABEL, "Endpoints name (its Service's)", 63)
     endpoints: list[dict[str, Any]] = []
     ports: dict[tuple[str, str], CoreV1EndpointPort] = {}
     families: set[int] = set()
@@ -400,8 +385,11 @@ def endpoints_to_slice(ep: V1Endpoints) -> V1EndpointSlice:
         for ready, key in ((True, "addresses"), (False, "notReadyAddresses")):
             attr = "addresses" if ready else "not_ready_addresses"
             for j, address in enumerate(getattr(subset, attr) or []):
-                ip = _check_ip(address.ip, f"subsets[{i}].{key}[{j}].ip")
-                families.add(ipaddress.ip_address(ip).version)
+                where = f"subsets[{i}].{key}[{j}]"
+                ip = v.non_special_ip(address.ip, f"{where}.ip")
+                v.optional_name(address.node_name, f"{where}.nodeName", DNS1123_SUBDOMAIN, "node name", 253)
+                v.optional_name(address.hostname, f"{where}.hostname", DNS1123_LABEL, "hostname", 63)
+                families.add(ip_family(ip).value)
                 endpoints.append(
                     {
                         "addresses": [ip],
@@ -411,11 +399,16 @@ def endpoints_to_slice(ep: V1Endpoints) -> V1EndpointSlice:
                         "targetRef": address.target_ref.to_dict() if address.target_ref else None,
                     }
                 )
-        for j, port in enumerate(subset.ports or []):
-            _check_port(port.port, f"subsets[{i}].ports[{j}].port")
-            _protocol(port.protocol, f"subsets[{i}].ports[{j}].protocol")
+        subset_ports = subset.ports or []
+        for j, port in enumerate(subset_ports):
+            where = f"subsets[{i}].ports[{j}]"
+            v.port(port.port, f"{where}.port")
+            _protocol(port.protocol, f"{where}.protocol")
+            if len(subset_ports) > 1:
+                check(bool(port.name), f"{where}.name", "required when the subset has more than one port")
+            v.optional_name(port.name, f"{where}.name", DNS1123_LABEL, "port name (DNS-1123 label)", 63)
             ports[(port.name or "", port.protocol or "TCP")] = port
-    _check(len(families) <= 1, "subsets", "mixes IPv4 and IPv6 addresses")
+    check(len(families) <= 1, "subsets", "mixes IPv4 and IPv6 addresses")
     address_type = "IPv6" if families == {6} else "IPv4"
     slice_ = V1EndpointSlice.from_dict(
         {
@@ -495,7 +488,9 @@ def convert_node(node: Any) -> NodeInfo:
     """The node's IPs and its `topology.kubernetes.io/zone` label.
 
     IPs as kube-proxy's `GetNodeHostIPs`: InternalIPs then ExternalIPs, the first is the
-    primary, plus the first one of the other family (dual-stack); malformed ones are skipped.
+    primary, plus the first one of the other family (dual-stack). Addresses the API server
+    would refuse (malformed, with a zone, unspecified or loopback) are skipped, and so is a
+    zone label that is not a valid label value.
     """
     addresses = (node.status.addresses if node.status else None) or []
     ips: list[str] = []
@@ -504,10 +499,13 @@ def convert_node(node: Any) -> NodeInfo:
             if address.type != kind:
                 continue
             try:
-                ip = str(ipaddress.ip_address(address.address))
-            except ValueError:
+                ip = v.non_special_ip(address.address, "status.addresses")
+            except InvalidObject:
                 continue
             if all(ip_family(ip) is not ip_family(other) for other in ips):
                 ips.append(ip)
-    zone = _labels(node).get(ZONE_LABEL) or None
+    try:
+        zone = v.label_value(_labels(node).get(ZONE_LABEL), f"metadata.labels[{ZONE_LABEL}]")
+    except InvalidObject:
+        zone = None
     return NodeInfo(tuple(ips), zone)

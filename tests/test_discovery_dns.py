@@ -340,7 +340,8 @@ def dns_cli(*args: str) -> Result:
     ("replace", "message"),
     [
         (("clusterIP: None", "type: ExternalName"), "m.yaml: Service shop/db: spec.externalName: required"),
-        (("hostname: db-0", "hostname: DB_0"), "m.yaml: EndpointSlice shop/db-x1: endpoints[0].hostname: 'DB_0'"),
+        (("hostname: db-0", "hostname: DB_0"),
+         "m.yaml: document 2 (EndpointSlice shop/db-x1): endpoints[0].hostname: 'DB_0'"),
         (("port: 5432}]\n---", "port: 0}]\n---"), "m.yaml: document 1 (Service shop/db): spec.ports[0].port"),
     ],
 )

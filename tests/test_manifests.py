@@ -134,7 +134,7 @@ BAD = [
     ("health check port without LB+Local", SERVICE.replace("spec:\n", "spec:\n  healthCheckNodePort: 32000\n", 1),
      "spec.healthCheckNodePort: may only be set when type is 'LoadBalancer'"),
     ("bad name", SERVICE.replace("name: web,", "name: Web_1,"), "metadata.name: 'Web_1' is not a valid Service name"),
-    ("slice IP", SERVICE + "---\n" + SLICE.replace("10.1.0.5", "fe80::1"),
+    ("slice IP", SERVICE + "---\n" + SLICE.replace("10.1.0.5", "fd00::1"),
      "endpoints[0].addresses[0]: must be an IPv4"),
 ]
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import enum
 import ipaddress
-import re
 import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ import dns.exception
 import dns.name
 from kubernetes.client import V1EndpointSlice, V1Service
 
+from kproxy_nft import validation
 from kproxy_nft.convert import SERVICE_NAME_LABEL, InvalidObject
 
 SCHEMA_VERSION = "1.1.0"  # spec §2.2: `dns-version.<zone>. IN TXT "1.1.0"`
@@ -40,7 +40,6 @@ REVERSE_ZONES = (dns.name.from_text("in-addr.arpa."), dns.name.from_text("ip6.ar
 # NXDOMAIN) for `<ns>.svc.<zone>` only when the Namespace exists (namespace.go).
 SYSTEM_NAMESPACES = frozenset({"default", "kube-system", "kube-public", "kube-node-lease"})
 
-_DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 
 
 class ServiceKind(enum.StrEnum):
@@ -250,9 +249,8 @@ def endpoint_group(eps: V1EndpointSlice) -> EndpointGroup | None:
     for i, ep in enumerate(eps.endpoints or []):
         if ep.conditions is not None and ep.conditions.ready is False:
             continue
-        hostname = ep.hostname or ""
-        if hostname and (len(hostname) > 63 or not _DNS1123_LABEL.match(hostname)):
-            raise InvalidObject(f"endpoints[{i}].hostname", f"{hostname!r} is not a valid DNS-1123 label")
+        hostname = validation.optional_name(ep.hostname, f"endpoints[{i}].hostname", validation.DNS1123_LABEL,
+                                            "DNS-1123 label", 63) or ""
         addresses.extend(EndpointAddress(ip, hostname) for ip in ep.addresses)
     # CoreDNS keeps a slice port without a number as -1 (never an SRV record) and one without
     # a name as "" (no SRV name); protocol defaults to TCP as the API server would default it.

@@ -9,14 +9,19 @@ are skipped with a notice.
 Every problem becomes a `ManifestError` whose one-line message names the file, the document
 index (1-based, as a reader counts) and the field, e.g.
 `examples/bad.yaml: document 2 (Service default/web): spec.ports[0].port: must be between 1
-and 65535, inclusive, got 70000`. Nothing half-read is ever returned.
+and 65535, inclusive, got 70000`. Names and values from the input are quoted and cut
+(`validation.shown`), so the message stays one bounded line whatever the file holds.
+
+By default the first problem is raised and nothing half-read is ever returned (`dump`,
+`apply`: all or nothing). With `on_error` (the agent's `--manifests`), each bad document or
+unreadable file is reported there and skipped, and the rest is returned.
 """
 
 from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -36,6 +41,7 @@ from kproxy_nft.convert import (
     endpoints_to_slice,
 )
 from kproxy_nft.model import ClusterState
+from kproxy_nft.validation import shown
 
 try:  # libyaml's C loader is ~10x faster on large clusters; fall back where it is missing.
     from yaml import CSafeLoader as YamlLoader
@@ -54,7 +60,16 @@ _KINDS: dict[tuple[str, str], Any] = {
 
 
 class ManifestError(ValueError):
-    """A manifest that cannot be used; the message is one line naming file, document and field."""
+    """A manifest that cannot be used; the message is one line naming file, document and field.
+
+    `source` is the file (`<stdin>` for standard input), `kind` the object's kind when the
+    problem is one document's ("" for a file that cannot be read or parsed).
+    """
+
+    def __init__(self, message: str, source: str = "", kind: str = "") -> None:
+        super().__init__(message)
+        self.source = source
+        self.kind = kind
 
 
 @dataclass(frozen=True)
@@ -65,12 +80,27 @@ class Document:
     index: int  # 1-based position of the YAML document in its file
     obj: dict[str, Any]
 
+    @property
+    def kind(self) -> str:
+        kind = self.obj.get("kind")
+        return kind if isinstance(kind, str) else ""
+
     def describe(self) -> str:
-        kind = self.obj.get("kind", "object")
         meta = self.obj.get("metadata") if isinstance(self.obj.get("metadata"), dict) else {}
         assert isinstance(meta, dict)
-        name = f"{meta.get('namespace') or 'default'}/{meta.get('name', '?')}"
-        return f"{self.source}: document {self.index} ({kind} {name})"
+        return f"{self.source}: document {self.index} ({_plain(self.kind or 'object')} " \
+               f"{_plain(meta.get('namespace') or 'default')}/{_plain(meta.get('name', '?'))})"
+
+    def error(self, message: str) -> ManifestError:
+        """A problem with this document, as a one-line `ManifestError`."""
+        return ManifestError(f"{self.describe()}: {message}", self.source, self.kind)
+
+
+def _plain(value: object) -> str:
+    """A name as a message shows it: as is when it is plain text, else quoted and cut."""
+    if isinstance(value, str) and value.isprintable() and " " not in value and len(value) <= 253:
+        return value
+    return shown(value)
 
 
 @dataclass(frozen=True)
@@ -111,9 +141,33 @@ def _read_text(path: str, stdin: IO[str]) -> str:
     try:
         return Path(path).read_text(encoding="utf-8")
     except OSError as e:
-        raise ManifestError(f"{path}: cannot read: {e.strerror or e}") from None
+        raise ManifestError(f"{path}: cannot read: {e.strerror or e}", path) from None
     except UnicodeDecodeError:
-        raise ManifestError(f"{path}: not UTF-8 text") from None
+        raise ManifestError(f"{path}: not UTF-8 text", path) from None
+
+
+def _syntax_error(source: str, error: Exception) -> ManifestError:
+    """A JSON or YAML error as one line: where (when the parser knows), and what."""
+    fmt = "JSON" if source.endswith(".json") else "YAML"
+    if isinstance(error, RecursionError):
+        return ManifestError(f"{source}: malformed {fmt}: nested too deeply", source)
+    mark = getattr(error, "problem_mark", None)
+    if mark is not None:
+        where = f": line {mark.line + 1} column {mark.column + 1}"
+    elif isinstance(error, json.JSONDecodeError):
+        where = f": line {error.lineno} column {error.colno}"
+    elif isinstance(error, yaml.reader.ReaderError):
+        where = f": position {error.position + 1}"
+    else:
+        where = ""
+    if isinstance(error, yaml.reader.ReaderError):
+        character = error.character
+        problem = f"{error.reason} (character #x{character:04x})" if isinstance(character, int) else error.reason
+    elif isinstance(error, json.JSONDecodeError):
+        problem = error.msg
+    else:
+        problem = getattr(error, "problem", None) or str(error)
+    return ManifestError(f"{source}{where}: malformed {fmt}: {' '.join(str(problem).split())[:200]}", source)
 
 
 def parse_documents(text: str, source: str) -> Iterator[Document]:
@@ -123,24 +177,21 @@ def parse_documents(text: str, source: str) -> Iterator[Document]:
             raw: Iterable[Any] = [json.loads(text)]
         else:
             raw = list(yaml.load_all(text, Loader=YamlLoader))
-    except (yaml.YAMLError, json.JSONDecodeError) as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1} column {mark.column + 1}" if mark else ""
-        problem = getattr(e, "problem", None) or getattr(e, "msg", None) or str(e)
-        raise ManifestError(f"{source}:{where}: malformed {'JSON' if source.endswith('.json') else 'YAML'}: "
-                            f"{problem}") from None
+    except (yaml.YAMLError, ValueError, RecursionError) as e:
+        # ValueError: also an integer of more than 4,300 digits (Python's conversion limit).
+        raise _syntax_error(source, e) from None
     for index, obj in enumerate(raw, start=1):
         if obj is None:
             continue  # an empty document (a stray `---`)
         if not isinstance(obj, dict):
-            raise ManifestError(f"{source}: document {index}: expected a mapping, got {type(obj).__name__}")
+            raise ManifestError(f"{source}: document {index}: expected a mapping, got {type(obj).__name__}", source)
         if obj.get("kind") == "List" or (str(obj.get("kind", "")).endswith("List") and "items" in obj):
             items = obj.get("items") or []
             if not isinstance(items, list):
-                raise ManifestError(f"{source}: document {index}: items: expected a list")
+                raise ManifestError(f"{source}: document {index}: items: expected a list", source)
             for item_no, item in enumerate(items):
                 if not isinstance(item, dict):
-                    raise ManifestError(f"{source}: document {index}: items[{item_no}]: expected a mapping")
+                    raise ManifestError(f"{source}: document {index}: items[{item_no}]: expected a mapping", source)
                 # kubectl's typed lists (ServiceList) omit kind/apiVersion on items.
                 item = dict(item)
                 if "kind" not in item and str(obj.get("kind")).endswith("List") and obj.get("kind") != "List":
@@ -174,7 +225,9 @@ def load_document(doc: Document) -> Any | None:
         obj = cls.model_validate(doc.obj)
     except pydantic.ValidationError as e:
         err = e.errors()[0]
-        raise ManifestError(f"{doc.describe()}: {_pydantic_field(err['loc'])}: {err['msg']}") from None
+        raise doc.error(f"{_pydantic_field(err['loc'])}: {err['msg']}") from None
+    except RecursionError:
+        raise doc.error("nested too deeply") from None
     try:
         if kind == "Service":
             convert_service(obj)
@@ -186,25 +239,46 @@ def load_document(doc: Document) -> Any | None:
             obj = endpoints_to_slice(obj)
             convert_endpoint_slice(obj)
     except InvalidObject as e:
-        raise ManifestError(f"{doc.describe()}: {e}") from None
+        raise doc.error(str(e)) from None
     return obj
 
 
-def read_manifests(paths: Sequence[str], stdin: IO[str] | None = None) -> Manifests:
-    """Read and validate every manifest under `paths`; raise ManifestError on the first problem."""
+def read_manifests(
+    paths: Sequence[str], stdin: IO[str] | None = None, *, on_error: Callable[[ManifestError], None] | None = None
+) -> Manifests:
+    """Read and validate every manifest under `paths`.
+
+    Without `on_error`, the first problem raises ManifestError. With it, each problem is passed
+    to `on_error` instead and skipped: a bad document alone, or a whole file that cannot be
+    read or parsed (none of its documents is returned then).
+    """
     services: list[V1Service] = []
     slices: list[V1EndpointSlice] = []
     cidrs: list[str] = []
     notices: list[str] = []
+
+    def problem(error: ManifestError) -> None:
+        if on_error is None:
+            raise error
+        on_error(error)
+
     for path in expand_paths(paths):
         source = "<stdin>" if path == "-" else path
-        for doc in parse_documents(_read_text(path, stdin or sys.stdin), source):
-            obj = load_document(doc)
+        try:
+            documents = list(parse_documents(_read_text(path, stdin or sys.stdin), source))
+        except ManifestError as e:
+            problem(e)
+            continue
+        for doc in documents:
+            try:
+                obj = load_document(doc)
+            except ManifestError as e:
+                problem(e)
+                continue
             if obj is None:
-                notices.append(f"{doc.describe()}: skipped: kind {doc.obj.get('apiVersion')}/"
-                               f"{doc.obj.get('kind')} is not used here"
-                               + (" (pass it with --config)" if doc.obj.get("kind") == "KubeProxyConfiguration"
-                                  else ""))
+                kind = f"{_plain(doc.obj.get('apiVersion'))}/{_plain(doc.obj.get('kind'))}"
+                hint = " (pass it with --config)" if doc.kind == "KubeProxyConfiguration" else ""
+                notices.append(f"{doc.describe()}: skipped: kind {kind} is not used here{hint}")
                 continue
             if isinstance(obj, V1EndpointSlice):
                 notices.extend(f"{doc.describe()}: ports[{i}]: ignored: no name (kube-proxy skips it; "
