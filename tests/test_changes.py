@@ -74,14 +74,67 @@ def test_relist_removes_what_is_gone() -> None:
     assert [n.name for n in snap.state.services] == ["a"] and not snap.state.endpoints
 
 
-def test_invalid_object_is_rejected_not_fatal() -> None:
+def bad_svc(name: str, ip: str) -> V1Service:
+    obj = svc(name, ip)
+    assert obj.spec is not None and obj.spec.ports is not None
+    obj.spec.ports[0].port = 70000
+    return obj
+
+
+def bad_eps(name: str, service: str) -> V1EndpointSlice:
+    obj = eps(name, service, ["10.1.0.1"])
+    assert obj.endpoints
+    obj.endpoints[0].addresses = ["not-an-ip"]
+    return obj
+
+
+def test_invalid_new_object_is_skipped_and_reported_once() -> None:
     t = ChangeTracker()
-    bad = svc("a", "10.96.0.1")
-    assert bad.spec is not None and bad.spec.ports is not None
-    bad.spec.ports[0].port = 70000
-    t.service_updated(bad)
-    assert "spec.ports[0].port" in t.rejected[("default", "a")]
-    assert not t.snapshot().state.services
+    t.service_updated(svc("b", "10.96.0.2"))
+    t.service_updated(bad_svc("a", "10.96.0.1"))
+    assert "spec.ports[0].port" in t.rejected[("Service", "default", "a")]
+    (rejection,) = t.take_rejections()
+    assert rejection.kind == "Service" and rejection.outcome == "skipped"
+    assert rejection.message.startswith("Service default/a: spec.ports[0].port")
+    snap = t.snapshot()
+    assert [n.name for n in snap.state.services] == ["b"] and ("default", "a") not in snap.changed
+    # A relist repeating the same invalid object is no news.
+    t.replace_services([svc("b", "10.96.0.2"), bad_svc("a", "10.96.0.1")])
+    assert t.take_rejections() == [] and t.pending == 0
+    # Fixed: it is applied and no longer rejected.
+    t.service_updated(svc("a", "10.96.0.1"))
+    assert not t.rejected and t.snapshot().changed == {("default", "a")}
+
+
+def test_invalid_update_keeps_the_previous_valid_version() -> None:
+    t = ChangeTracker()
+    t.service_updated(svc("a", "10.96.0.1"))
+    t.slice_updated(eps("a-1", "a", ["10.1.0.1"]))
+    before = t.snapshot().state
+    t.service_updated(bad_svc("a", "10.96.0.9"))
+    t.slice_updated(bad_eps("a-1", "a"))
+    assert [(r.kind, r.outcome) for r in t.take_rejections()] == [
+        ("Service", "kept its previous version"), ("EndpointSlice", "kept its previous version")]
+    assert t.pending == 0
+    snap = t.snapshot()
+    assert snap.state == before and not snap.changed
+    # The same invalid versions again (a relist): kept, not reported again.
+    t.replace_all([bad_svc("a", "10.96.0.9")], [bad_eps("a-1", "a")])
+    assert t.take_rejections() == [] and t.snapshot().state == before
+    # A delete still deletes, and forgets the rejection.
+    t.slice_deleted(bad_eps("a-1", "a"))
+    assert ("EndpointSlice", "default", "a-1") not in t.rejected
+    assert not t.snapshot().state.endpoints
+
+
+def test_relist_forgets_rejections_of_objects_that_are_gone() -> None:
+    t = ChangeTracker()
+    t.replace_all([bad_svc("a", "10.96.0.1")], [bad_eps("a-1", "a")])
+    assert len(t.take_rejections()) == 2 and len(t.rejected) == 2
+    t.replace_all([], [])
+    assert not t.rejected
+    t.replace_all([bad_svc("a", "10.96.0.1")], [])  # back again: a new report
+    assert [r.kind for r in t.take_rejections()] == ["Service"]
 
 
 @settings(max_examples=60, deadline=None)

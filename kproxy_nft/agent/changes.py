@@ -9,6 +9,12 @@ The rule writers never see events.
 The state is kept per object (converted once, when it arrives) and per service, so building a
 snapshot costs O(changed services), not O(cluster): unchanged services reuse the ServicePort
 records and merged endpoint tuples of the previous snapshot. Pure: no I/O, no clock.
+
+Invalid objects (the API server would have refused them; a manifest, an old API server or a
+webhook-free test cluster may still hand one over) never stop the node: a new one is skipped,
+and an invalid update of an object that was valid keeps the previous valid version, so nothing
+already programmed is lost. Each one becomes a `Rejection`, reported once per distinct reason;
+the agent takes them (`take_rejections`) to log and count.
 """
 
 from __future__ import annotations
@@ -28,6 +34,19 @@ from kproxy_nft.convert import (
 from kproxy_nft.model import ClusterState, Endpoint, ServicePort, ServicePortName
 
 ServiceKey = tuple[str, str]  # (namespace, name)
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """An invalid object that was not applied; `kind` is "Service", "EndpointSlice", … or "" if unknown.
+
+    `message` is one line naming the object and the field (and, from manifests, the file);
+    `outcome` says what the node does instead, e.g. "kept its previous version".
+    """
+
+    kind: str
+    message: str
+    outcome: str = "skipped"
 
 
 @dataclass(frozen=True)
@@ -56,8 +75,8 @@ def _slice_service(eps: V1EndpointSlice) -> ServiceKey | None:
 class ChangeTracker:
     """Current Services and EndpointSlices, and the services touched since the last snapshot.
 
-    Invalid objects (the API server would not have accepted them, but a manifest might hold
-    one) are dropped with the reason kept in `rejected`, rather than stopping the node.
+    Invalid objects are not applied (see the module docstring): `rejected` holds the reason
+    for each object whose latest version is invalid, keyed by (kind, namespace, name).
     """
 
     def __init__(self) -> None:
@@ -70,7 +89,8 @@ class ChangeTracker:
         self._services: dict[ServicePortName, ServicePort] = {}
         self._endpoints: dict[ServicePortName, tuple[Endpoint, ...]] = {}
         self._names_of: dict[ServiceKey, tuple[ServicePortName, ...]] = {}  # in the last snapshot
-        self.rejected: dict[ServiceKey, str] = {}
+        self.rejected: dict[tuple[str, str, str], str] = {}
+        self._rejections: list[Rejection] = []  # not yet taken
         self.service_events = 0
         self.endpoint_events = 0
 
@@ -81,10 +101,10 @@ class ChangeTracker:
         self.service_events += 1
         try:
             ports = convert_service(svc).ports
-            self.rejected.pop(key, None)
         except InvalidObject as e:
-            self.rejected[key] = f"Service {key[0]}/{key[1]}: {e}"
-            ports = ()
+            self._reject("Service", key, e, previous=key in self._ports)
+            return
+        self.rejected.pop(("Service", *key), None)
         if self._ports.get(key) != ports:
             self._ports[key] = ports
             self._changed.add(key)
@@ -92,6 +112,7 @@ class ChangeTracker:
     def service_deleted(self, svc: V1Service) -> None:
         key = _key(svc)
         self.service_events += 1
+        self.rejected.pop(("Service", *key), None)
         if self._ports.pop(key, None) is not None:
             self._changed.add(key)
 
@@ -101,10 +122,10 @@ class ChangeTracker:
         owner = _slice_service(eps)
         try:
             endpoints = convert_endpoint_slice(eps) if owner else {}
-            self.rejected.pop(key, None)
         except InvalidObject as e:
-            self.rejected[key] = f"EndpointSlice {key[0]}/{key[1]}: {e}"
-            endpoints = {}
+            self._reject("EndpointSlice", key, e, previous=key in self._slices)
+            return
+        self.rejected.pop(("EndpointSlice", *key), None)
         if owner is not None and self._slice_owner.get(key) == owner and self._slices.get(key) == endpoints:
             return  # a resync or no-op update: nothing for the rules
         self._drop_slice(key)
@@ -116,7 +137,21 @@ class ChangeTracker:
 
     def slice_deleted(self, eps: V1EndpointSlice) -> None:
         self.endpoint_events += 1
-        self._drop_slice(_key(eps))
+        key = _key(eps)
+        self.rejected.pop(("EndpointSlice", *key), None)
+        self._drop_slice(key)
+
+    def _reject(self, kind: str, key: ServiceKey, error: InvalidObject, previous: bool) -> None:
+        """Leave the object as it was (its previous valid version, or absent); report a new reason once."""
+        message = f"{kind} {key[0]}/{key[1]}: {error}"
+        if self.rejected.get((kind, *key)) != message:  # a relist repeats it: no news
+            self.rejected[(kind, *key)] = message
+            self._rejections.append(Rejection(kind, message, "kept its previous version" if previous else "skipped"))
+
+    def take_rejections(self) -> list[Rejection]:
+        """The rejections since the last call (each distinct reason of each object once)."""
+        taken, self._rejections = self._rejections, []
+        return taken
 
     def _drop_slice(self, key: ServiceKey) -> None:
         owner = self._slice_owner.pop(key, None)
@@ -131,6 +166,7 @@ class ChangeTracker:
         for key in [k for k in self._ports if k not in live]:
             del self._ports[key]
             self._changed.add(key)
+        self._forget_rejected("Service", live)
         for svc in services:
             self.service_updated(svc)
 
@@ -139,8 +175,13 @@ class ChangeTracker:
         live = {_key(s) for s in slices}
         for key in [k for k in self._slices if k not in live]:
             self._drop_slice(key)
+        self._forget_rejected("EndpointSlice", live)
         for eps in slices:
             self.slice_updated(eps)
+
+    def _forget_rejected(self, kind: str, live: set[ServiceKey]) -> None:
+        for gone in [k for k in self.rejected if k[0] == kind and k[1:] not in live]:
+            del self.rejected[gone]
 
     def replace_all(self, services: list[V1Service], slices: list[V1EndpointSlice]) -> None:
         self.replace_services(services)

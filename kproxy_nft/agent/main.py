@@ -6,6 +6,10 @@ both Services and EndpointSlices have completed their first list, so an empty ca
 never wipes the node's rules. SIGTERM/SIGINT stop the loop and leave the rules in place, so
 traffic keeps flowing across a restart; a restarted agent adopts what it finds (its first sync
 is a full one, which diffs against the kernel instead of flushing).
+
+An invalid object never holds the rest of the node back: both sources' rejections (the change
+tracker's, and `ManifestSource`'s for documents it could not use) are logged once each and
+counted in `kproxy_nft_invalid_objects_total{kind}`; every valid object is programmed.
 """
 
 from __future__ import annotations
@@ -18,12 +22,14 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from kproxy_nft.agent.changes import ChangeTracker, Snapshot
+from kubernetes.client import V1EndpointSlice, V1Service
+
+from kproxy_nft.agent.changes import ChangeTracker, Rejection, Snapshot
 from kproxy_nft.agent.metrics import Metrics
 from kproxy_nft.agent.runner import SyncRunner
 from kproxy_nft.convert import InvalidObject, convert_node, convert_service_cidr
@@ -31,7 +37,7 @@ from kproxy_nft.kernel.conntrack import ConntrackCleaner
 from kproxy_nft.kernel.runner import kernel_has_ipv6
 from kproxy_nft.model import ClusterState, IPFamily, NodeContext, ServicePortName, node_families
 from kproxy_nft.sources.kube import Change, Replace
-from kproxy_nft.sources.manifests import ManifestError, read_manifests
+from kproxy_nft.sources.manifests import ManifestError, expand_paths, load_document, parse_documents, read_manifests
 
 if TYPE_CHECKING:
     from kproxy_nft.compile.iptables import Fragments
@@ -175,14 +181,42 @@ class NftablesSyncBackend:
         return int(self._backend.repairs_total)
 
 
+Event = Replace | Change | Rejection  # what the sources put on the agent's queue
+Identity = tuple[str, str, str]  # (kind, namespace, name)
+
+
+def _identity(obj: Any) -> Identity:
+    meta = obj.metadata
+    return (type(obj).__name__, meta.namespace or "default", meta.name)
+
+
+def _file_stamp(path: str) -> tuple[int, int] | None:
+    try:
+        st = Path(path).stat()
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_size)
+
+
 @dataclass
 class ManifestSource:
-    """`--manifests DIR`: re-read the files when any of them changes (polled by mtime)."""
+    """`--manifests DIR`: re-read the files when any of them changes (polled by mtime).
+
+    Invalid documents are skipped: each problem is emitted once, as a `Rejection` (the agent
+    logs and counts it), when it first appears; every valid object is used. A file with
+    problems can add and update objects but removes none: what it held at its last clean read
+    and lacks now stays until it reads clean again — so a half-saved edit (not even YAML) or a
+    Service edited into an invalid one does not take the services down. For that, only the
+    text of each file's last clean version is kept (the typed objects are ~30x bigger) and
+    parsed again while the file has problems.
+    """
 
     paths: list[str]
-    emit: Callable[[Replace | Change], None]
+    emit: Callable[[Event], None]
     stop: threading.Event
     interval: float = 1.0
+    _clean: dict[str, str] = field(default_factory=dict, init=False, repr=False)  # file → last clean text
+    _reported: set[str] = field(default_factory=set, init=False, repr=False)  # problems emitted, still there
 
     def fingerprint(self) -> tuple[tuple[str, float, int], ...]:
         files = []
@@ -195,22 +229,72 @@ class ManifestSource:
                     files.append((str(f), st.st_mtime, st.st_size))
         return tuple(files)
 
+    def read(self) -> tuple[list[V1Service], list[V1EndpointSlice], list[Rejection]]:
+        """The objects to use now, and the problems not reported before."""
+        objects: list[V1Service | V1EndpointSlice] = []
+        problems: dict[str, Rejection] = {}
+        files = expand_paths(self.paths)
+        for path in files:
+            stamp = _file_stamp(path)
+            try:
+                text: str | None = Path(path).read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError):
+                text = None  # read_manifests reports it
+            errors: list[ManifestError] = []
+            manifests = read_manifests([path], on_error=errors.append)
+            found: list[V1Service | V1EndpointSlice] = [*manifests.services, *manifests.endpoint_slices]
+            del manifests
+            if not errors:
+                if text is not None and _file_stamp(path) == stamp:  # else: changed meanwhile, read again soon
+                    self._clean[path] = text
+                objects += found
+                continue
+            clean = self._clean.get(path)
+            if clean is not None:
+                present = {_identity(obj) for obj in found}
+                found += [obj for obj in _usable_objects(clean, path) if _identity(obj) not in present]
+            outcome = "skipped" if clean is None else "skipped; the objects of the file's last valid version stay"
+            for error in errors:
+                problems[str(error)] = Rejection(error.kind, str(error), outcome)
+            objects += found
+        for gone in set(self._clean) - set(files):
+            del self._clean[gone]
+        new = [rejection for message, rejection in problems.items() if message not in self._reported]
+        self._reported = set(problems)
+        services = [obj for obj in objects if isinstance(obj, V1Service)]
+        slices = [obj for obj in objects if isinstance(obj, V1EndpointSlice)]
+        return services, slices, new
+
+    def poll(self) -> None:
+        """Read the files and hand on what they hold (always a complete list of each resource)."""
+        services, slices, rejections = self.read()
+        for rejection in rejections:
+            self.emit(rejection)
+        self.emit(Replace("services", tuple(services)))
+        self.emit(Replace("endpointslices", tuple(slices)))
+
     def run(self) -> None:
         seen: tuple[tuple[str, float, int], ...] | None = None
         while not self.stop.is_set():
             current = self.fingerprint()
             if current != seen:
                 seen = current
-                try:
-                    manifests = read_manifests(self.paths)
-                except ManifestError as e:
-                    # Keep what is programmed: a bad edit must not take the node's services down.
-                    log.error("manifests: %s (keeping the previous state)", e)
-                else:
-                    self.emit(Replace("services", manifests.services))
-                    self.emit(Replace("endpointslices", manifests.endpoint_slices))
-                    del manifests  # the typed objects are big: don't keep them until the next change
+                self.poll()  # the typed objects are big: none are kept until the next change
             self.stop.wait(self.interval)
+
+
+def _usable_objects(text: str, source: str) -> list[V1Service | V1EndpointSlice]:
+    """The Services and EndpointSlices in a file's text that `read_manifests` accepted before."""
+    objects: list[V1Service | V1EndpointSlice] = []
+    try:
+        for doc in parse_documents(text, source):
+            obj = load_document(doc)
+            if isinstance(obj, V1Service | V1EndpointSlice):
+                objects.append(obj)
+    except ManifestError as e:  # not expected: this text read clean before
+        log.warning("manifests: %s: its last valid version no longer reads: %s", source, e)
+        return []
+    return objects
 
 
 def _trigger_times(item: Replace | Change) -> list[float]:
@@ -231,13 +315,14 @@ class Agent:
                  clock: Callable[[], float] = time.time) -> None:
         self.backend = backend
         self.metrics = metrics
-        self.events: queue.Queue[Replace | Change] = queue.Queue()
+        self.events: queue.Queue[Event] = queue.Queue()
         self.tracker = ChangeTracker()
         self.stop = threading.Event()
         self.listed: set[str] = set()
         # Node fields given by flags, which the Node and ServiceCIDR objects must not override.
         self.fixed_node_fields: frozenset[str] = frozenset()
         self._service_cidrs: dict[str, tuple[str, ...]] = {}  # ServiceCIDR name → its CIDRs
+        self._service_cidrs_rejected: dict[str, str] = {}  # ServiceCIDR name → why (reported once)
         self._clock = clock
         self._pending_triggers: list[float] = []
         self.syncs = 0
@@ -254,7 +339,10 @@ class Agent:
 
     # -- events -------------------------------------------------------------------------------
 
-    def _apply_event(self, item: Replace | Change) -> None:
+    def _apply_event(self, item: Event) -> None:
+        if isinstance(item, Rejection):  # a source could not use an object: nothing changes
+            self._report(item)
+            return
         if item.resource == "nodes":
             self._node_event(item)
             return
@@ -274,8 +362,15 @@ class Agent:
             (t.service_deleted if item.type == "DELETED" else t.service_updated)(item.obj)
         else:
             (t.slice_deleted if item.type == "DELETED" else t.slice_updated)(item.obj)
+        for rejection in t.take_rejections():
+            self._report(rejection)
         self.metrics.last_queued_timestamp.set(self._clock())
         self.runner.request()
+
+    def _report(self, rejection: Rejection) -> None:
+        """One log line and one count per invalid object (the sources report each problem once)."""
+        log.warning("invalid %s: %s (%s)", rejection.kind or "object", rejection.message, rejection.outcome)
+        self.metrics.invalid_objects.labels(kind=rejection.kind or "unknown").inc()
 
     def _node_event(self, item: Replace | Change) -> None:
         """This node's Node object: its IPs and zone, for whatever the flags left unset.
@@ -296,20 +391,31 @@ class Agent:
 
     def _service_cidr_event(self, item: Replace | Change) -> None:
         """ServiceCIDR objects: the service IP ranges (nftables mode drops what is unallocated)."""
+        previous = self._service_cidrs
         if isinstance(item, Replace):
             self._service_cidrs = {}
             objs = list(item.items)
+            live = {obj.metadata.name for obj in objs}
+            self._service_cidrs_rejected = {k: v for k, v in self._service_cidrs_rejected.items() if k in live}
         else:
             objs = [item.obj]
         for obj in objs:
             name = obj.metadata.name
             if isinstance(item, Change) and item.type == "DELETED":
                 self._service_cidrs.pop(name, None)
+                self._service_cidrs_rejected.pop(name, None)
                 continue
             try:
                 self._service_cidrs[name] = convert_service_cidr(obj)
+                self._service_cidrs_rejected.pop(name, None)
             except InvalidObject as e:
-                log.error("ServiceCIDR %s: %s (ignored)", name, e)
+                if name in previous:  # an invalid update keeps the previous valid version
+                    self._service_cidrs[name] = previous[name]
+                message = f"ServiceCIDR {name}: {e}"
+                if self._service_cidrs_rejected.get(name) != message:
+                    self._service_cidrs_rejected[name] = message
+                    self._report(Rejection("ServiceCIDR", message,
+                                           "kept its previous version" if name in previous else "skipped"))
         if "service_cidrs" not in self.fixed_node_fields:
             cidrs = tuple(dict.fromkeys(c for name in sorted(self._service_cidrs) for c in self._service_cidrs[name]))
             self._set_node(dataclasses.replace(self.backend.node, service_cidrs=cidrs))

@@ -6,6 +6,9 @@ ours: `kproxy_nft_drift_repairs_total`, how often a full sync found the kernel d
 what we had applied (a chain deleted by hand, another tool's flush) and repaired it. And
 `kproxy_nft_conntrack_cleanup_errors_total`: failures deleting stale UDP/SCTP conntrack flows
 after a sync (kube-proxy only logs those; the sync itself still counts as successful).
+And `kproxy_nft_invalid_objects_total{kind}`: objects skipped as invalid (from the API or from
+manifests), each distinct problem of an object once; `kind` is "Service", "EndpointSlice",
+"Endpoints", "ServiceCIDR", or "unknown" (e.g. a manifest file that is not valid YAML).
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ class Metrics:
     nftables_sync_failures: Counter
     drift_repairs: Counter
     conntrack_cleanup_errors: Counter
+    invalid_objects: Counter  # label: kind
 
 
 def new_metrics() -> Metrics:
@@ -81,4 +85,7 @@ def new_metrics() -> Metrics:
                               registry=r),
         conntrack_cleanup_errors=Counter("kproxy_nft_conntrack_cleanup_errors",
                                          "Failures deleting stale conntrack flows after a sync", registry=r),
+        invalid_objects=Counter("kproxy_nft_invalid_objects",
+                                "Objects skipped as invalid (an invalid update keeps the previous version)",
+                                ["kind"], registry=r),
     )
