@@ -116,6 +116,11 @@ class ConflictIndex:
             affected.update(holders)  # a lone holder left may have just won its destination back
         return affected
 
+    @property
+    def contested(self) -> int:
+        """How many destinations are claimed more than once now."""
+        return len(self._contested)
+
     def _winner(self, destination: Destination) -> tuple[ServicePortName, int]:
         return min(self._claims[destination].items(), key=_order)
 

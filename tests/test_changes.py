@@ -170,3 +170,30 @@ def test_identical_slice_update_is_not_a_change() -> None:
     t.snapshot()
     t.replace_slices([eps("a-1", "a", ["10.1.0.1"])])
     assert t.pending == 0
+
+
+def test_an_external_ip_on_another_services_cluster_ip_is_dropped_and_comes_back() -> None:
+    """Conflicts are resolved in the snapshot, in O(changed): the loser's destination returns
+    to it, as a changed port, when the winner goes."""
+    from kubernetes.client import V1Service
+
+    from kproxy_nft.model import ServicePortName
+
+    def service(name: str, cluster_ip: str, external: list[str] | None = None) -> V1Service:
+        return V1Service.from_dict({
+            "metadata": {"name": name, "namespace": "default"},
+            "spec": {"clusterIP": cluster_ip, "externalIPs": external, "ports": [{"port": 80}]},
+        })
+
+    t = ChangeTracker()
+    t.replace_services([service("a", "10.96.0.1", ["10.96.0.2"]), service("b", "10.96.0.2")])
+    t.replace_slices([])
+    a, b = ServicePortName("default", "a", ""), ServicePortName("default", "b", "")
+    state = t.snapshot().state
+    assert state.services[a].external_ips == () and state.services[b].cluster_ips == ("10.96.0.2",)
+    (warning,) = t.take_conflicts()
+    assert "cluster IP of default/b/TCP keeps it" in warning
+    t.service_deleted(service("b", "10.96.0.2"))
+    snap = t.snapshot()
+    assert snap.state.services[a].external_ips == ("10.96.0.2",)
+    assert snap.changed_ports == {a, b} and t.take_conflicts() == []

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 from kubernetes.client import V1EndpointSlice, V1Service
 
+from kproxy_nft.conflicts import ConflictIndex
 from kproxy_nft.convert import (
     SERVICE_NAME_LABEL,
     EndpointsByPort,
@@ -89,6 +90,9 @@ class ChangeTracker:
         self._services: dict[ServicePortName, ServicePort] = {}
         self._endpoints: dict[ServicePortName, tuple[Endpoint, ...]] = {}
         self._names_of: dict[ServiceKey, tuple[ServicePortName, ...]] = {}  # in the last snapshot
+        self._conflicts = ConflictIndex()
+        self._conflicts_reported: set[str] = set()
+        self._new_conflicts: list[str] = []
         self.rejected: dict[tuple[str, str, str], str] = {}
         self._rejections: list[Rejection] = []  # not yet taken
         self.service_events = 0
@@ -198,6 +202,33 @@ class ChangeTracker:
 
     # -- snapshots --------------------------------------------------------------------------
 
+    def _resolve_conflicts(self, changed: set[ServicePortName]) -> set[ServicePortName]:
+        """Give each contested destination to one service port (`conflicts`), in O(changed).
+
+        `self._services` holds the ports as converted for the changed names; they go through
+        the index, and every port whose programmed form the change affected is replaced by its
+        resolved one. Returns the other service ports whose rules changed that way.
+        """
+        affected: set[ServicePortName] = set()
+        for name in changed:
+            affected |= self._conflicts.update(name, self._services.get(name))
+        also_changed = set()
+        for name in affected:
+            resolved = self._conflicts.resolved(name)
+            if resolved is not None and self._services.get(name) != resolved:
+                also_changed.add(name)
+                self._services[name] = resolved
+        if self._conflicts.contested or self._conflicts_reported:
+            current = {str(c) for c in self._conflicts.conflicts()}
+            self._new_conflicts += sorted(current - self._conflicts_reported)
+            self._conflicts_reported = current
+        return also_changed - changed
+
+    def take_conflicts(self) -> list[str]:
+        """Destinations claimed twice that appeared since the last call (one warning each)."""
+        found, self._new_conflicts = self._new_conflicts, []
+        return found
+
     def snapshot(self) -> Snapshot:
         """The current state and the services changed since the previous snapshot.
 
@@ -218,6 +249,7 @@ class ChangeTracker:
                 self._services[port.name] = port
                 if port.name in merged:
                     self._endpoints[port.name] = merged[port.name]
+        changed_ports |= self._resolve_conflicts(changed_ports)
         changed, full = frozenset(self._changed), self._full
         self._changed.clear()
         self._full = False

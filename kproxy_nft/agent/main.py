@@ -458,6 +458,8 @@ class Agent:
         if full:
             self.tracker.mark_all_changed()
         snapshot = self.tracker.snapshot()
+        for conflict in self.tracker.take_conflicts():
+            log.warning("conflict: %s", conflict)
         started = time.perf_counter()
         try:
             summary = self.backend.sync(snapshot.state, full, None if snapshot.full else snapshot.changed_ports)
