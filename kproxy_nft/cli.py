@@ -1,17 +1,22 @@
 """The `kproxy-nft` command line (click): the imperative shell around the pure compilers.
 
-Exit codes: 0 success, 2 bad input (one clear line on stderr, nothing on stdout).
+Exit codes, each meaning one thing: 0 success; 1 only from `apply` (changes applied or, with
+--dry-run, pending) and `demo` (a probe failed); 2 bad input, or a kernel change that failed and
+was undone (one line on stderr: `kproxy-nft: error: …`); 3 an internal error, a bug (one line,
+`kproxy-nft: internal error: <Type>: …`, the traceback too with `kproxy-nft -v`); 130 Ctrl-C.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
 import socket
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import click
 
@@ -27,12 +32,62 @@ F = TypeVar("F", bound=Callable[..., Any])
 SEED_EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 EXIT_BAD_INPUT = 2
+EXIT_INTERNAL_ERROR = 3
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports it
+MESSAGE_LIMIT = 1000  # characters of a message shown on stderr
+_VERBOSE = "kproxy_nft.verbose"  # ctx.meta key (shared by all contexts of a run): show tracebacks
+
+# Control characters (C0, DEL, C1) and the Unicode line and paragraph separators, escaped: a
+# message is one line on a terminal, whatever the input held (a name with a newline, ANSI codes).
+_ESCAPES = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))}
+_ESCAPES.update({ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t", 0x2028: "\\u2028", 0x2029: "\\u2029"})
 
 
-def fail(message: str) -> None:
+def one_line(text: str, limit: int = MESSAGE_LIMIT) -> str:
+    """`text` as one line of at most about `limit` characters: control characters escaped, the rest cut."""
+    shown = text[: limit + 1].translate(_ESCAPES)  # never the whole of a 50 MB input
+    if len(text) <= limit and len(shown) <= limit:
+        return shown
+    return f"{shown[:limit]}… ({len(text):,} characters)"
+
+
+def fail(message: str) -> NoReturn:
     """Report bad input the way every command does: one line on stderr, exit code 2."""
-    click.echo(f"kproxy-nft: error: {message}", err=True)
+    click.echo(f"kproxy-nft: error: {one_line(message)}", err=True)
     sys.exit(EXIT_BAD_INPUT)
+
+
+def internal_error(error: BaseException, verbose: bool) -> NoReturn:
+    """Report a bug: one line on stderr (after the traceback, when `verbose`), exit code 3."""
+    if verbose:
+        traceback.print_exception(error, file=sys.stderr)
+    try:
+        first = next((line for line in str(error).splitlines() if line.strip()), "")
+    except Exception:  # noqa: BLE001 - an exception whose __str__ fails still gets its line
+        first = "(message unavailable)"
+    message = f"{type(error).__name__}: {first}" if first else type(error).__name__
+    click.echo(f"kproxy-nft: internal error: {one_line(message)}", err=True)
+    sys.exit(EXIT_INTERNAL_ERROR)
+
+
+class _Main(click.Group):
+    """The command group, and the net under every command: an exception no command handled is a
+    bug, reported by `internal_error` (exit 3), never with click's exit 1 or a bare traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise  # usage errors (exit 2) and explicit exits: click reports them
+        except KeyboardInterrupt:
+            click.echo("kproxy-nft: interrupted", err=True)
+            sys.exit(EXIT_INTERRUPTED)
+        except OSError as e:
+            if e.errno == errno.EPIPE:
+                raise  # `kproxy-nft dump | head`: click quiets the broken pipe
+            internal_error(e, ctx.meta.get(_VERBOSE, 0) > 0)
+        except Exception as e:  # noqa: BLE001 - the point: anything else is reported the same way
+            internal_error(e, ctx.meta.get(_VERBOSE, 0) > 0)
 
 
 def _comma_list(values: Sequence[str]) -> tuple[str, ...]:
@@ -121,10 +176,17 @@ def load_inputs(paths: Sequence[str], **flags: Any) -> tuple[Manifests, ProxySet
     return manifests, settings
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="kproxy-nft")
-def main() -> None:
-    """kproxy-nft: Kubernetes Service networking rules (kube-proxy's), compiled and applied."""
+@click.option("-v", "--verbose", count=True, help="Show the traceback of an internal error (exit status 3).")
+@click.pass_context
+def main(ctx: click.Context, verbose: int) -> None:
+    """kproxy-nft: Kubernetes Service networking rules (kube-proxy's), compiled and applied.
+
+    Exit status: 0 success, 1 changes (apply) or failed probes (demo), 2 bad input or a
+    failed change (the kernel left as it was), 3 internal error.
+    """
+    ctx.meta[_VERBOSE] = verbose
 
 
 @main.command(epilog="""\b
@@ -241,22 +303,33 @@ def _apply_nftables(state: ClusterState, settings: ProxySettings, dry_run: bool)
 
 
 def _apply_iptables(state: ClusterState, settings: ProxySettings, dry_run: bool, backend: str) -> bool:
+    """Plan every family, then apply them all or nothing (`kernel.apply_families`)."""
     from kproxy_nft.kernel import iptables as kernel
 
     host = kernel.open_host(None if backend == "auto" else backend)
-    changed = False
-    for family in node_families(settings.node, lambda: host.run(IPFamily.V6, "save", "-t", "nat").returncode == 0):
-        desired = ipt.compile_ruleset(state, settings.node, family)
-        plan = kernel.plan(desired, kernel.read_state(host, family))
-        changed |= not plan.is_empty
+    families = node_families(settings.node, lambda: host.run(IPFamily.V6, "save", "-t", "nat").returncode == 0)
+    desired = [ipt.compile_ruleset(state, settings.node, family) for family in families]
+    plans = [kernel.plan(rules, kernel.read_state(host, rules.family)) for rules in desired]
+    for plan in plans:
         status = "nothing to change" if plan.is_empty else ("would change" if dry_run else "changed")
-        click.echo(f"iptables-{host.backend} IPv{int(family)}: {status}")
+        click.echo(f"iptables-{host.backend} IPv{int(plan.family)}: {status}")
         _print_iptables_plan(plan, dry_run)
-        if not dry_run:
-            if kernel.wants_route_localnet(desired):
-                kernel.enable_route_localnet(host)
-            kernel.apply(plan, host)
+    changed = any(not plan.is_empty for plan in plans)
+    if changed and not dry_run:
+        if any(kernel.wants_route_localnet(rules) for rules in desired):
+            kernel.enable_route_localnet(host)
+        kernel.apply_families(host, plans)
     return changed
+
+
+def _kernel_errors() -> tuple[type[Exception], ...]:
+    """What a kernel backend raises when a change fails (and is undone), or a tool is missing or
+    refused: exit 2. Anything else is a bug (exit 3)."""
+    from kproxy_nft.kernel.iptables import IptablesError, PlanError
+    from kproxy_nft.kernel.libnftables import LibnftablesUnavailable
+    from kproxy_nft.kernel.nftables import NftablesError
+
+    return IptablesError, PlanError, NftablesError, LibnftablesUnavailable, OSError
 
 
 @main.command(epilog="""\b
@@ -269,12 +342,14 @@ Example:
 @click.option("--iptables-backend", type=click.Choice(["auto", "nft", "legacy"]), default="auto", show_default=True,
               help="Which iptables binaries to use; auto decides like kube-proxy, by where rules already are.")
 def apply(dry_run: bool, iptables_backend: str, **options: Any) -> None:
-    """Reconcile the kernel to the manifests in PATH, in one atomic transaction per family.
+    """Reconcile the kernel to the manifests in PATH, all or nothing across IPv4 and IPv6.
 
-    Only what differs is rewritten; chains and tables kproxy-nft does not own are never touched.
-    Exit status like diff(1): 0 nothing to change, 1 changes (applied, or pending with --dry-run),
-    2 error (the kernel is left as it was). After a change, UDP/SCTP conntrack flows that may
-    be stale are deleted (a failure there is a warning, not an error).
+    nftables mode: one transaction for both families. iptables mode: one atomic restore per
+    family, and IPv4 is reverted if IPv6 then fails. Only what differs is rewritten; chains and
+    tables kproxy-nft does not own are never touched. Exit status like diff(1): 0 nothing to
+    change, 1 changes (applied, or pending with --dry-run), 2 error (the kernel is left as it
+    was; the one line says so, or says it could not be), 3 internal error. After a change,
+    UDP/SCTP conntrack flows that may be stale are deleted (a failure there is a warning).
     """
     manifests, settings = load_inputs(**options)
     state = manifests.cluster_state()
@@ -286,7 +361,7 @@ def apply(dry_run: bool, iptables_backend: str, **options: Any) -> None:
             changed = _apply_nftables(state, settings, dry_run)
         else:
             changed = _apply_iptables(state, settings, dry_run, iptables_backend)
-    except Exception as e:  # noqa: BLE001 - every kernel failure is reported the same way
+    except _kernel_errors() as e:  # every kernel failure is reported the same way
         fail(f"{type(e).__name__}: {e}")
     if changed and not dry_run:
         _clean_conntrack(state, settings)
@@ -337,7 +412,7 @@ def cleanup(proxy_mode: str | None, iptables_backend: str) -> None:
             with NftablesBackend() as backend:
                 backend.cleanup()
             click.echo("nftables: removed tables ip kproxy-nft and ip6 kproxy-nft (where present)")
-    except Exception as e:  # noqa: BLE001
+    except _kernel_errors() as e:
         fail(f"{type(e).__name__}: {e}")
 
 
@@ -367,6 +442,7 @@ def run(kubeconfig: str | None, manifest_paths: tuple[str, ...], iptables_backen
     """
     from kproxy_nft.agent.runtime import run_agent
 
+    click.get_current_context().meta[_VERBOSE] = verbose  # tracebacks of internal errors too
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
     try:
