@@ -90,6 +90,11 @@ class _Main(click.Group):
             internal_error(e, ctx.meta.get(_VERBOSE, 0) > 0)
 
 
+def warn(message: str) -> None:
+    """A warning about the input that does not stop the command: one line on stderr."""
+    click.echo(f"kproxy-nft: warning: {one_line(message)}", err=True)
+
+
 def _comma_list(values: Sequence[str]) -> tuple[str, ...]:
     return tuple(v.strip() for value in values for v in value.split(",") if v.strip())
 
@@ -204,7 +209,7 @@ def dump(ip_family: str, **options: Any) -> None:
     nftables mode: an `nft -f` script with the `ip` and `ip6` kproxy-nft tables.
     """
     manifests, settings = load_inputs(**options)
-    state = manifests.cluster_state()
+    state = manifests.cluster_state(warn)
     if settings.mode == "nftables":
         from kproxy_nft.compile import nftables
 
@@ -352,7 +357,7 @@ def apply(dry_run: bool, iptables_backend: str, **options: Any) -> None:
     UDP/SCTP conntrack flows that may be stale are deleted (a failure there is a warning).
     """
     manifests, settings = load_inputs(**options)
-    state = manifests.cluster_state()
+    state = manifests.cluster_state(warn)
     try:
         from kproxy_nft.agent.runtime import with_local_addresses
 

@@ -67,7 +67,7 @@ class Conflict:
         def who(claim: tuple[ServicePortName, int]) -> str:
             name, rank = claim
             what = "nodePort" if self.destination[0] == "nodePort" else _WHAT[rank]
-            return f"{what} of {name}/{name.protocol.value}"
+            return f"{what} of {name}"
 
         lost = ", ".join(who(c) for c in self.losers)
         return (f"{describe(self.destination)} is claimed twice: {who(self.winner)} keeps it; {lost} "

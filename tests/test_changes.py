@@ -192,7 +192,7 @@ def test_an_external_ip_on_another_services_cluster_ip_is_dropped_and_comes_back
     state = t.snapshot().state
     assert state.services[a].external_ips == () and state.services[b].cluster_ips == ("10.96.0.2",)
     (warning,) = t.take_conflicts()
-    assert "cluster IP of default/b/TCP keeps it" in warning
+    assert "cluster IP of default/b keeps it" in warning
     t.service_deleted(service("b", "10.96.0.2"))
     snap = t.snapshot()
     assert snap.state.services[a].external_ips == ("10.96.0.2",)

@@ -30,7 +30,7 @@ def test_an_external_ip_never_takes_another_services_cluster_ip() -> None:
     assert state.services[B] == victim
     assert state.services[A].external_ips == ()
     assert [str(c) for c in found] == [
-        "10.96.0.2:80/TCP is claimed twice: cluster IP of shop/b:http/TCP keeps it; externalIP of shop/a:http/TCP "
+        "10.96.0.2:80/TCP is claimed twice: cluster IP of shop/b:http keeps it; externalIP of shop/a:http "
         "is not programmed there (allocated addresses win over externalIPs, then name order)"
     ]
 

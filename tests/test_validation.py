@@ -178,3 +178,20 @@ def test_names_are_matched_whole() -> None:
 def test_source_ranges_are_spelled_canonically_with_host_bits_kept() -> None:
     assert v.cidr("FD00::1/8", "f") == "fd00::1/8"
     assert v.cidr("10.1.2.3/8", "f") == "10.1.2.3/8"
+
+
+def test_dump_warns_once_per_conflict_and_keeps_going(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from kproxy_nft.cli import main
+
+    path = tmp_path / "c.yaml"
+    path.write_text(SERVICE.replace("name: web,", "name: a,") + "---\n" + external_ips("10.96.0.10").replace(
+        "name: web,", "name: b,").replace("10.96.0.10\n", "10.96.0.11\n"))
+    result = CliRunner().invoke(main, ["dump", "-f", str(path)])
+    assert result.exit_code == 0
+    assert result.stderr == ("kproxy-nft: warning: 10.96.0.10:80/TCP is claimed twice: cluster IP of shop/a:http keeps "
+                             "it; externalIP of shop/b:http is not programmed there (allocated addresses win over "
+                             "externalIPs, then name order)\n")
+    # Neither has endpoints: one REJECT for a's cluster IP, none for b's lost externalIP.
+    assert result.stdout.count("-d 10.96.0.10 ") == 1 and "shop/b:http has no endpoints" in result.stdout

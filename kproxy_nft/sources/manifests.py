@@ -30,6 +30,7 @@ import pydantic
 import yaml
 from kubernetes.client import V1Endpoints, V1EndpointSlice, V1Service, V1ServiceCIDR
 
+from kproxy_nft.conflicts import resolve
 from kproxy_nft.convert import (
     EndpointsByPort,
     InvalidObject,
@@ -112,9 +113,15 @@ class Manifests:
     notices: tuple[str, ...]
     service_cidrs: tuple[str, ...] = ()  # of every ServiceCIDR, in reading order, no duplicates
 
-    def cluster_state(self) -> ClusterState:
-        """The proxy's view of these objects (see `convert.build_state`)."""
-        return build_state(self.service_infos(), self.slice_endpoints())
+    def cluster_state(self, warn: Callable[[str], None] | None = None) -> ClusterState:
+        """The proxy's view of these objects (see `convert.build_state`), as it is programmed:
+        a destination two service ports claim goes to one of them (`conflicts.resolve`), and
+        each such conflict is passed to `warn`."""
+        state, found = resolve(build_state(self.service_infos(), self.slice_endpoints()))
+        for conflict in found:
+            if warn is not None:
+                warn(str(conflict))
+        return state
 
     def service_infos(self) -> tuple[ServiceInfo, ...]:
         return tuple(convert_service(s) for s in self.services)
