@@ -18,10 +18,12 @@ import time
 
 from kubernetes.client import V1EndpointSlice, V1Service
 
-from kproxy_nft.agent.main import Agent, Backend, IptablesBackend, NftablesSyncBackend
+from kproxy_nft.agent.main import Agent
 from kproxy_nft.agent.metrics import new_metrics
+from kproxy_nft.config import ProxySettings
 from kproxy_nft.model import NodeContext
 from kproxy_nft.netlab.netns import throwaway_netns
+from kproxy_nft.proxier import make_proxier
 from kproxy_nft.sources.kube import Change, Replace
 from kproxy_nft.synthetic import SERVICE_CIDR, synthetic_endpoints
 
@@ -55,9 +57,8 @@ def resident_mb() -> float:
 
 def run(mode: str, services: int, endpoints: int, changes: int) -> None:
     with throwaway_netns() as netns:
-        backend: Backend = (NftablesSyncBackend(NODE, netns=netns) if mode == "nftables"
-                            else IptablesBackend(NODE, "nft", netns=netns))
-        agent = Agent(backend, new_metrics(), min_sync_period=0.0, sync_period=3600.0)
+        proxier = make_proxier(ProxySettings(mode=mode, node=NODE), netns=netns, iptables_backend="nft")
+        agent = Agent(proxier, new_metrics(), min_sync_period=0.0, sync_period=3600.0)
         thread = threading.Thread(target=agent.run, daemon=True)
         t0 = time.perf_counter()
         agent.events.put(Replace("services", tuple(service(i) for i in range(services))))

@@ -20,10 +20,9 @@ from typing import Any, NoReturn, TypeVar
 
 import click
 
-from kproxy_nft.compile import iptables as ipt
 from kproxy_nft.config import ConfigError, Overrides, ProxySettings, load_config_file, resolve
-from kproxy_nft.kernel.runner import kernel_has_ipv6
-from kproxy_nft.model import ClusterState, IPFamily, node_families
+from kproxy_nft.model import ClusterState, IPFamily
+from kproxy_nft.proxier import MODES, Proxier, make_proxier, with_local_addresses
 from kproxy_nft.sources.manifests import ManifestError, Manifests, read_manifests
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -102,7 +101,7 @@ def _comma_list(values: Sequence[str]) -> tuple[str, ...]:
 def settings_options(func: F) -> F:
     """The kube-proxy flags that shape the rules; shared by every command that compiles."""
     options = [
-        click.option("--proxy-mode", type=click.Choice(["iptables", "nftables"]), default=None,
+        click.option("--proxy-mode", type=click.Choice(MODES), default=None,
                      help="Backend whose rules to produce (default: the config's mode, else iptables)."),
         click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
                      help="A KubeProxyConfiguration (kubeproxy.config.k8s.io/v1alpha1) YAML; flags win over it."),
@@ -210,13 +209,7 @@ def dump(ip_family: str, **options: Any) -> None:
     """
     manifests, settings = load_inputs(**options)
     state = manifests.cluster_state(warn)
-    if settings.mode == "nftables":
-        from kproxy_nft.compile import nftables
-
-        click.echo(nftables.render_script(nftables.compile_all(state, settings.node)), nl=False)
-        return
-    ruleset = ipt.compile_ruleset(state, settings.node, IPFamily(int(ip_family)))
-    click.echo(ipt.render_restore(ruleset), nl=False)
+    click.echo(make_proxier(settings).render(state, IPFamily(int(ip_family))), nl=False)
 
 
 @main.command(epilog="""\b
@@ -232,7 +225,7 @@ Example:
               help="Fresh HTTP GETs per service port.")
 @click.option("--backend", type=click.Choice(["nft", "legacy"]), default="nft", show_default=True,
               help="Which iptables binary family loads the rules in the lab's node namespace.")
-@click.option("--proxy-mode", type=click.Choice(["iptables", "nftables"]), default=None,
+@click.option("--proxy-mode", type=click.Choice(MODES), default=None,
               help="Rules to replay with (default: the config's mode, iptables for the seed).")
 def demo(paths: tuple[str, ...], config_path: str | None, count: int, backend: str, proxy_mode: str | None) -> None:
     """Replay the seed's experiment in network namespaces (needs root).
@@ -252,79 +245,21 @@ def demo(paths: tuple[str, ...], config_path: str | None, count: int, backend: s
     _, settings = load_inputs(paths, proxy_mode=proxy_mode, config_path=config_path)
 
     def apply_rules(node_ns: str, state: ClusterState) -> str:
-        """Reconcile the lab's node namespace with the real backends (what `apply` does)."""
-        if settings.mode == "nftables":
-            from kproxy_nft.compile import nftables
-            from kproxy_nft.kernel.nftables import NftablesBackend
-
-            with NftablesBackend(netns=node_ns) as nft_backend:
-                plan = nft_backend.full_sync(nftables.compile_all(state, settings.node))
-            return f"nftables in {node_ns}: {plan.summary}"
-        from kproxy_nft.kernel import iptables as kernel
-
-        host = kernel.open_host(backend, netns=node_ns)
-        ipt_plan = kernel.plan(ipt.compile_ruleset(state, settings.node, IPFamily.V4), kernel.read_state(host))
-        kernel.apply(ipt_plan, host)
-        return (f"iptables-{backend} in {node_ns}: {len(ipt_plan.chains)} chains and {len(ipt_plan.jumps)} jumps "
-                f"added in one iptables-restore --noflush")
+        """Reconcile the lab's node namespace the way `apply` does, through the same proxier."""
+        proxier = make_proxier(settings, netns=node_ns, iptables_backend=backend)
+        try:
+            plan = proxier.plan(state)
+            proxier.apply(plan)
+        finally:
+            proxier.close()
+        return f"{proxier.mode} in {node_ns}: " + "; ".join(line.strip() for line in plan.lines if line.strip())
 
     try:
-        failures = run_demo(list(paths), settings.node, apply_rules, count, backend, Console(), settings.mode)
+        rule_tools = make_proxier(settings, iptables_backend=backend).tools
+        failures = run_demo(list(paths), settings.node, apply_rules, count, Console(), rule_tools)
     except (DemoError, ManifestError) as e:
         fail(str(e))
     sys.exit(1 if failures else 0)
-
-
-def _print_iptables_plan(p: Any, dry_run: bool) -> None:
-    """Per service port: chains added / changed / deleted; then the exact restore payload."""
-    for group in p.services:
-        who = str(group.owner) if group.owner else "(shared chains)"
-        parts = [f"{kind} {', '.join(c.chain for c in chains)}" for kind, chains in
-                 (("added", group.added), ("changed", group.changed), ("deleted", group.deleted)) if chains]
-        click.echo(f"  {who}: {'; '.join(parts)}")
-    for jump in p.jumps:
-        click.echo(f"  {jump.kind} jump in {jump.table}/{jump.chain}: {jump.rule}")
-    if dry_run:
-        click.echo(f"--- iptables-restore --noflush payload (IPv{int(p.family)}) ---")
-        click.echo(p.payload, nl=False)
-
-
-def _apply_nftables(state: ClusterState, settings: ProxySettings, dry_run: bool) -> bool:
-    from kproxy_nft.compile import nftables
-    from kproxy_nft.kernel.nftables import NftablesBackend
-
-    with NftablesBackend() as backend:
-        families = node_families(settings.node, kernel_has_ipv6)
-        plan = backend.plan(nftables.compile_all(state, settings.node, families))
-        click.echo(f"nftables: {plan.summary}")
-        if dry_run:
-            click.echo(plan.text, nl=False)
-            if plan.followup:
-                click.echo("--- then, as a second transaction (backend indexes no longer reachable) ---")
-                click.echo(plan.followup, nl=False)
-        elif not plan.is_empty:
-            backend.apply(plan)
-        return not plan.is_empty
-
-
-def _apply_iptables(state: ClusterState, settings: ProxySettings, dry_run: bool, backend: str) -> bool:
-    """Plan every family, then apply them all or nothing (`kernel.apply_families`)."""
-    from kproxy_nft.kernel import iptables as kernel
-
-    host = kernel.open_host(None if backend == "auto" else backend)
-    families = node_families(settings.node, lambda: host.run(IPFamily.V6, "save", "-t", "nat").returncode == 0)
-    desired = [ipt.compile_ruleset(state, settings.node, family) for family in families]
-    plans = [kernel.plan(rules, kernel.read_state(host, rules.family)) for rules in desired]
-    for plan in plans:
-        status = "nothing to change" if plan.is_empty else ("would change" if dry_run else "changed")
-        click.echo(f"iptables-{host.backend} IPv{int(plan.family)}: {status}")
-        _print_iptables_plan(plan, dry_run)
-    changed = any(not plan.is_empty for plan in plans)
-    if changed and not dry_run:
-        if any(kernel.wants_route_localnet(rules) for rules in desired):
-            kernel.enable_route_localnet(host)
-        kernel.apply_families(host, plans)
-    return changed
 
 
 def _kernel_errors() -> tuple[type[Exception], ...]:
@@ -358,30 +293,31 @@ def apply(dry_run: bool, iptables_backend: str, **options: Any) -> None:
     """
     manifests, settings = load_inputs(**options)
     state = manifests.cluster_state(warn)
+    settings = with_local_addresses(settings, None)  # `--nodeport-addresses CIDR` matches these too
+    proxier = make_proxier(settings, iptables_backend=None if iptables_backend == "auto" else iptables_backend)
     try:
-        from kproxy_nft.agent.runtime import with_local_addresses
-
-        settings = with_local_addresses(settings, None)  # `--nodeport-addresses CIDR` matches these too
-        if settings.mode == "nftables":
-            changed = _apply_nftables(state, settings, dry_run)
+        plan = proxier.plan(state)
+        for line in plan.lines:
+            click.echo(line)
+        if dry_run:
+            click.echo(plan.payload, nl=False)
         else:
-            changed = _apply_iptables(state, settings, dry_run, iptables_backend)
+            proxier.apply(plan)
     except _kernel_errors() as e:  # every kernel failure is reported the same way
         fail(f"{type(e).__name__}: {e}")
-    if changed and not dry_run:
-        _clean_conntrack(state, settings)
-    sys.exit(1 if changed else 0)
+    if not plan.is_empty and not dry_run:
+        _clean_conntrack(proxier, state)
+    proxier.close()
+    sys.exit(0 if plan.is_empty else 1)
 
 
-def _clean_conntrack(state: ClusterState, settings: ProxySettings) -> None:
+def _clean_conntrack(proxier: Proxier, state: ClusterState) -> None:
     """Delete the UDP/SCTP flows the new rules may have left stale; never fails the apply.
 
     `apply` does not know what the kernel held before, so like kube-proxy's first sync it takes
     every UDP/SCTP service port with endpoints as newly served and deletes the flows to it.
     """
-    from kproxy_nft.kernel.conntrack import ConntrackCleaner
-
-    result = ConntrackCleaner(settings.node).after_sync(state)
+    result = proxier.clean_conntrack(state)
     if result.filters:
         click.echo(f"conntrack: {result.deleted} stale flows deleted")
     for error in result.errors:
@@ -392,31 +328,19 @@ def _clean_conntrack(state: ClusterState, settings: ProxySettings) -> None:
 Example:
   sudo kproxy-nft cleanup                          # both modes' rules
   sudo kproxy-nft cleanup --proxy-mode iptables""")
-@click.option("--proxy-mode", type=click.Choice(["iptables", "nftables"]), default=None,
+@click.option("--proxy-mode", type=click.Choice(MODES), default=None,
               help="Clean only this mode's rules (default: both).")
 @click.option("--iptables-backend", type=click.Choice(["auto", "nft", "legacy"]), default="auto", show_default=True)
 def cleanup(proxy_mode: str | None, iptables_backend: str) -> None:
     """Remove every rule, chain and table kproxy-nft owns, and nothing else."""
+    settings = load_settings()
     try:
-        if proxy_mode in (None, "iptables"):
-            from kproxy_nft.kernel import iptables as kernel
-
-            host = kernel.open_host(None if iptables_backend == "auto" else iptables_backend)
-            for family in (IPFamily.V4, IPFamily.V6):
-                try:
-                    removed = kernel.cleanup(host, family)
-                except kernel.CommandError:
-                    if family is IPFamily.V6:
-                        continue  # no ip6tables (or IPv6 disabled): nothing of ours there
-                    raise
-                click.echo(f"iptables-{host.backend} IPv{int(family)}: removed {len(removed.chains)} chains, "
-                           f"{len(removed.jumps)} jumps")
-        if proxy_mode in (None, "nftables"):
-            from kproxy_nft.kernel.nftables import NftablesBackend
-
-            with NftablesBackend() as backend:
-                backend.cleanup()
-            click.echo("nftables: removed tables ip kproxy-nft and ip6 kproxy-nft (where present)")
+        for mode in (proxy_mode,) if proxy_mode else MODES:
+            proxier = make_proxier(settings, mode=mode,
+                                   iptables_backend=None if iptables_backend == "auto" else iptables_backend)
+            for line in proxier.cleanup():
+                click.echo(line)
+            proxier.close()
     except _kernel_errors() as e:
         fail(f"{type(e).__name__}: {e}")
 

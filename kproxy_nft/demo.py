@@ -18,7 +18,7 @@ import shutil
 import signal
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,12 +49,11 @@ class Target:
     port: int
 
 
-def preflight(backend: str, mode: str = "iptables") -> None:
-    """Fail early, and clearly, when not root or a tool is missing."""
+def preflight(rule_tools: Sequence[str]) -> None:
+    """Fail early, and clearly, when not root or a tool is missing (`rule_tools`: the proxier's)."""
     if os.geteuid() != 0:
         raise DemoError("the demo creates network namespaces and loads NAT rules: run it as root (sudo make demo)")
-    rules = ["nft"] if mode == "nftables" else [f"iptables-{backend}-restore", f"iptables-{backend}-save"]
-    tools = ["ip", "sysctl", "dig", *rules]
+    tools = ["ip", "sysctl", "dig", *rule_tools]
     missing = [t for t in tools if shutil.which(t) is None]
     if missing:
         raise DemoError(f"missing {', '.join(missing)}: apt-get install iproute2 iptables nftables procps dnsutils")
@@ -188,9 +187,8 @@ def run_demo(
     node: NodeContext,
     apply_rules: Callable[[str, ClusterState], str],
     count: int,
-    backend: str,
     console: Console,
-    mode: str = "iptables",
+    rule_tools: Sequence[str],
 ) -> int:
     """Build the lab, apply the rules with `apply_rules(node_namespace, state)`, probe, report.
 
@@ -200,7 +198,7 @@ def run_demo(
     from kproxy_nft.discovery.launch import start_dns_server_in
     from kproxy_nft.netlab import Addressing, ClientSpec, Lab, PodSpec
 
-    preflight(backend, mode)
+    preflight(rule_tools)
     manifests = read_manifests(paths)
     pods = pods_of(manifests)
     targets = targets_of(manifests)

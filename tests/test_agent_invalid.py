@@ -17,23 +17,19 @@ from kubernetes.client import V1Service
 
 from kproxy_nft.agent.main import Agent, ManifestSource
 from kproxy_nft.agent.metrics import new_metrics
-from kproxy_nft.model import ClusterState, NodeContext
+from kproxy_nft.model import ClusterState
 from kproxy_nft.sources.kube import Change, Replace
+from tests.fake_proxier import FakeProxier
 
 
-class RecordingBackend:
-    mode = "nftables"
-
+class RecordingBackend(FakeProxier):
     def __init__(self) -> None:
-        self.node = NodeContext(hostname="node1")
+        super().__init__()
         self.states: list[ClusterState] = []
 
     def sync(self, state: ClusterState, full: bool, changed: object = None) -> str:
         self.states.append(state)
         return "ok"
-
-    def drift(self) -> int:
-        return 0
 
 
 def service_doc(name: str, ip: str) -> str:
@@ -201,5 +197,5 @@ def test_an_invalid_servicecidr_is_counted_once_and_an_invalid_update_keeps_the_
     agent.events.put(Replace("servicecidrs", (cidr("kubernetes", "10.96.0.0/16"), cidr("bad", "nope"))))  # relist
     agent.events.put(Change("servicecidrs", "MODIFIED", cidr("kubernetes", "10.96.0.0/99")))
     agent._drain(0)  # noqa: SLF001
-    assert agent.backend.node.service_cidrs == ("10.96.0.0/16",)
+    assert agent.proxier.node.service_cidrs == ("10.96.0.0/16",)
     assert agent.metrics.registry.get_sample_value("kproxy_nft_invalid_objects_total", {"kind": "ServiceCIDR"}) == 2

@@ -8,21 +8,17 @@ from kproxy_nft.agent.main import Agent
 from kproxy_nft.agent.metrics import new_metrics
 from kproxy_nft.model import ClusterState, NodeContext
 from kproxy_nft.sources.kube import Change, Replace
+from tests.fake_proxier import FakeProxier
 
 
-class RecordingBackend:
-    mode = "nftables"
-
+class RecordingBackend(FakeProxier):
     def __init__(self, node: NodeContext) -> None:
-        self.node = node
+        super().__init__(node)
         self.synced_with: list[tuple[NodeContext, bool]] = []  # the node each sync compiled for
 
     def sync(self, state: ClusterState, full: bool, changed: object = None) -> str:
         self.synced_with.append((self.node, full))
         return "ok"
-
-    def drift(self) -> int:
-        return 0
 
 
 def node_object(ip: str, zone: str) -> V1Node:

@@ -19,8 +19,9 @@ from kproxy_nft.agent.metrics import new_metrics
 from kproxy_nft.conntrack import Flow, FlowFilter, Frontend, flows_to_delete, stale_flow_filters
 from kproxy_nft.kernel import conntrack as kernel_conntrack
 from kproxy_nft.kernel.conntrack import CleanupResult, ConntrackCleaner
-from kproxy_nft.model import ClusterState, Endpoint, IPFamily, Protocol, ServicePort, TrafficPolicy
+from kproxy_nft.model import ClusterState, Endpoint, IPFamily, Protocol, ServicePort, ServicePortName, TrafficPolicy
 from kproxy_nft.selection import categorize_endpoints
+from tests.fake_proxier import FakeProxier
 from tests.helpers import NODE, endpoint, service, spn
 
 UDP, V4, V6 = Protocol.UDP, IPFamily.V4, IPFamily.V6
@@ -204,19 +205,18 @@ def test_cleaner_retries_after_a_failure(monkeypatch: pytest.MonkeyPatch) -> Non
     assert len(calls) == 2
 
 
-class CleaningBackend:
-    """A backend whose rules always apply, with a conntrack cleaner like the real ones."""
+class CleaningBackend(FakeProxier):
+    """A proxier whose rules always apply, with a conntrack cleaner like the real ones."""
 
     mode = "iptables"
 
     def __init__(self) -> None:
+        super().__init__(NODE)
         self.conntrack = ConntrackCleaner(NODE, netns="kpn-x")
 
-    def sync(self, state: ClusterState, full: bool, changed: object = None) -> str:
-        return "ok"
-
-    def drift(self) -> int:
-        return 0
+    def clean_conntrack(self, state: ClusterState,
+                        changed: frozenset[ServicePortName] | None = None) -> CleanupResult:
+        return self.conntrack.after_sync(state, changed)
 
 
 def test_agent_counts_cleanup_errors_and_keeps_the_sync(monkeypatch: pytest.MonkeyPatch) -> None:

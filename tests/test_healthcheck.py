@@ -16,6 +16,7 @@ from kproxy_nft.agent.main import Agent
 from kproxy_nft.agent.metrics import new_metrics
 from kproxy_nft.model import ClusterState, Endpoint, ServicePort, ServicePortName, TrafficPolicy
 from kproxy_nft.selection import categorize_endpoints
+from tests.fake_proxier import FakeProxier
 from tests.helpers import NODE, endpoint, service, spn
 
 LOCAL = TrafficPolicy.LOCAL
@@ -251,19 +252,15 @@ def test_stop_closes_everything() -> None:
 # -- wiring into the agent --------------------------------------------------------------------
 
 
-class FakeBackend:
-    mode = "nftables"
-
+class FakeBackend(FakeProxier):
     def __init__(self, fail: bool = False) -> None:
+        super().__init__()
         self.fail = fail
 
     def sync(self, state: ClusterState, full: bool, changed: object = None) -> str:
         if self.fail:
             raise RuntimeError("kernel said no")
         return "ok"
-
-    def drift(self) -> int:
-        return 0
 
 
 def test_agent_hands_each_successful_sync_to_its_hooks() -> None:

@@ -1,4 +1,4 @@
-"""The node agent's loop: sources → change tracker → sync runner → backend, with metrics and health.
+"""The node agent's loop: sources → change tracker → sync runner → proxier, with metrics and health.
 
 One thread owns all state: it drains the sources' event queue into the `ChangeTracker`, asks the
 `SyncRunner` when to sync, and hands each sync the tracker's snapshot. Nothing is applied until
@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any
 
 from kubernetes.client import V1EndpointSlice, V1Service
 
@@ -33,39 +33,15 @@ from kproxy_nft.agent.changes import ChangeTracker, Rejection, Snapshot
 from kproxy_nft.agent.metrics import Metrics
 from kproxy_nft.agent.runner import SyncRunner
 from kproxy_nft.convert import InvalidObject, convert_node, convert_service_cidr
-from kproxy_nft.kernel.conntrack import ConntrackCleaner
-from kproxy_nft.kernel.runner import kernel_has_ipv6
-from kproxy_nft.model import ClusterState, IPFamily, NodeContext, ServicePortName, node_families
+from kproxy_nft.model import ClusterState, NodeContext, ServicePortName
+from kproxy_nft.proxier import Proxier
 from kproxy_nft.sources.kube import Change, Replace
 from kproxy_nft.sources.manifests import ManifestError, expand_paths, load_document, parse_documents, read_manifests
-
-if TYPE_CHECKING:
-    from kproxy_nft.compile.iptables import Fragments
-    from kproxy_nft.compile.nftables import Ruleset
 
 log = logging.getLogger("kproxy_nft.agent")
 
 RESOURCES = ("services", "endpointslices")
 TRIGGER_TIME = "endpoints.kubernetes.io/last-change-trigger-time"
-
-
-class Backend(Protocol):
-    """What the agent needs from a kernel backend: make the kernel hold this state."""
-
-    mode: str
-    node: NodeContext  # what the rules are compiled for; the agent replaces it when the Node changes
-
-    def sync(self, state: ClusterState, full: bool, changed: frozenset[ServicePortName] | None = None) -> str:
-        """Apply; return a short summary. `full` re-reads the kernel and repairs drift.
-
-        `changed`: the service ports that differ from the previously synced state (None: unknown,
-        consider everything), so that a backend may recompile only those.
-        """
-        ...
-
-    def drift(self) -> int:
-        """Kernel differences repaired so far (full syncs)."""
-        ...
 
 
 def release_free_memory() -> None:
@@ -79,106 +55,6 @@ def release_free_memory() -> None:
     trim = getattr(ctypes.CDLL(None), "malloc_trim", None)  # the process's own libc; no ldconfig lookup
     if trim is not None:
         trim(0)
-
-
-class IptablesBackend:
-    """iptables mode: one `Syncer` per IP family the node programs (see `node_families`)."""
-
-    mode = "iptables"
-
-    def __init__(self, node: NodeContext, backend: str | None = None, netns: str | None = None,
-                 families: tuple[IPFamily, ...] | None = None) -> None:
-        from kproxy_nft.kernel import iptables as kernel
-
-        self._kernel = kernel
-        self.node = node
-        self._host = kernel.open_host(backend, netns=netns)
-        if families is None:
-            families = node_families(node, self._ip6tables_present)
-        self.families = families
-        self._syncers = {family: kernel.Syncer(self._host, family) for family in families}
-        self.conntrack = ConntrackCleaner(node, netns, families)
-        self.backend = self._host.backend
-        self._drift = 0
-        # The last synced fragments per family, and the node they were compiled for.
-        self._fragments: tuple[dict[IPFamily, Fragments], NodeContext] | None = None
-
-    def _ip6tables_present(self) -> bool:
-        """kube-proxy's `Present()` for IPv6: ip6tables runs and has a nat table (in our netns)."""
-        return self._host.run(IPFamily.V6, "save", "-t", "nat").returncode == 0
-
-    def sync(self, state: ClusterState, full: bool, changed: frozenset[ServicePortName] | None = None) -> str:
-        from kproxy_nft.compile.iptables import assemble_ruleset, compile_fragments, update_fragments
-        from kproxy_nft.kernel.iptables_plan import focus_of
-
-        parts = []
-        previous, self._fragments = self._fragments, None  # None again if this sync fails
-        partial = not full and changed is not None and previous is not None and previous[1] is self.node
-        synced = {}
-        for family, syncer in self._syncers.items():
-            focus = None
-            if partial and previous is not None and changed is not None:
-                # Only the changed service ports are recompiled and compared: O(changed), plus
-                # assembling the shared chains. The kernel's cost is another matter (see README).
-                old = previous[0][family]
-                fragments = update_fragments(old, state, self.node, family, changed)
-                focus = focus_of(old, fragments, changed)
-            else:
-                fragments = compile_fragments(state, self.node, family)
-            desired = assemble_ruleset(fragments.values(), self.node, family)
-            if full and syncer.state is not None:
-                # A full sync reads the kernel back; if what it finds needs a different payload
-                # than what we believe we applied, someone changed our chains: count the repair.
-                kernel_state = self._kernel.read_state(self._host, family)
-                expected = self._kernel.plan(desired, syncer.state).payload
-                if self._kernel.plan(desired, kernel_state).payload != expected:
-                    self._drift += 1
-                syncer.state = kernel_state
-            plan = syncer.sync(desired, full=full and syncer.state is None, focus=focus)
-            synced[family] = fragments
-            parts.append(f"v{int(family)} chains={len(plan.chains)} jumps={len(plan.jumps)}")
-        self._fragments = (synced, self.node)
-        return " ".join(parts)
-
-    def drift(self) -> int:
-        return self._drift
-
-
-class NftablesSyncBackend:
-    """nftables mode: the `ip` and/or `ip6` kproxy-nft table, per the node's families.
-
-    The table of a family the node does not program is never touched (not even deleted).
-    """
-
-    mode = "nftables"
-
-    def __init__(self, node: NodeContext, netns: str | None = None,
-                 families: tuple[IPFamily, ...] | None = None) -> None:
-        from kproxy_nft.kernel.nftables import NftablesBackend
-
-        self.node = node
-        self.families = families if families is not None else node_families(node, kernel_has_ipv6)
-        self._backend = NftablesBackend(netns=netns)
-        self.conntrack = ConntrackCleaner(node, netns, self.families)
-        self._desired: tuple[tuple[Ruleset, ...], NodeContext] | None = None  # last synced, and its node
-
-    def sync(self, state: ClusterState, full: bool, changed: frozenset[ServicePortName] | None = None) -> str:
-        from kproxy_nft.compile.nftables import compile_all, update_ruleset
-
-        previous, self._desired = self._desired, None  # None again if this sync fails
-        if full or changed is None or previous is None or previous[1] is not self.node:
-            desired = compile_all(state, self.node, self.families)
-            hint = None
-        else:
-            # Only the changed service ports are recompiled and compared: O(changed), not O(cluster).
-            desired = tuple(update_ruleset(ruleset, state, self.node, changed) for ruleset in previous[0])
-            hint = changed
-        plan = self._backend.full_sync(desired) if full else self._backend.sync(desired, hint)
-        self._desired = (desired, self.node)
-        return str(plan.summary)
-
-    def drift(self) -> int:
-        return int(self._backend.repairs_total)
 
 
 Event = Replace | Change | Rejection  # what the sources put on the agent's queue
@@ -311,9 +187,9 @@ def _trigger_times(item: Replace | Change) -> list[float]:
 
 
 class Agent:
-    def __init__(self, backend: Backend, metrics: Metrics, min_sync_period: float, sync_period: float,
+    def __init__(self, proxier: Proxier, metrics: Metrics, min_sync_period: float, sync_period: float,
                  clock: Callable[[], float] = time.time) -> None:
-        self.backend = backend
+        self.proxier = proxier
         self.metrics = metrics
         self.events: queue.Queue[Event] = queue.Queue()
         self.tracker = ChangeTracker()
@@ -330,11 +206,8 @@ class Agent:
         self.runner = SyncRunner(self._sync, clock, min_sync_period, sync_period)
         # Called with the state just synced, after the kernel took it (health-check servers).
         self.after_sync: list[Callable[[ClusterState], None]] = []
-        # First, stale UDP/SCTP conntrack flows go (kproxy_nft.conntrack), with either backend;
-        # a backend without a cleaner (a test's fake) has nothing to clean.
-        cleaner = getattr(backend, "conntrack", None)
-        if isinstance(cleaner, ConntrackCleaner):
-            self.after_sync.append(lambda state: self._clean_conntrack(cleaner, state))
+        # First, stale UDP/SCTP conntrack flows go (kproxy_nft.conntrack).
+        self.after_sync.append(self._clean_conntrack)
         self._synced_changes: frozenset[ServicePortName] | None = None  # of the sync the hooks run after
 
     # -- events -------------------------------------------------------------------------------
@@ -382,7 +255,7 @@ class Agent:
         if not objs:
             return
         info = convert_node(objs[0])
-        current = self.backend.node
+        current = self.proxier.node
         self._set_node(dataclasses.replace(
             current,
             node_ips=current.node_ips if "node_ips" in self.fixed_node_fields else info.ips,
@@ -418,19 +291,16 @@ class Agent:
                                            "kept its previous version" if name in previous else "skipped"))
         if "service_cidrs" not in self.fixed_node_fields:
             cidrs = tuple(dict.fromkeys(c for name in sorted(self._service_cidrs) for c in self._service_cidrs[name]))
-            self._set_node(dataclasses.replace(self.backend.node, service_cidrs=cidrs))
+            self._set_node(dataclasses.replace(self.proxier.node, service_cidrs=cidrs))
 
     def _set_node(self, updated: NodeContext) -> None:
         """A changed node context changes every service's rules (topology, node ports, service
         CIDRs), so the next sync recompiles everything."""
-        if updated == self.backend.node:
+        if updated == self.proxier.node:
             return
         log.info("node %s: ips=%s zone=%s service-cidrs=%s", updated.hostname, ",".join(updated.node_ips) or "-",
                  updated.zone or "-", ",".join(updated.service_cidrs) or "-")
-        self.backend.node = updated
-        cleaner = getattr(self.backend, "conntrack", None)
-        if isinstance(cleaner, ConntrackCleaner):
-            cleaner.node = updated
+        self.proxier.set_node(updated)
         self.tracker.mark_all_changed()
         self.runner.request()
 
@@ -462,13 +332,11 @@ class Agent:
             log.warning("conflict: %s", conflict)
         started = time.perf_counter()
         try:
-            summary = self.backend.sync(snapshot.state, full, None if snapshot.full else snapshot.changed_ports)
+            summary = self.proxier.sync(snapshot.state, full, None if snapshot.full else snapshot.changed_ports)
         except Exception as e:
-            failures = (self.metrics.nftables_sync_failures if self.backend.mode == "nftables"
-                        else self.metrics.iptables_restore_failures)
-            failures.inc()
+            self.metrics.sync_failures[self.proxier.mode].inc()
             log.error("sync mode=%s kind=%s services_changed=%d duration=%.3fs result=error error=%r",
-                      self.backend.mode, "full" if full else "partial", len(snapshot.changed),
+                      self.proxier.mode, "full" if full else "partial", len(snapshot.changed),
                       time.perf_counter() - started, str(e).splitlines()[0] if str(e) else type(e).__name__)
             raise
         duration = time.perf_counter() - started
@@ -477,7 +345,7 @@ class Agent:
         m.sync_duration.observe(duration)
         (m.sync_full_duration if full else m.sync_partial_duration).observe(duration)
         m.last_sync_timestamp.set(self._clock())
-        drift = self.backend.drift()
+        drift = self.proxier.drift()
         if drift > m.drift_repairs._value.get():  # noqa: SLF001 - counters only go up; catch up
             m.drift_repairs.inc(drift - m.drift_repairs._value.get())  # noqa: SLF001
         now = self._clock()
@@ -487,7 +355,7 @@ class Agent:
         m.service_changes_pending.set(0)
         m.endpoint_changes_pending.set(0)
         log.info("sync mode=%s kind=%s services_changed=%d duration=%.3fs result=ok %s",
-                 self.backend.mode, "full" if full else "partial", len(snapshot.changed), duration, summary)
+                 self.proxier.mode, "full" if full else "partial", len(snapshot.changed), duration, summary)
         self._synced_changes = None if snapshot.full else snapshot.changed_ports
         if snapshot.full:
             release_free_memory()  # after relists and full syncs: the big transient allocations
@@ -497,9 +365,9 @@ class Agent:
             except Exception:  # the rules are in; a hook's failure must not turn into a retried sync
                 log.exception("after-sync hook %r failed", hook)
 
-    def _clean_conntrack(self, cleaner: ConntrackCleaner, state: ClusterState) -> None:
+    def _clean_conntrack(self, state: ClusterState) -> None:
         """Never fails the sync: errors are logged and counted, and retried by the next sync."""
-        result = cleaner.after_sync(state, self._synced_changes)
+        result = self.proxier.clean_conntrack(state, self._synced_changes)
         if result.errors:
             self.metrics.conntrack_cleanup_errors.inc(len(result.errors))
             log.error("conntrack cleanup: deleted=%d errors=%s", result.deleted, "; ".join(result.errors))

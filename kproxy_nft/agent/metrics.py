@@ -41,8 +41,7 @@ class Metrics:
     endpoint_changes_pending: Gauge
     service_changes: Counter
     service_changes_pending: Gauge
-    iptables_restore_failures: Counter
-    nftables_sync_failures: Counter
+    sync_failures: dict[str, Counter]  # proxy mode → kube-proxy's failure counter of that mode
     drift_repairs: Counter
     conntrack_cleanup_errors: Counter
     invalid_objects: Counter  # label: kind
@@ -76,10 +75,12 @@ def new_metrics() -> Metrics:
                                 "Cumulative proxy rules Service changes", registry=r),
         service_changes_pending=Gauge("kubeproxy_sync_proxy_rules_service_changes_pending",
                                       "Pending proxy rules Service changes", registry=r),
-        iptables_restore_failures=Counter("kubeproxy_sync_proxy_rules_iptables_restore_failures",
-                                          "Cumulative proxy iptables restore failures", registry=r),
-        nftables_sync_failures=Counter("kubeproxy_sync_proxy_rules_nftables_sync_failures",
-                                       "Cumulative proxy nftables sync failures", registry=r),
+        sync_failures={
+            "iptables": Counter("kubeproxy_sync_proxy_rules_iptables_restore_failures",
+                                "Cumulative proxy iptables restore failures", registry=r),
+            "nftables": Counter("kubeproxy_sync_proxy_rules_nftables_sync_failures",
+                                "Cumulative proxy nftables sync failures", registry=r),
+        },
         drift_repairs=Counter("kproxy_nft_drift_repairs",
                               "Full syncs that found the kernel's rules different from what was applied",
                               registry=r),

@@ -6,7 +6,6 @@ the metrics and health listeners, and SIGTERM/SIGINT → a clean stop that leave
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import signal
 import threading
@@ -15,30 +14,12 @@ from types import FrameType
 
 from kproxy_nft.agent.healthcheck import HealthCheckServers
 from kproxy_nft.agent.http import Listener, health_route, metrics_route
-from kproxy_nft.agent.main import Agent, Backend, IptablesBackend, ManifestSource, NftablesSyncBackend
+from kproxy_nft.agent.main import Agent, ManifestSource
 from kproxy_nft.agent.metrics import new_metrics
 from kproxy_nft.config import ProxySettings
-from kproxy_nft.kernel.addresses import local_addresses
+from kproxy_nft.proxier import make_proxier, with_local_addresses
 
 log = logging.getLogger("kproxy_nft.agent")
-
-
-def with_local_addresses(settings: ProxySettings, netns: str | None) -> ProxySettings:
-    """The settings with the node's interface addresses, for `--nodeport-addresses CIDR`.
-
-    Read once at startup (kube-proxy re-reads them on every sync; an address added later is
-    picked up on the agent's next start).
-    """
-    if not any(entry != "primary" for entry in settings.node.nodeport_addresses):
-        return settings  # no CIDR to match them against
-    node = dataclasses.replace(settings.node, local_addresses=local_addresses(netns))
-    return dataclasses.replace(settings, node=node)
-
-
-def make_backend(settings: ProxySettings, iptables_backend: str | None, netns: str | None) -> Backend:
-    if settings.mode == "nftables":
-        return NftablesSyncBackend(settings.node, netns=netns)
-    return IptablesBackend(settings.node, iptables_backend, netns=netns)
 
 
 def run_agent(settings: ProxySettings, *, kubeconfig: str | None, manifest_paths: list[str],
@@ -48,7 +29,8 @@ def run_agent(settings: ProxySettings, *, kubeconfig: str | None, manifest_paths
     address of the node; with `netns`, inside that namespace)."""
     metrics = new_metrics()
     settings = with_local_addresses(settings, netns)
-    agent = Agent(make_backend(settings, iptables_backend, netns), metrics, min_sync_period, sync_period)
+    agent = Agent(make_proxier(settings, netns=netns, iptables_backend=iptables_backend), metrics,
+                  min_sync_period, sync_period)
 
     def proxy_healthy() -> bool:  # one notion of health for /healthz and the service health checks
         return agent.runner.healthy(time.time())

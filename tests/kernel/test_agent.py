@@ -9,9 +9,12 @@ from collections.abc import Iterator
 import pytest
 from kubernetes import client
 
-from kproxy_nft.agent.main import Agent, Backend, IptablesBackend, NftablesSyncBackend
+from kproxy_nft.agent.main import Agent
 from kproxy_nft.agent.metrics import new_metrics
 from kproxy_nft.model import NodeContext
+from kproxy_nft.proxier import Proxier
+from kproxy_nft.proxier.iptables import IptablesProxier
+from kproxy_nft.proxier.nftables import NftablesProxier
 from kproxy_nft.sources.kube import Reflector, list_functions
 from tests.fake_apiserver import FakeAPIServer
 from tests.helpers import wait_for
@@ -25,7 +28,7 @@ NODE = NodeContext(hostname="node1", cluster_cidrs=("10.1.0.0/16",))
 
 
 class Running:
-    def __init__(self, api: FakeAPIServer, backend: Backend, resources: tuple[str, ...] = ("services",
+    def __init__(self, api: FakeAPIServer, backend: Proxier, resources: tuple[str, ...] = ("services",
                                                                                            "endpointslices")):
         self.agent = Agent(backend, new_metrics(), min_sync_period=0.1, sync_period=1.0)
         api_client = client.ApiClient(client.Configuration(host=api.url))
@@ -58,7 +61,7 @@ def nat(netns: str) -> str:
 
 
 def test_iptables_agent_follows_the_api_and_repairs_drift(api: FakeAPIServer, netns: str) -> None:
-    running = Running(api, IptablesBackend(NODE, "nft", netns=netns))
+    running = Running(api, IptablesProxier(NODE, iptables_backend="nft", netns=netns))
     try:
         wait_for(lambda: "--to-destination 10.1.0.2:8080" in nat(netns))
         api.apply("endpointslices", endpoint_slice("web-1", "web", ["10.1.0.1", "10.1.0.3"]))
@@ -74,12 +77,12 @@ def test_iptables_agent_follows_the_api_and_repairs_drift(api: FakeAPIServer, ne
     # Stopped: the rules stay; a restarted agent adopts them without changing anything.
     before = nat(netns)
     assert "10.1.0.3:8080" in before
-    backend = IptablesBackend(NODE, "nft", netns=netns)
+    backend = IptablesProxier(NODE, iptables_backend="nft", netns=netns)
     assert "chains=0 jumps=0" in backend.sync(running.agent.tracker.snapshot().state, full=True)
 
 
 def test_no_sync_before_both_resources_are_listed(api: FakeAPIServer, netns: str) -> None:
-    running = Running(api, IptablesBackend(NODE, "nft", netns=netns), resources=("services",))
+    running = Running(api, IptablesProxier(NODE, iptables_backend="nft", netns=netns), resources=("services",))
     try:
         wait_for(lambda: "services" in running.agent.listed)
         time.sleep(0.5)
@@ -89,7 +92,7 @@ def test_no_sync_before_both_resources_are_listed(api: FakeAPIServer, netns: str
 
 
 def test_nftables_agent_follows_the_api(api: FakeAPIServer, netns: str) -> None:
-    running = Running(api, NftablesSyncBackend(NODE, netns=netns))
+    running = Running(api, NftablesProxier(NODE, netns=netns))
     try:
         def ruleset() -> str:
             return run_in(netns, ["nft", "list", "table", "ip", "kproxy-nft"]).stdout
@@ -116,10 +119,10 @@ def test_traffic_follows_the_api_survives_outage_and_restart(mode: str) -> None:
             obj["ports"][0]["port"] = 80
         api.apply("endpointslices", slice_for["pod1"])
 
-        def backend() -> Backend:
+        def backend() -> Proxier:
             if mode == "nftables":
-                return NftablesSyncBackend(NODE, netns=lab.node_ns)
-            return IptablesBackend(NODE, "nft", netns=lab.node_ns)
+                return NftablesProxier(NODE, netns=lab.node_ns)
+            return IptablesProxier(NODE, iptables_backend="nft", netns=lab.node_ns)
 
         def answers() -> dict[str, int]:
             return lab.probe("testpod", "10.96.0.10", 80, count=5, timeout=0.5).counts()

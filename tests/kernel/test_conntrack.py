@@ -18,11 +18,13 @@ from pathlib import Path
 
 import pytest
 
-from kproxy_nft.agent.main import Backend, IptablesBackend, NftablesSyncBackend
 from kproxy_nft.kernel.conntrack import ConntrackCleaner, list_flows
 from kproxy_nft.kernel.libnftables import entered_netns
 from kproxy_nft.model import ClusterState, Endpoint, IPFamily, NodeContext, Protocol, ServicePort, ServicePortName
 from kproxy_nft.netlab import ClientSpec, Lab, PodSpec
+from kproxy_nft.proxier import Proxier
+from kproxy_nft.proxier.iptables import IptablesProxier
+from kproxy_nft.proxier.nftables import NftablesProxier
 
 pytestmark = pytest.mark.kernel
 
@@ -48,11 +50,11 @@ def lab() -> Iterator[Lab]:
 
 
 @pytest.fixture(params=["iptables-nft", "iptables-legacy", "nftables"])
-def backend(request: pytest.FixtureRequest, lab: Lab) -> Backend:
+def backend(request: pytest.FixtureRequest, lab: Lab) -> Proxier:
     """The agent's backend of the mode under test, programming the lab's node (gone with the lab)."""
     if request.param == "nftables":
-        return NftablesSyncBackend(NODE, netns=lab.node_ns)
-    return IptablesBackend(NODE, request.param.split("-")[1], netns=lab.node_ns)
+        return NftablesProxier(NODE, netns=lab.node_ns)
+    return IptablesProxier(NODE, iptables_backend=request.param.split("-")[1], netns=lab.node_ns)
 
 
 @pytest.fixture
@@ -91,7 +93,7 @@ def reply_sources(lab: Lab) -> set[str]:
     return {line.split("src=")[2].split()[0] for line in out.splitlines() if line.count("src=") == 2}
 
 
-def test_flow_to_a_removed_endpoint_moves_on(lab: Lab, backend: Backend, client: socket.socket) -> None:
+def test_flow_to_a_removed_endpoint_moves_on(lab: Lab, backend: Proxier, client: socket.socket) -> None:
     cleaner = ConntrackCleaner(NODE, netns=lab.node_ns)
     backend.sync(state("10.1.0.47"), True)
     assert cleaner.after_sync(state("10.1.0.47")).ok
@@ -113,7 +115,7 @@ def test_flow_to_a_removed_endpoint_moves_on(lab: Lab, backend: Backend, client:
 
 
 def test_flow_created_before_the_service_had_endpoints_is_flushed(
-    lab: Lab, backend: Backend, client: socket.socket
+    lab: Lab, backend: Proxier, client: socket.socket
 ) -> None:
     cleaner = ConntrackCleaner(NODE, netns=lab.node_ns)
     backend.sync(ClusterState(), True)  # no service yet: the datagram is routed to the dead end

@@ -44,8 +44,8 @@ def test_demo_reaches_every_pod_through_every_service_port(options: list[str]) -
 def test_demo_says_what_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(demo.os, "geteuid", lambda: 1000)
     with pytest.raises(demo.DemoError, match="run it as root"):
-        demo.preflight("nft")
+        demo.preflight(("iptables-nft-restore", "iptables-nft-save"))
     monkeypatch.setattr(demo.os, "geteuid", lambda: 0)
     monkeypatch.setattr(demo.shutil, "which", lambda tool: None if tool == "iptables-nft-restore" else "/bin/x")
     with pytest.raises(demo.DemoError, match="missing iptables-nft-restore"):
-        demo.preflight("nft")
+        demo.preflight(("iptables-nft-restore", "iptables-nft-save"))

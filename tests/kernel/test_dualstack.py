@@ -1,8 +1,8 @@
 """Dual-stack: IPv4 and IPv6 services through every mode, and single-stack nodes that ignore IPv6.
 
 A dual-stack netlab (every pod and client has an IPv4 and an IPv6 address, the node forwards
-both) is programmed by the agent's own backends (`IptablesBackend` with iptables-nft and with
-iptables-legacy, `NftablesSyncBackend`), which choose the families to program from the node
+both) is programmed by the agent's own backends (`IptablesProxier` with iptables-nft and with
+iptables-legacy, `NftablesProxier`), which choose the families to program from the node
 (`agent.main.node_families`): a node with an IPv4 and an IPv6 node IP programs both (ip6tables /
 the `ip6 kproxy-nft` table next to the IPv4 rules), a node whose node IPs are all IPv4 programs
 IPv4 only. `kproxy-nft apply`, run inside the node namespace, is checked for both families too.
@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 
-from kproxy_nft.agent.main import Backend, IptablesBackend, NftablesSyncBackend
 from kproxy_nft.kernel import iptables as iptables_kernel
 from kproxy_nft.kernel.nftables import NftablesBackend
 from kproxy_nft.model import (
@@ -32,6 +31,9 @@ from kproxy_nft.model import (
     node_families,
 )
 from kproxy_nft.netlab import NODE, ClientSpec, Lab, PodSpec
+from kproxy_nft.proxier import Proxier
+from kproxy_nft.proxier.iptables import IptablesProxier
+from kproxy_nft.proxier.nftables import NftablesProxier
 
 pytestmark = pytest.mark.kernel
 
@@ -83,7 +85,7 @@ def lab() -> Iterator[Lab]:
         yield the_lab
 
 
-MakeBackend = Callable[[NodeContext], Backend]
+MakeBackend = Callable[[NodeContext], Proxier]
 
 
 def _cleanup(lab: Lab, mode: str) -> None:
@@ -102,10 +104,10 @@ def make_backend(request: pytest.FixtureRequest, lab: Lab) -> Iterator[MakeBacke
     """The agent's backend of the mode under test, for a node; everything removed afterwards."""
     mode: str = request.param
 
-    def make(node: NodeContext) -> Backend:
+    def make(node: NodeContext) -> Proxier:
         if mode == "nftables":
-            return NftablesSyncBackend(node, netns=lab.node_ns)
-        return IptablesBackend(node, mode.split("-")[1], netns=lab.node_ns)
+            return NftablesProxier(node, netns=lab.node_ns)
+        return IptablesProxier(node, iptables_backend=mode.split("-")[1], netns=lab.node_ns)
 
     _cleanup(lab, mode)
     try:
@@ -114,7 +116,7 @@ def make_backend(request: pytest.FixtureRequest, lab: Lab) -> Iterator[MakeBacke
         _cleanup(lab, mode)
 
 
-def program(make: MakeBackend, node: NodeContext, state: ClusterState) -> Backend:
+def program(make: MakeBackend, node: NodeContext, state: ClusterState) -> Proxier:
     backend = make(node)
     backend.sync(state, full=True)
     return backend

@@ -1,0 +1,147 @@
+"""The seam between "what the rules should be" and the kernel: one `Proxier` per proxy mode.
+
+Everything that programs a node goes through this protocol: `dump` (render only), `apply`
+(plan, then apply all or nothing), `cleanup`, `demo`, the agent's `run` loop and the benches.
+A proxier covers every IP family the node programs (`model.node_families`), as kube-proxy's
+MetaProxier does for dual-stack:
+
+* iptables (`proxier.iptables`): one restore per family, kept apart as kube-proxy keeps them,
+  and IPv4 reverted when IPv6 then fails (`kernel.iptables.apply_families`);
+* nftables (`proxier.nftables`): one `ip`/`ip6` table per family, both in one transaction,
+  which is atomic across tables (two per-family proxiers would give that up).
+
+`make_proxier` is the only place that chooses an implementation by mode (the other is the
+config's default mode). Implementations are imported when chosen, so `dump` never loads the
+kernel layer's ctypes and netlink code.
+
+Deliberately not here: compiling rules (`compile.*`, pure), and reading or writing the kernel
+(`kernel.*`); a proxier only puts those together.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from kproxy_nft.config import PROXY_MODES, ProxySettings
+from kproxy_nft.kernel.conntrack import CleanupResult
+from kproxy_nft.model import ClusterState, IPFamily, NodeContext, ServicePortName
+
+# mode → module:class: the only table of modes.
+_IMPLEMENTATIONS = {
+    "iptables": "kproxy_nft.proxier.iptables:IptablesProxier",
+    "nftables": "kproxy_nft.proxier.nftables:NftablesProxier",
+}
+MODES = PROXY_MODES
+assert set(MODES) == set(_IMPLEMENTATIONS)
+
+
+@dataclass(frozen=True)
+class ProxierPlan:
+    """What a sync would change, before anything is sent (`apply --dry-run` prints it).
+
+    `lines`: a human summary, one line each (which service ports' chains or elements change);
+    `payload`: the exact text that would be sent (restore input, or nft script); `detail`: the
+    implementation's own plan, which `Proxier.apply` takes back.
+    """
+
+    is_empty: bool
+    lines: tuple[str, ...]
+    payload: str
+    detail: object
+
+
+class Proxier(Protocol):
+    """Makes the kernel hold the rules of a `ClusterState` for one node, in one mode."""
+
+    mode: str
+
+    @property
+    def tools(self) -> tuple[str, ...]:
+        """The commands this mode runs (the demo checks they are installed)."""
+        ...
+
+    @property
+    def node(self) -> NodeContext:
+        """The node the rules are compiled for."""
+        ...
+
+    @property
+    def families(self) -> tuple[IPFamily, ...]:
+        """The IP families this proxier programs."""
+        ...
+
+    def set_node(self, node: NodeContext) -> None:
+        """The node changed (its IPs, zone, service CIDRs): the next sync recompiles everything."""
+        ...
+
+    def render(self, state: ClusterState, family: IPFamily = IPFamily.V4) -> str:
+        """The desired rules as text, without the kernel (`dump`). iptables keeps one restore
+        input per family and renders `family`'s; nftables renders one script for every family."""
+        ...
+
+    def plan(self, state: ClusterState) -> ProxierPlan:
+        """Read the kernel and plan the change to `state`; nothing is sent."""
+        ...
+
+    def apply(self, plan: ProxierPlan) -> None:
+        """Send a plan, all or nothing across the families (raises; the kernel is then as it was)."""
+        ...
+
+    def sync(self, state: ClusterState, full: bool, changed: frozenset[ServicePortName] | None = None) -> str:
+        """Make the kernel hold `state`; return a short summary. `full` re-reads the kernel and
+        repairs drift; `changed` names the service ports that differ from the previous sync
+        (None: unknown), so that only those are recompiled and compared."""
+        ...
+
+    def read_back(self) -> str:
+        """What the kernel holds of ours, as text (iptables-save lines of our chains, or the tables)."""
+        ...
+
+    def cleanup(self) -> tuple[str, ...]:
+        """Remove everything this mode owns, and nothing else; one line per family said what went."""
+        ...
+
+    def drift(self) -> int:
+        """Kernel differences repaired so far (full syncs that found someone else's changes)."""
+        ...
+
+    def clean_conntrack(self, state: ClusterState,
+                        changed: frozenset[ServicePortName] | None = None) -> CleanupResult:
+        """Delete the UDP/SCTP flows the last sync made stale. Never raises."""
+        ...
+
+    def close(self) -> None:
+        ...
+
+
+def make_proxier(settings: ProxySettings, *, mode: str | None = None, netns: str | None = None,
+                 iptables_backend: str | None = None, families: Sequence[IPFamily] | None = None) -> Proxier:
+    """The proxier of `mode` (default: the settings' mode) for `settings.node`.
+
+    `netns`: program that network namespace (tests, the demo's lab); `iptables_backend`: "nft"
+    or "legacy" (None: detect like kube-proxy); `families`: override `node_families`.
+    Opening the kernel side is lazy: a proxier used only to `render` touches nothing.
+    """
+    module_name, _, class_name = _IMPLEMENTATIONS[mode or settings.mode].partition(":")
+    implementation = getattr(importlib.import_module(module_name), class_name)
+    proxier: Proxier = implementation(settings.node, netns=netns, iptables_backend=iptables_backend,
+                                      families=tuple(families) if families is not None else None)
+    return proxier
+
+
+def with_local_addresses(settings: ProxySettings, netns: str | None) -> ProxySettings:
+    """The settings with the node's interface addresses, for `--nodeport-addresses CIDR`.
+
+    Read once (kube-proxy re-reads them on every sync; an address added later is picked up on
+    the agent's next start). `dump` does not call this: it knows only `--node-ip`.
+    """
+    if not any(entry != "primary" for entry in settings.node.nodeport_addresses):
+        return settings  # no CIDR to match them against
+    from kproxy_nft.kernel.addresses import local_addresses
+
+    node = dataclasses.replace(settings.node, local_addresses=local_addresses(netns))
+    return dataclasses.replace(settings, node=node)

@@ -1,0 +1,52 @@
+"""A `Proxier` for agent tests: records nothing itself; subclasses say what a sync does.
+
+It implements the whole protocol (`kproxy_nft.proxier.Proxier`) so the agent under test uses
+exactly the calls it uses on the real ones; a sync that must fail, record or clean conntrack
+overrides `sync` or `clean_conntrack`.
+"""
+
+from __future__ import annotations
+
+from kproxy_nft.kernel.conntrack import CleanupResult
+from kproxy_nft.model import ClusterState, IPFamily, NodeContext, ServicePortName
+from kproxy_nft.proxier import ProxierPlan
+
+
+class FakeProxier:
+    mode = "nftables"
+    tools: tuple[str, ...] = ()
+    families = (IPFamily.V4,)
+
+    def __init__(self, node: NodeContext | None = None) -> None:
+        self.node = node or NodeContext(hostname="node1")
+
+    def set_node(self, node: NodeContext) -> None:
+        self.node = node
+
+    def sync(self, state: ClusterState, full: bool, changed: frozenset[ServicePortName] | None = None) -> str:
+        return "ok"
+
+    def drift(self) -> int:
+        return 0
+
+    def clean_conntrack(self, state: ClusterState,
+                        changed: frozenset[ServicePortName] | None = None) -> CleanupResult:
+        return CleanupResult()
+
+    def render(self, state: ClusterState, family: IPFamily = IPFamily.V4) -> str:
+        return ""
+
+    def plan(self, state: ClusterState) -> ProxierPlan:
+        return ProxierPlan(True, (), "", None)
+
+    def apply(self, plan: ProxierPlan) -> None:
+        pass
+
+    def read_back(self) -> str:
+        return ""
+
+    def cleanup(self) -> tuple[str, ...]:
+        return ()
+
+    def close(self) -> None:
+        pass
