@@ -1,9 +1,7 @@
 """The `kproxy-nft` command line (click): the imperative shell around the pure compilers.
 
-Exit codes, each meaning one thing: 0 success; 1 only from `apply` (changes applied or, with
---dry-run, pending) and `demo` (a probe failed); 2 bad input, or a kernel change that failed and
-was undone (one line on stderr: `kproxy-nft: error: …`); 3 an internal error, a bug (one line,
-`kproxy-nft: internal error: <Type>: …`, the traceback too with `kproxy-nft -v`); 130 Ctrl-C.
+Exit codes and error lines: see `report` (0 success, 1 changes, 2 bad input or a failed change
+undone, 3 internal error, 130 Ctrl-C).
 """
 
 from __future__ import annotations
@@ -13,16 +11,16 @@ import errno
 import logging
 import socket
 import sys
-import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import Any, TypeVar
 
 import click
 
 from kproxy_nft.config import ConfigError, Overrides, ProxySettings, load_config_file, resolve
 from kproxy_nft.model import ClusterState, IPFamily
 from kproxy_nft.proxier import MODES, Proxier, make_proxier, with_local_addresses
+from kproxy_nft.report import EXIT_INTERRUPTED, fail, internal_error, warn
 from kproxy_nft.sources.manifests import ManifestError, Manifests, read_manifests
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -30,43 +28,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 # The seed's objects, used by `demo` when no -f is given (a source checkout or editable install).
 SEED_EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
-EXIT_BAD_INPUT = 2
-EXIT_INTERNAL_ERROR = 3
-EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports it
-MESSAGE_LIMIT = 1000  # characters of a message shown on stderr
 _VERBOSE = "kproxy_nft.verbose"  # ctx.meta key (shared by all contexts of a run): show tracebacks
-
-# Control characters (C0, DEL, C1) and the Unicode line and paragraph separators, escaped: a
-# message is one line on a terminal, whatever the input held (a name with a newline, ANSI codes).
-_ESCAPES = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))}
-_ESCAPES.update({ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t", 0x2028: "\\u2028", 0x2029: "\\u2029"})
-
-
-def one_line(text: str, limit: int = MESSAGE_LIMIT) -> str:
-    """`text` as one line of at most about `limit` characters: control characters escaped, the rest cut."""
-    shown = text[: limit + 1].translate(_ESCAPES)  # never the whole of a 50 MB input
-    if len(text) <= limit and len(shown) <= limit:
-        return shown
-    return f"{shown[:limit]}… ({len(text):,} characters)"
-
-
-def fail(message: str) -> NoReturn:
-    """Report bad input the way every command does: one line on stderr, exit code 2."""
-    click.echo(f"kproxy-nft: error: {one_line(message)}", err=True)
-    sys.exit(EXIT_BAD_INPUT)
-
-
-def internal_error(error: BaseException, verbose: bool) -> NoReturn:
-    """Report a bug: one line on stderr (after the traceback, when `verbose`), exit code 3."""
-    if verbose:
-        traceback.print_exception(error, file=sys.stderr)
-    try:
-        first = next((line for line in str(error).splitlines() if line.strip()), "")
-    except Exception:  # noqa: BLE001 - an exception whose __str__ fails still gets its line
-        first = "(message unavailable)"
-    message = f"{type(error).__name__}: {first}" if first else type(error).__name__
-    click.echo(f"kproxy-nft: internal error: {one_line(message)}", err=True)
-    sys.exit(EXIT_INTERNAL_ERROR)
 
 
 class _Main(click.Group):
@@ -87,11 +49,6 @@ class _Main(click.Group):
             internal_error(e, ctx.meta.get(_VERBOSE, 0) > 0)
         except Exception as e:  # noqa: BLE001 - the point: anything else is reported the same way
             internal_error(e, ctx.meta.get(_VERBOSE, 0) > 0)
-
-
-def warn(message: str) -> None:
-    """A warning about the input that does not stop the command: one line on stderr."""
-    click.echo(f"kproxy-nft: warning: {one_line(message)}", err=True)
 
 
 def _comma_list(values: Sequence[str]) -> tuple[str, ...]:

@@ -18,11 +18,12 @@ import pytest
 from click.testing import CliRunner, Result
 
 import kproxy_nft.cli as cli
-from kproxy_nft.cli import fail, main, one_line
+from kproxy_nft.cli import main
 from kproxy_nft.kernel import iptables as kernel
 from kproxy_nft.kernel.iptables_fake import FakeIptables
 from kproxy_nft.kernel.runner import Completed
 from kproxy_nft.model import IPFamily
+from kproxy_nft.report import fail, one_line
 from tests.helpers import EXAMPLES
 
 CRASH_LINE = "kproxy-nft: internal error: RuntimeError: boom"

@@ -2,7 +2,7 @@
 
 The shell around the pure views: read manifests (`discovery.load`), call `envvars` or
 `zonefile`, print; or run the server (`discovery.server`). Bad input is reported the way
-every kproxy-nft command reports it (`cli.fail`: one line on stderr, exit code 2).
+every kproxy-nft command reports it (`report.fail`: one line on stderr, exit code 2).
 """
 
 from __future__ import annotations
@@ -10,11 +10,12 @@ from __future__ import annotations
 import asyncio
 import sys
 from collections.abc import Callable
-from typing import Any, NoReturn, TypeVar
+from typing import Any, TypeVar
 
 import click
 
 from kproxy_nft.discovery.records import DEFAULT_TTL, DEFAULT_ZONE, RecordOptions, zone_name
+from kproxy_nft.report import fail
 from kproxy_nft.sources.manifests import ManifestError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -23,14 +24,6 @@ _PATHS = click.option(
     "-f", "--filename", "paths", multiple=True, required=True, metavar="PATH",
     help="Manifest file or directory (recursive *.yaml|*.yml|*.json); '-' reads stdin.",
 )
-
-
-def _fail(message: str) -> NoReturn:
-    # Imported here: cli.py imports this module while it is being set up.
-    from kproxy_nft.cli import fail
-
-    fail(message)
-    raise AssertionError("unreachable: fail exits")
 
 
 def _notify(notices: tuple[str, ...]) -> None:
@@ -79,7 +72,7 @@ def env(paths: tuple[str, ...], namespace: str, service_links: bool, output_form
     try:
         loaded = load(paths)
     except ManifestError as e:
-        _fail(str(e))
+        fail(str(e))
     _notify(loaded.notices)
     variables = service_environment(loaded.services, namespace, service_links)
     click.echo(render_env(variables, output_format), nl=False)
@@ -107,11 +100,11 @@ def records(paths: tuple[str, ...], zone: str, ttl: int, ns_ips: tuple[str, ...]
 
     bad = [ip for ip in ns_ips if not is_ip(ip)]
     if bad:
-        _fail(f"--ns-ip: {bad[0]!r} is not an IP address")
+        fail(f"--ns-ip: {bad[0]!r} is not an IP address")
     try:
         record_set, notices = load_record_set(paths, RecordOptions(zone, ttl, ns_ips))
     except ManifestError as e:
-        _fail(str(e))
+        fail(str(e))
     _notify(notices)
     click.echo(render_master_files(record_set), nl=False)
 
@@ -134,15 +127,15 @@ def serve(paths: tuple[str, ...], zone: str, ttl: int, listen: str) -> None:
     try:
         host, port = parse_listen(listen)
     except ValueError as e:
-        _fail(f"--listen: {e}")
+        fail(f"--listen: {e}")
     try:
         source = ManifestRecords(paths, RecordOptions(zone, ttl, nameserver_ips(host)))
     except ManifestError as e:
-        _fail(str(e))
+        fail(str(e))
     _notify(source.notices)
     try:
         asyncio.run(serve_manifests(source, host, port, sys.stdout))
     except OSError as e:
-        _fail(f"cannot listen on {listen}: {e.strerror or e}")
+        fail(f"cannot listen on {listen}: {e.strerror or e}")
     except KeyboardInterrupt:  # Ctrl-C before the signal handlers were in place
         pass

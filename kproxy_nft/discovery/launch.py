@@ -4,7 +4,7 @@
     ...  # pods in the lab resolve names against 10.96.0.10
     handle.stop()
 
-It runs `ip netns exec NS python -m kproxy_nft.discovery.server -f PATH... --listen ADDR`
+It runs `ip netns exec NS python -m kproxy_nft.cli dns serve -f PATH... --listen ADDR`
 (an argument list, never a shell string) and waits, with a deadline and no fixed sleeps,
 for the server's `READY <addr>:<port>` line. `ip netns exec` execs the server, so the child
 PID is the server's and `stop()` signals it directly. Needs root (network namespaces).
@@ -83,7 +83,7 @@ class DnsServerProcess:
 def server_argv(paths: Sequence[str], listen: str, zone: str = DEFAULT_ZONE, ttl: int = DEFAULT_TTL) -> list[str]:
     """The command line that runs the server with this interpreter."""
     files = [arg for path in paths for arg in ("-f", os.path.abspath(path) if path != "-" else path)]
-    return [sys.executable, "-m", "kproxy_nft.discovery.server", *files,
+    return [sys.executable, "-m", "kproxy_nft.cli", "dns", "serve", *files,
             "--listen", listen, "--zone", zone, "--ttl", str(ttl)]  # fmt: skip
 
 

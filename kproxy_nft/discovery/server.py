@@ -356,9 +356,3 @@ async def serve_manifests(source: ManifestRecords, host: str, port: int, ready: 
     finally:
         watcher.cancel()
         await server.close()
-
-
-if __name__ == "__main__":  # pragma: no cover - `python -m kproxy_nft.discovery.server ...`
-    from kproxy_nft.discovery.commands import serve
-
-    serve(prog_name="python -m kproxy_nft.discovery.server")
