@@ -69,7 +69,7 @@ class Setup:
         self.source.poll()
         self.agent._drain(0)  # noqa: SLF001 - one loop step, without the thread
         assert self.agent.ready()
-        outcome = self.agent.runner.run_due()
+        outcome = self.agent.scheduler.run_due()
         assert outcome is not None and outcome.ok
         return self.backend.states[-1]
 
@@ -104,7 +104,7 @@ def test_good_and_bad_documents_program_the_good_ones_and_count_the_bad_one_once
     assert setup.invalid("EndpointSlice") == 2
     lines = invalid_lines(caplog)
     assert len(lines) == 2 and any("api.yaml: document 2 (EndpointSlice default/api-1)" in line for line in lines)
-    assert setup.agent.runner.healthy(setup.agent.runner.last_success or 0.0)
+    assert setup.agent.scheduler.healthy(setup.agent.scheduler.last_success or 0.0)
     # Another file changes: everything is read again, the same problems are no news.
     setup.write("other.yaml", service_doc("other", "10.96.0.13"))
     assert served(setup.step())["other"] == []
@@ -169,7 +169,7 @@ def test_invalid_objects_from_the_api_are_logged_and_counted(caplog: pytest.LogC
     agent.events.put(Replace("services", (svc("web", "10.96.0.10"), svc("other", "10.96.0.11"))))
     agent.events.put(Replace("endpointslices", ()))
     agent._drain(0)  # noqa: SLF001
-    agent.runner.run_due()
+    agent.scheduler.run_due()
     assert sorted(n.name for n in backend.states[-1].services) == ["other", "web"]
     # An invalid update of a programmed Service: kept as it was, one line, one count.
     agent.events.put(Change("services", "MODIFIED", svc("web", "10.96.0.99", port=70000)))
@@ -177,13 +177,13 @@ def test_invalid_objects_from_the_api_are_logged_and_counted(caplog: pytest.LogC
     # A relist repeats it (no news) and no longer has "other" (deleted as usual).
     agent.events.put(Replace("services", (svc("web", "10.96.0.99", port=70000),)))
     agent._drain(0)  # noqa: SLF001
-    agent.runner.run_due()
+    agent.scheduler.run_due()
     state = backend.states[-1]
     assert [(n.name, p.cluster_ips) for n, p in state.services.items()] == [("web", ("10.96.0.10",))]
     assert agent.metrics.registry.get_sample_value("kproxy_nft_invalid_objects_total", {"kind": "Service"}) == 1
     (line,) = invalid_lines(caplog)
     assert "Service default/web: spec.ports[0].port" in line and "kept its previous version" in line
-    assert agent.runner.healthy(agent.runner.last_success or 0.0)
+    assert agent.scheduler.healthy(agent.scheduler.last_success or 0.0)
 
 
 def test_an_invalid_servicecidr_is_counted_once_and_an_invalid_update_keeps_the_old_ranges() -> None:

@@ -42,10 +42,10 @@ def test_node_ips_and_zone_come_from_the_node_object_and_resync_every_service() 
     agent.events.put(Replace("nodes", (node_object("10.0.0.5", "zone-a"),)))
     agent._drain(0)  # noqa: SLF001 - one loop step, without the thread
     assert backend.node == NodeContext(hostname="node1", node_ips=("10.0.0.5",), zone="zone-a")
-    agent.runner.run_due()
+    agent.scheduler.run_due()
     agent.events.put(Change("nodes", "MODIFIED", node_object("10.0.0.5", "zone-b")))
     agent._drain(0)  # noqa: SLF001
-    agent.runner.run_due()
+    agent.scheduler.run_due()
     assert [n.zone for n, _ in backend.synced_with] == ["zone-a", "zone-b"]
 
 

@@ -227,9 +227,9 @@ def test_agent_counts_cleanup_errors_and_keeps_the_sync(monkeypatch: pytest.Monk
     backend.conntrack.previous = state(dns(), endpoint("10.0.0.1", 53))
     agent = Agent(backend, new_metrics(), min_sync_period=0.0, sync_period=30.0)
     for _ in range(2):
-        outcome = agent.runner.run_due()
+        outcome = agent.scheduler.run_due()
         assert outcome is not None and outcome.ok  # a conntrack failure never fails the sync
-        agent.runner.request()
+        agent.scheduler.request()
     errors = agent.metrics.registry.get_sample_value("kproxy_nft_conntrack_cleanup_errors_total")
     assert errors == 2 and results == []  # counted once per error; the second sync retried and succeeded
 

@@ -271,11 +271,11 @@ def test_agent_hands_each_successful_sync_to_its_hooks() -> None:
 
     agent = Agent(FakeBackend(), new_metrics(), min_sync_period=0.0, sync_period=30.0)
     agent.after_sync += [broken, seen.append]
-    outcome = agent.runner.run_due()
+    outcome = agent.scheduler.run_due()
     assert outcome is not None and outcome.ok  # a failing hook does not fail the sync
     assert len(seen) == 1 and isinstance(seen[0], ClusterState)
 
     failing = Agent(FakeBackend(fail=True), new_metrics(), min_sync_period=0.0, sync_period=30.0)
     failing.after_sync.append(seen.append)
-    outcome = failing.runner.run_due()
+    outcome = failing.scheduler.run_due()
     assert outcome is not None and not outcome.ok and len(seen) == 1  # nothing synced: hooks not called

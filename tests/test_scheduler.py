@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kproxy_nft.agent.runner import SyncRunner
+from kproxy_nft.agent.scheduler import SyncScheduler
 
 
 class FakeClock:
@@ -31,18 +31,18 @@ clock = FakeClock()
 
 
 @pytest.fixture
-def runner() -> tuple[SyncRunner, Recorder]:
+def runner() -> tuple[SyncScheduler, Recorder]:
     clock.now = 1000.0
     rec = Recorder()
-    return SyncRunner(rec, clock, min_sync_period=1.0, sync_period=30.0), rec
+    return SyncScheduler(rec, clock, min_sync_period=1.0, sync_period=30.0), rec
 
 
-def test_first_sync_is_full_and_immediate(runner: tuple[SyncRunner, Recorder]) -> None:
+def test_first_sync_is_full_and_immediate(runner: tuple[SyncScheduler, Recorder]) -> None:
     r, rec = runner
     assert r.run_due() is not None and rec.calls == [(1000.0, True)]
 
 
-def test_a_burst_of_events_gives_one_partial_sync_after_min_period(runner: tuple[SyncRunner, Recorder]) -> None:
+def test_a_burst_of_events_gives_one_partial_sync_after_min_period(runner: tuple[SyncScheduler, Recorder]) -> None:
     r, rec = runner
     r.run_due()
     for dt in (0.1, 0.2, 0.3):
@@ -56,7 +56,7 @@ def test_a_burst_of_events_gives_one_partial_sync_after_min_period(runner: tuple
     assert rec.calls == [(1000.0, True), (1001.0, False)]
 
 
-def test_periodic_full_sync_without_events(runner: tuple[SyncRunner, Recorder]) -> None:
+def test_periodic_full_sync_without_events(runner: tuple[SyncScheduler, Recorder]) -> None:
     r, rec = runner
     r.run_due()
     clock.now = 1029.9
@@ -66,7 +66,7 @@ def test_periodic_full_sync_without_events(runner: tuple[SyncRunner, Recorder]) 
     assert outcome is not None and outcome.full
 
 
-def test_failure_retries_with_doubling_backoff_and_a_full_sync(runner: tuple[SyncRunner, Recorder]) -> None:
+def test_failure_retries_with_doubling_backoff_and_a_full_sync(runner: tuple[SyncScheduler, Recorder]) -> None:
     r, rec = runner
     r.run_due()
     rec.fail_next = 2
@@ -83,7 +83,7 @@ def test_failure_retries_with_doubling_backoff_and_a_full_sync(runner: tuple[Syn
     assert outcome is not None and outcome.ok and outcome.full
 
 
-def test_health_turns_bad_when_a_change_waits_two_sync_periods(runner: tuple[SyncRunner, Recorder]) -> None:
+def test_health_turns_bad_when_a_change_waits_two_sync_periods(runner: tuple[SyncScheduler, Recorder]) -> None:
     r, rec = runner
     assert r.healthy(1060.0) and not r.healthy(1060.1)  # before any sync, the start is pending
     r.run_due()

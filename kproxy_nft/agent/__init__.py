@@ -1,1 +1,1 @@
-"""The node agent: change tracking, the sync runner, metrics and health (issue: the node agent)."""
+"""The node agent: change tracking, the sync scheduler, metrics and health (issue: the node agent)."""

@@ -168,7 +168,7 @@ class _Server(ThreadingHTTPServer):
 class HealthCheckServers:
     """The running health-check servers, reconciled to the desired map after each sync.
 
-    `proxy_healthy` is the agent's own health (the /healthz notion, `SyncRunner.healthy`),
+    `proxy_healthy` is the agent's own health (the /healthz notion, `SyncScheduler.healthy`),
     asked per request. `host` None means every address of the node. Thread use: `sync` and
     `stop` from the agent's loop; request threads only read the current map (under a lock).
     """

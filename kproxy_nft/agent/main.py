@@ -1,7 +1,7 @@
-"""The node agent's loop: sources → change tracker → sync runner → proxier, with metrics and health.
+"""The node agent's loop: sources → change tracker → sync scheduler → proxier, with metrics and health.
 
 One thread owns all state: it drains the sources' event queue into the `ChangeTracker`, asks the
-`SyncRunner` when to sync, and hands each sync the tracker's snapshot. Nothing is applied until
+`SyncScheduler` when to sync, and hands each sync the tracker's snapshot. Nothing is applied until
 both Services and EndpointSlices have completed their first list, so an empty cache at startup
 never wipes the node's rules. SIGTERM/SIGINT stop the loop and leave the rules in place, so
 traffic keeps flowing across a restart; a restarted agent adopts what it finds (its first sync
@@ -31,7 +31,7 @@ from kubernetes.client import V1EndpointSlice, V1Service
 
 from kproxy_nft.agent.changes import ChangeTracker, Rejection, Snapshot
 from kproxy_nft.agent.metrics import Metrics
-from kproxy_nft.agent.runner import SyncRunner
+from kproxy_nft.agent.scheduler import SyncScheduler
 from kproxy_nft.convert import InvalidObject, convert_node, convert_service_cidr
 from kproxy_nft.model import ClusterState, NodeContext, ServicePortName
 from kproxy_nft.proxier import Proxier
@@ -203,7 +203,7 @@ class Agent:
         self._pending_triggers: list[float] = []
         self.syncs = 0
         self._snapshot: Snapshot | None = None
-        self.runner = SyncRunner(self._sync, clock, min_sync_period, sync_period)
+        self.scheduler = SyncScheduler(self._sync, clock, min_sync_period, sync_period)
         # Called with the state just synced, after the kernel took it (health-check servers).
         self.after_sync: list[Callable[[ClusterState], None]] = []
         # First, stale UDP/SCTP conntrack flows go (kproxy_nft.conntrack).
@@ -238,7 +238,7 @@ class Agent:
         for rejection in t.take_rejections():
             self._report(rejection)
         self.metrics.last_queued_timestamp.set(self._clock())
-        self.runner.request()
+        self.scheduler.request()
 
     def _report(self, rejection: Rejection) -> None:
         """One log line and one count per invalid object (the sources report each problem once)."""
@@ -302,7 +302,7 @@ class Agent:
                  updated.zone or "-", ",".join(updated.service_cidrs) or "-")
         self.proxier.set_node(updated)
         self.tracker.mark_all_changed()
-        self.runner.request()
+        self.scheduler.request()
 
     def _drain(self, timeout: float) -> None:
         try:
@@ -377,10 +377,10 @@ class Agent:
     def run(self) -> None:
         """Until `stop` is set: take events, sync when due. Rules stay in place on exit."""
         while not self.stop.is_set():
-            wait = self.runner.next_due() - self._clock() if self.ready() else 0.5
+            wait = self.scheduler.next_due() - self._clock() if self.ready() else 0.5
             self._drain(min(max(wait, 0.0), 0.5))
             if self.ready():
-                outcome = self.runner.run_due()
+                outcome = self.scheduler.run_due()
                 if outcome is not None and not outcome.ok:
-                    log.warning("sync failed; retrying with a full sync at %.1f", self.runner.next_due())
+                    log.warning("sync failed; retrying with a full sync at %.1f", self.scheduler.next_due())
         log.info("stopping; the rules stay in place")

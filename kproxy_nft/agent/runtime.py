@@ -33,7 +33,7 @@ def run_agent(settings: ProxySettings, *, kubeconfig: str | None, manifest_paths
                   min_sync_period, sync_period)
 
     def proxy_healthy() -> bool:  # one notion of health for /healthz and the service health checks
-        return agent.runner.healthy(time.time())
+        return agent.scheduler.healthy(time.time())
 
     health_checks = HealthCheckServers(settings.node, proxy_healthy, health_check_host, netns=netns)
     agent.after_sync.append(health_checks.sync)
@@ -57,7 +57,7 @@ def run_agent(settings: ProxySettings, *, kubeconfig: str | None, manifest_paths
     listeners = [
         Listener(metrics_address, 10249, {"/metrics": metrics_route(metrics.registry)}).start(),
     ]
-    health = health_route(proxy_healthy, lambda: agent.runner.last_success, time.time)
+    health = health_route(proxy_healthy, lambda: agent.scheduler.last_success, time.time)
     listeners.append(Listener(healthz_address, 10256, {"/healthz": health, "/livez": health}).start())
 
     def stop(signum: int, _frame: FrameType | None) -> None:

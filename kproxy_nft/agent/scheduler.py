@@ -34,7 +34,7 @@ class SyncOutcome:
     error: str | None = None
 
 
-class SyncRunner:
+class SyncScheduler:
     """Decides when `sync(full)` runs; `sync` raises on failure."""
 
     def __init__(
