@@ -19,6 +19,7 @@ test-unit: setup
 lint: setup
 	$(BIN)/ruff check kproxy_nft tests bench
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 bench: setup
 	$(BIN)/python bench/bench_compile.py

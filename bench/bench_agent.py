@@ -21,11 +21,11 @@ from kubernetes.client import V1EndpointSlice, V1Service
 from kproxy_nft.agent.main import Agent
 from kproxy_nft.agent.metrics import new_metrics
 from kproxy_nft.config import ProxySettings
+from kproxy_nft.lab.netns import throwaway_netns
+from kproxy_nft.lab.synthetic import SERVICE_CIDR, synthetic_endpoints
 from kproxy_nft.model import NodeContext
-from kproxy_nft.netlab.netns import throwaway_netns
 from kproxy_nft.proxier import make_proxier
 from kproxy_nft.sources.kube import Change, Replace
-from kproxy_nft.synthetic import SERVICE_CIDR, synthetic_endpoints
 
 NODE = NodeContext(hostname="node0", cluster_cidrs=("10.128.0.0/9",))
 

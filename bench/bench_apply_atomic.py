@@ -48,9 +48,9 @@ from kproxy_nft.kernel.iptables import (
     tool_name,
 )
 from kproxy_nft.kernel.iptables_plan import Plan, revert_plan
+from kproxy_nft.lab.netns import throwaway_netns
+from kproxy_nft.lab.synthetic import synthetic_cluster, synthetic_name
 from kproxy_nft.model import ClusterState, IPFamily, NodeContext
-from kproxy_nft.netlab.netns import throwaway_netns
-from kproxy_nft.synthetic import synthetic_cluster, synthetic_name
 
 T = TypeVar("T")
 NODE = NodeContext(hostname="node0", cluster_cidrs=("10.0.0.0/8", "fd00:128::/64"))

@@ -13,8 +13,8 @@ import gc
 import time
 
 from kproxy_nft.compile.iptables import compile_ruleset, compile_service_port, render_restore
+from kproxy_nft.lab.synthetic import synthetic_cluster
 from kproxy_nft.model import NodeContext
-from kproxy_nft.synthetic import synthetic_cluster
 
 
 def main() -> None:

@@ -56,9 +56,9 @@ from kproxy_nft.compile.iptables import compile_ruleset as compile_iptables
 from kproxy_nft.compile.nftables import compile_all
 from kproxy_nft.kernel import iptables as iptables_kernel
 from kproxy_nft.kernel.nftables import NftablesBackend
+from kproxy_nft.lab import ClientSpec, Lab, PodSpec
+from kproxy_nft.lab.synthetic import SERVICE_CIDR, synthetic_cluster
 from kproxy_nft.model import ClusterState, Endpoint, NodeContext, ServicePort, ServicePortName, sort_key
-from kproxy_nft.netlab import ClientSpec, Lab, PodSpec
-from kproxy_nft.synthetic import SERVICE_CIDR, synthetic_cluster
 
 POD = PodSpec("server", "10.1.0.47", tcp_ports=())  # no lab server: ours is started per sample
 CLIENTS = {"pod": ClientSpec("testpod", "10.1.0.50"), "external": ClientSpec("ext", "192.168.100.2")}

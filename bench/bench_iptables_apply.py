@@ -28,9 +28,9 @@ from typing import TypeVar
 
 from kproxy_nft.compile.iptables import compile_ruleset
 from kproxy_nft.kernel.iptables import Backend, Host, Syncer, apply, plan, read_state, tool_name
+from kproxy_nft.lab.netns import throwaway_netns
+from kproxy_nft.lab.synthetic import synthetic_cluster, synthetic_name
 from kproxy_nft.model import ClusterState, Endpoint, IPFamily, NodeContext
-from kproxy_nft.netlab.netns import throwaway_netns
-from kproxy_nft.synthetic import synthetic_cluster, synthetic_name
 
 T = TypeVar("T")
 NODE = NodeContext(hostname="node0", cluster_cidrs=("10.0.0.0/8",))

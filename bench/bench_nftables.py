@@ -25,9 +25,9 @@ from collections.abc import Callable
 from kproxy_nft.compile.nftables import TABLE, compile_ruleset, render_script
 from kproxy_nft.kernel.libnftables import Nftables
 from kproxy_nft.kernel.nftables import NftablesBackend
+from kproxy_nft.lab.netns import throwaway_netns
+from kproxy_nft.lab.synthetic import synthetic_cluster, synthetic_endpoints, synthetic_name
 from kproxy_nft.model import ClusterState, Endpoint, NodeContext, ServicePort
-from kproxy_nft.netlab.netns import throwaway_netns
-from kproxy_nft.synthetic import synthetic_cluster, synthetic_endpoints, synthetic_name
 
 NODE = NodeContext(hostname="node0", cluster_cidrs=("10.128.0.0/9",))
 KP_TABLE = "kube-proxy"

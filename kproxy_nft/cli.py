@@ -194,7 +194,7 @@ def demo(paths: tuple[str, ...], config_path: str | None, count: int, backend: s
     """
     from rich.console import Console
 
-    from kproxy_nft.demo import DemoError, run_demo
+    from kproxy_nft.lab.demo import DemoError, run_demo
 
     if not paths:
         paths = (str(SEED_EXAMPLES),)

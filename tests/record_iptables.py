@@ -12,7 +12,7 @@ from __future__ import annotations
 import subprocess
 
 from kproxy_nft.compile.iptables import render_restore
-from kproxy_nft.netlab.netns import throwaway_netns
+from kproxy_nft.lab.netns import throwaway_netns
 from tests.test_iptables_text import RECORDED, RECORDINGS_DIR, recording_inputs
 
 

@@ -28,9 +28,9 @@ from kproxy_nft.compile.nftables import (
     render_script,
     service_chain_base,
 )
+from kproxy_nft.lab.synthetic import synthetic_cluster
 from kproxy_nft.model import ClusterState, IPFamily, NodeContext, Protocol, ServicePort, TrafficPolicy
 from kproxy_nft.sources.manifests import ManifestError, read_manifests
-from kproxy_nft.synthetic import synthetic_cluster
 from tests.helpers import EXAMPLES, GOLDEN, NODE, endpoint, service, spn
 
 SEED_NODE = NodeContext(hostname="docker-desktop", cluster_cidrs=("10.1.0.0/16",))

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from kproxy_nft.netlab.netns import throwaway_netns
+from kproxy_nft.lab.netns import throwaway_netns
 
 BACKENDS = ("nft", "legacy")
 

@@ -107,7 +107,7 @@ def test_nftables_agent_follows_the_api(api: FakeAPIServer, netns: str) -> None:
 @pytest.mark.parametrize("mode", ["iptables", "nftables"])
 def test_traffic_follows_the_api_survives_outage_and_restart(mode: str) -> None:
     """Slice change → traffic moves; API outage → last rules kept; agent restart → no dropped connection."""
-    from kproxy_nft.netlab import ClientSpec, Lab, PodSpec
+    from kproxy_nft.lab import ClientSpec, Lab, PodSpec
 
     pods = [PodSpec("pod1", "10.1.0.47"), PodSpec("pod2", "10.1.0.48")]
     with FakeAPIServer() as api, Lab(pods, [ClientSpec("testpod", "10.1.0.50")]) as lab:

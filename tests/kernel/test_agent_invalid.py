@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from kproxy_nft.netlab import ClientSpec, Lab, PodSpec
+from kproxy_nft.lab import ClientSpec, Lab, PodSpec
 from tests.helpers import wait_for
 
 pytestmark = pytest.mark.kernel

@@ -20,8 +20,8 @@ import pytest
 
 from kproxy_nft.kernel.conntrack import ConntrackCleaner, list_flows
 from kproxy_nft.kernel.libnftables import entered_netns
+from kproxy_nft.lab import ClientSpec, Lab, PodSpec
 from kproxy_nft.model import ClusterState, Endpoint, IPFamily, NodeContext, Protocol, ServicePort, ServicePortName
-from kproxy_nft.netlab import ClientSpec, Lab, PodSpec
 from kproxy_nft.proxier import Proxier
 from kproxy_nft.proxier.iptables import IptablesProxier
 from kproxy_nft.proxier.nftables import NftablesProxier

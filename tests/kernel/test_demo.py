@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from kproxy_nft import demo
+from kproxy_nft.lab import demo
 
 pytestmark = pytest.mark.kernel
 

@@ -30,7 +30,7 @@ import dns.rcode
 import dns.resolver
 import pytest
 
-from kproxy_nft.discovery.launch import DnsServerError, DnsServerProcess, start_dns_server_in
+from kproxy_nft.lab.dns_launch import DnsServerError, DnsServerProcess, start_dns_server_in
 from tests.helpers import EXAMPLES
 from tests.kernel.conftest import run_in
 

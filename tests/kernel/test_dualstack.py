@@ -20,6 +20,7 @@ import pytest
 
 from kproxy_nft.kernel import iptables as iptables_kernel
 from kproxy_nft.kernel.nftables import NftablesBackend
+from kproxy_nft.lab import NODE, ClientSpec, Lab, PodSpec
 from kproxy_nft.model import (
     ClusterState,
     Endpoint,
@@ -30,7 +31,6 @@ from kproxy_nft.model import (
     ServicePortName,
     node_families,
 )
-from kproxy_nft.netlab import NODE, ClientSpec, Lab, PodSpec
 from kproxy_nft.proxier import Proxier
 from kproxy_nft.proxier.iptables import IptablesProxier
 from kproxy_nft.proxier.nftables import NftablesProxier

@@ -20,8 +20,8 @@ from typing import Any
 import pytest
 
 from kproxy_nft.agent.healthcheck import HealthCheck, HealthCheckServers
+from kproxy_nft.lab import ClientSpec, Lab, PodSpec
 from kproxy_nft.model import NodeContext
-from kproxy_nft.netlab import ClientSpec, Lab, PodSpec
 from tests.helpers import wait_for
 from tests.kernel.conftest import run_in
 

@@ -21,8 +21,8 @@ from kproxy_nft.compile.iptables import Ruleset, compile_ruleset
 from kproxy_nft.kernel.iptables import Backend, Host, RestoreError, Syncer, apply, cleanup, plan, read_state
 from kproxy_nft.kernel.iptables_rule import canonical
 from kproxy_nft.kernel.iptables_text import strip_comments
+from kproxy_nft.lab.synthetic import synthetic_cluster, synthetic_endpoints, synthetic_name
 from kproxy_nft.model import ClusterState, IPFamily, NodeContext
-from kproxy_nft.synthetic import synthetic_cluster, synthetic_endpoints, synthetic_name
 from tests.kernel.conftest import BACKENDS, run_in
 from tests.test_iptables_text import NODE_CIDR, NODE_MASQUERADE_ALL, SURVEY, examples_ruleset, variant_state
 from tests.test_reconcile import inject, many_services, ours, two_table_change, view, wanted

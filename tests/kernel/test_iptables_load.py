@@ -8,8 +8,8 @@ import sys
 import pytest
 
 from kproxy_nft.compile.iptables import compile_ruleset, render_restore
+from kproxy_nft.lab.synthetic import synthetic_cluster
 from kproxy_nft.model import NodeContext
-from kproxy_nft.synthetic import synthetic_cluster
 from tests.helpers import EXAMPLES, SEED_CONFIG
 from tests.kernel.conftest import BACKENDS, run_in
 

@@ -25,9 +25,9 @@ from kproxy_nft.compile.nftables import (
     update_ruleset,
 )
 from kproxy_nft.kernel.nftables import NftablesBackend, NftablesError, parse_terse_listing, read_table
+from kproxy_nft.lab.synthetic import synthetic_cluster, synthetic_endpoints, synthetic_name
 from kproxy_nft.model import ClusterState, Endpoint, NodeContext, TrafficPolicy
 from kproxy_nft.sources.manifests import read_manifests
-from kproxy_nft.synthetic import synthetic_cluster, synthetic_endpoints, synthetic_name
 from tests.helpers import EXAMPLES, GOLDEN, ROOT, endpoint, service, spn
 from tests.kernel.conftest import run_in
 from tests.test_compile_nftables import EVERY_TYPE, every_type

@@ -42,6 +42,8 @@ from kproxy_nft.compile.iptables import compile_ruleset
 from kproxy_nft.compile.nftables import compile_all
 from kproxy_nft.kernel import iptables as iptables_kernel
 from kproxy_nft.kernel.nftables import NftablesBackend
+from kproxy_nft.lab import NODE, ClientSpec, Lab, PodSpec, ProbeResult
+from kproxy_nft.lab import server as netlab_server
 from kproxy_nft.model import (
     ClusterState,
     Endpoint,
@@ -51,8 +53,6 @@ from kproxy_nft.model import (
     ServicePortName,
     TrafficPolicy,
 )
-from kproxy_nft.netlab import NODE, ClientSpec, Lab, PodSpec, ProbeResult
-from kproxy_nft.netlab import server as netlab_server
 
 pytestmark = pytest.mark.kernel
 

@@ -598,7 +598,7 @@ class Lab:
         return proc
 
     def _python(self, module: str, args: Sequence[str]) -> list[str]:
-        """argv running ``kproxy_nft/netlab/<module>.py`` (same as ``python -m ...``)."""
+        """argv running ``kproxy_nft/lab/<module>.py`` (same as ``python -m ...``)."""
         return [sys.executable, "-I", "-S", str(_HERE / f"{module}.py"), *args]
 
     # ---------------------------------------------------------------- servers

@@ -1,6 +1,6 @@
 """A resolver client the way a pod resolves: resolv.conf search list and ndots, then one answer.
 
-Run inside a namespace by the demo (`python -m kproxy_nft.discovery.lookup --resolv-conf FILE
+Run inside a namespace by the demo (`python -m kproxy_nft.lab.dns_lookup --resolv-conf FILE
 NAME [TYPE]`), it prints one JSON object: the name that answered after the search list was
 applied (`sample-clusterip-multi` → `sample-clusterip-multi.default.svc.cluster.local.`), the
 records, and the names tried in order — what `curl http://sample-clusterip-multi:8080` does

@@ -1,4 +1,4 @@
-"""Kernel tests of kproxy_nft.netlab: real namespaces, veths, servers and probes.
+"""Kernel tests of kproxy_nft.lab: real namespaces, veths, servers and probes.
 
 They need root and iproute2; the DNAT tests also need iptables-nft-restore.  No NAT rules
 are loaded except in the DNAT tests, and only inside the lab's own node namespace.
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from kproxy_nft.netlab import NODE, ClientSpec, Lab, NetlabError, PodSpec, ProbeResult
+from kproxy_nft.lab import NODE, ClientSpec, Lab, NetlabError, PodSpec, ProbeResult
 
 IP = shutil.which("ip")
 IPTABLES_RESTORE = shutil.which("iptables-nft-restore")

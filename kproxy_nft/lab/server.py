@@ -1,6 +1,6 @@
 """Tiny echo-who-am-i server run inside a netlab pod namespace.
 
-Run as ``python -m kproxy_nft.netlab.server --name pod1 --tcp 80 --tcp 443 --udp 53``
+Run as ``python -m kproxy_nft.lab.server --name pod1 --tcp 80 --tcp 443 --udp 53``
 (IPv4 only), with ``--bind 0.0.0.0 --bind ::`` to listen on both families (a dual-stack pod).
 Every TCP connection gets a minimal HTTP/1.0 response and every UDP datagram a reply,
 both with the body ``"<name> <peer_ip>:<peer_port>\\n"`` -- i.e. which pod answered and

@@ -33,7 +33,7 @@ from kproxy_nft.model import ClusterState, IPFamily, NodeContext
 from kproxy_nft.sources.manifests import Manifests, read_manifests
 
 if TYPE_CHECKING:
-    from kproxy_nft.netlab import Lab, ProbeResult
+    from kproxy_nft.lab import Lab, ProbeResult
 
 
 class DemoError(RuntimeError):
@@ -195,8 +195,8 @@ def run_demo(
     `apply_rules` returns a one-line description of what it did. Returns the number of failed
     connections and lookups (0 is a clean run).
     """
-    from kproxy_nft.discovery.launch import start_dns_server_in
-    from kproxy_nft.netlab import Addressing, ClientSpec, Lab, PodSpec
+    from kproxy_nft.lab import Addressing, ClientSpec, Lab, PodSpec
+    from kproxy_nft.lab.dns_launch import start_dns_server_in
 
     preflight(rule_tools)
     manifests = read_manifests(paths)
@@ -255,7 +255,7 @@ def _dns_lookups(lab: Lab, resolv_conf: str, targets: list[Target], console: Con
         by_service.setdefault(t.label.split(":")[0], t)
     for service, target in by_service.items():
         short = service.split("/")[1]
-        argv = [sys.executable, "-m", "kproxy_nft.discovery.lookup", "--resolv-conf", resolv_conf, short]
+        argv = [sys.executable, "-m", "kproxy_nft.lab.dns_lookup", "--resolv-conf", resolv_conf, short]
         answer = json.loads(lab.run_in(lab.ns_of("testpod"), argv).stdout)
         if answer.get("records") != [target.ip]:
             failures += 1

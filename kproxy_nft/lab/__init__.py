@@ -1,8 +1,12 @@
-"""netlab: throwaway network-namespace labs (node, pods, clients) with real servers.
+"""The lab: the demo and test harness, kept out of the agent's import graph.
 
-Used by the kernel tests and by ``kproxy-nft demo`` to push real packets through the
-rules compiled by kproxy-nft.  Exports are loaded lazily (PEP 562) so that
-``python -m kproxy_nft.netlab.server`` / ``.probe`` start fast; pyroute2 itself is only
+Throwaway network-namespace labs (node, pods, clients) with real servers (`lab`, `specs`,
+`probe`, `server`, `result`), the seed's experiment (`demo`), synthetic clusters for tests and
+benches (`synthetic`), and the DNS server launcher and lookups the demo and tests use
+(`dns_launch`, `dns_lookup`). Used by the kernel tests, the benches and ``kproxy-nft demo`` to
+push real packets through the rules compiled by kproxy-nft; `make lint` checks that the
+agent, the proxiers and the kernel layer never import it.  Exports are loaded lazily (PEP 562) so that
+``python -m kproxy_nft.lab.server`` / ``.probe`` start fast; pyroute2 itself is only
 imported when a :class:`Lab` is started.
 """
 

@@ -1,6 +1,6 @@
 """Client prober run inside a netlab client (or pod, or node) namespace.
 
-``python -m kproxy_nft.netlab.probe --target IP:PORT --count N [--udp] [--timeout S]``
+``python -m kproxy_nft.lab.probe --target IP:PORT --count N [--udp] [--timeout S]``
 (an IPv6 target is written ``[IP]:PORT``)
 makes N independent attempts -- a fresh socket each time, so every attempt is a new
 conntrack entry and a new load-balancing decision -- and prints a single JSON document::
