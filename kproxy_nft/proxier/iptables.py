@@ -93,7 +93,7 @@ class IptablesProxier:
             p = kernel.plan(desired, kernel.read_state(self.host, family))
             plans.append((p, kernel.wants_route_localnet(desired)))
             lines.append(f"iptables-{self.host.backend} IPv{int(family)}: "
-                         f"{'nothing to change' if p.is_empty else 'changes'}")
+                         f"{'nothing to change' if p.is_empty else 'to change'}")
             lines += _describe(p)
         payload = "".join(f"--- iptables-restore --noflush payload (IPv{int(p.family)}) ---\n{p.payload}"
                           for p, _ in plans)
