@@ -103,7 +103,7 @@ def label_value(value: object, field: str) -> str | None:
 
 def port_name_or_number(value: object, field: str) -> int | str:
     """A `targetPort`: a port number, or an IANA service name (`IsValidPortName`)."""
-    if isinstance(value, str) and value.isdigit():
+    if isinstance(value, str) and value.isascii() and value.isdigit():  # not '²': isdigit() alone takes it
         check(len(value) <= 5, field, f"must be between 1 and {MAX_PORT}, inclusive, got {shown(value)}")
         value = int(value)
     if isinstance(value, int) and not isinstance(value, bool):

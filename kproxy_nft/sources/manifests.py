@@ -42,6 +42,7 @@ from kproxy_nft.convert import (
     endpoints_to_slice,
 )
 from kproxy_nft.model import ClusterState
+from kproxy_nft.report import one_line
 from kproxy_nft.validation import shown
 
 try:  # libyaml's C loader is ~10x faster on large clusters; fall back where it is missing.
@@ -68,7 +69,8 @@ class ManifestError(ValueError):
     """
 
     def __init__(self, message: str, source: str = "", kind: str = "") -> None:
-        super().__init__(message)
+        # Parts of a message come from the input (a key, a parser's excerpt): one line, whatever they hold.
+        super().__init__(one_line(message))
         self.source = source
         self.kind = kind
 
@@ -99,7 +101,9 @@ class Document:
 
 def _plain(value: object) -> str:
     """A name as a message shows it: as is when it is plain text, else quoted and cut."""
-    if isinstance(value, str) and value.isprintable() and " " not in value and len(value) <= 253:
+    if not isinstance(value, str):
+        return f"<{type(value).__name__}>"  # never repr() a structure: it may be nested 1,000 deep
+    if value.isprintable() and " " not in value and len(value) <= 253:
         return value
     return shown(value)
 
@@ -192,7 +196,8 @@ def parse_documents(text: str, source: str) -> Iterator[Document]:
             continue  # an empty document (a stray `---`)
         if not isinstance(obj, dict):
             raise ManifestError(f"{source}: document {index}: expected a mapping, got {type(obj).__name__}", source)
-        if obj.get("kind") == "List" or (str(obj.get("kind", "")).endswith("List") and "items" in obj):
+        kind: str = obj["kind"] if isinstance(obj.get("kind"), str) else ""
+        if kind == "List" or (kind.endswith("List") and "items" in obj):
             items = obj.get("items") or []
             if not isinstance(items, list):
                 raise ManifestError(f"{source}: document {index}: items: expected a list", source)
@@ -201,8 +206,8 @@ def parse_documents(text: str, source: str) -> Iterator[Document]:
                     raise ManifestError(f"{source}: document {index}: items[{item_no}]: expected a mapping", source)
                 # kubectl's typed lists (ServiceList) omit kind/apiVersion on items.
                 item = dict(item)
-                if "kind" not in item and str(obj.get("kind")).endswith("List") and obj.get("kind") != "List":
-                    item["kind"] = str(obj["kind"])[: -len("List")]
+                if "kind" not in item and kind != "List":
+                    item["kind"] = kind[: -len("List")]
                     item.setdefault("apiVersion", obj.get("apiVersion"))
                 yield Document(source, index, item)
         else:
@@ -218,6 +223,7 @@ def _pydantic_field(loc: tuple[int | str, ...]) -> str:
         elif part in ("int", "str", "float", "bool") or "[" in part:
             break  # pydantic names the union member it tried; not a field
         else:
+            part = _plain(part)
             out += f".{part}" if out else part
     return out or "(document)"
 
@@ -225,7 +231,7 @@ def _pydantic_field(loc: tuple[int | str, ...]) -> str:
 def load_document(doc: Document) -> Any | None:
     """The typed client model of a document, or None for a kind we skip."""
     api_version, kind = doc.obj.get("apiVersion"), doc.obj.get("kind")
-    cls = _KINDS.get((str(api_version), str(kind)))
+    cls = _KINDS.get((api_version, kind)) if isinstance(api_version, str) and isinstance(kind, str) else None
     if cls is None:
         return None
     try:
