@@ -51,6 +51,7 @@ except ImportError:  # pragma: no cover - depends on how PyYAML was built
     from yaml import SafeLoader as YamlLoader  # type: ignore[assignment]
 
 MANIFEST_SUFFIXES = (".yaml", ".yml", ".json")
+MAX_YAML_ALIASES = 100
 
 # (apiVersion, kind) → the client's model class; anything else is skipped with a notice.
 _KINDS: dict[tuple[str, str], Any] = {
@@ -181,13 +182,28 @@ def _syntax_error(source: str, error: Exception) -> ManifestError:
     return ManifestError(f"{source}{where}: malformed {fmt}: {' '.join(str(problem).split())[:200]}", source)
 
 
+def _check_aliases(text: str, source: str) -> None:
+    """Refuse YAML that leans on aliases: a few kB of `*alias` can expand to millions of objects
+    (the API server's decoder refuses such "excessive aliasing" too). Only texts that define an
+    anchor are scanned, so ordinary manifests pay nothing."""
+    if "&" not in text or "*" not in text:
+        return
+    aliases = sum(isinstance(event, yaml.AliasEvent) for event in yaml.parse(text, Loader=YamlLoader))
+    if aliases > MAX_YAML_ALIASES:
+        raise ManifestError(f"{source}: malformed YAML: {aliases} aliases (at most {MAX_YAML_ALIASES}: "
+                            "aliases can expand a small file into millions of objects)", source)
+
+
 def parse_documents(text: str, source: str) -> Iterator[Document]:
     """The objects in one file's text; `kind: List` items become documents of their own."""
     try:
         if source.endswith(".json"):
             raw: Iterable[Any] = [json.loads(text)]
         else:
+            _check_aliases(text, source)
             raw = list(yaml.load_all(text, Loader=YamlLoader))
+    except ManifestError:
+        raise
     except (yaml.YAMLError, ValueError, RecursionError) as e:
         # ValueError: also an integer of more than 4,300 digits (Python's conversion limit).
         raise _syntax_error(source, e) from None
