@@ -26,17 +26,20 @@ Chain names hash like kube-proxy's: `KUBE-SVC-` + base32(sha256(servicePortName 
 
 The result is a `Ruleset`: tables of chains of rule texts (each rule is the argument text after
 `-A <chain> `), plus the jumps from built-in chains that hook our chains in. `render_restore`
-turns it into `iptables-restore` input. Everything here is a pure function of its arguments.
+turns it into `iptables-restore` input. Every name, address and CIDR in that text has passed
+`compile.render` (at `compile_service_port` and `assemble_ruleset`), which refuses anything
+outside its grammar. Everything here is a pure function of its arguments.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
-import re
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 
+from kproxy_nft.compile import render
+from kproxy_nft.compile.render import quote
 from kproxy_nft.model import (
     ClusterState,
     Endpoint,
@@ -70,8 +73,6 @@ EXT_PREFIX = "KUBE-EXT-"
 FW_PREFIX = "KUBE-FW-"
 SEP_PREFIX = "KUBE-SEP-"
 SERVICE_CHAIN_PREFIXES = (SVC_PREFIX, SVL_PREFIX, EXT_PREFIX, FW_PREFIX, SEP_PREFIX)
-
-_SAFE_ARGUMENT = re.compile(r"[A-Za-z0-9_./:,=-]+")
 
 NAT_CHAINS = (KUBE_SERVICES, KUBE_NODEPORTS, KUBE_POSTROUTING, KUBE_MARK_MASQ)
 FILTER_CHAINS = (KUBE_NODEPORTS, KUBE_SERVICES, KUBE_EXTERNAL_SERVICES, KUBE_FORWARD, KUBE_PROXY_FIREWALL)
@@ -159,17 +160,6 @@ def service_chain_name(prefix: str, name: ServicePortName) -> str:
 def endpoint_chain_name(name: ServicePortName, endpoint: Endpoint) -> str:
     """KUBE-SEP- chain of one endpoint of a service port."""
     return SEP_PREFIX + _hash16(str(name) + name.protocol.lowercase + endpoint.address)
-
-
-def quote(text: str) -> str:
-    """Quote an argument for iptables-restore's tokenizer, as iptables-save would.
-
-    Names in comments come from the API and are validated, but quoting does not rely on it:
-    anything but plain safe characters is double-quoted with `"` and `\\` escaped.
-    """
-    if _SAFE_ARGUMENT.fullmatch(text):
-        return text
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def comment(text: str) -> str:
@@ -284,9 +274,9 @@ class _Names:
         self.proto = svc.protocol.lowercase
         self.comment = f"-m comment --comment {quote(self.text)}"
         self.affinity = svc.session_affinity_seconds
-        # Names are validated DNS labels, so `"ns/svc:port -> ip:port"` needs no escaping;
-        # if one somehow did, every such comment is quoted in full instead.
-        self._safe = _SAFE_ARGUMENT.fullmatch(self.text) is not None
+        # Names are DNS labels (render.service_port), so `"ns/svc:port -> ip:port"` needs no
+        # escaping; if one somehow did, every such comment is quoted in full instead.
+        self._safe = quote(self.text) == self.text
         self._arrow = f'-m comment --comment "{self.text} -> '
 
     def arrow_comment(self, address: str) -> str:
@@ -363,12 +353,17 @@ def compile_service_port(
     shared chains send to them, and what the filter table drops or rejects when a kind of
     traffic has no endpoint to go to.
     """
+    # The rules are made of these values: refuse any outside its grammar (render.UnsafeValue),
+    # whatever validation let through. Memoized with the rest.
+    render.service_port(svc)
+    render.node(node)
+    v6 = family is IPFamily.V6  # `ep.family`, inlined: two calls per endpoint, on the hot path
+    endpoints = render.endpoints(tuple(ep for ep in endpoints if (":" in ep.ip) is v6))
     name = svc.name
     cluster_ip = svc.cluster_ip(family)
     if cluster_ip is None:
         return ServiceRules(name, ())  # no address of this family: nothing to program
 
-    endpoints = tuple(ep for ep in endpoints if ep.family is family)
     sel = categorize_endpoints(svc, endpoints, node, family)
     names = _Names(svc)
     text, proto = names.text, names.proto
@@ -594,6 +589,7 @@ def update_fragments(
 def assemble_ruleset(fragments: Iterable[ServiceRules], node: NodeContext, family: IPFamily) -> Ruleset:
     """The ruleset from the service ports' fragments (in service-port order) and the node's chains."""
     fragments = list(fragments)
+    render.node(node)  # its addresses and CIDRs reach the node-port and static rules
     t = _Tables()
     _static_rules(t, node)
     localhost = uses_localhost_nodeports(node, family)

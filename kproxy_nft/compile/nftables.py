@@ -81,7 +81,9 @@ O(set); CIDRs are matched by prefix rules instead.
 The result is data (`Ruleset`: declarations, shared chains, per-service-port fragments holding
 elements and the service port's own chains) that `render_script` turns into `nft -f` input
 loading into an empty namespace, and that `kernel/nftables.py` diffs key by key (and chain by
-chain for a changed fragment) against what it applied. Pure: no I/O, no clock.
+chain for a changed fragment) against what it applied. Every name, address and CIDR in it has
+passed `compile.render` (at `compile_service_port`, `fixed_chains` and `generated_chain`),
+which refuses anything outside its grammar. Pure: no I/O, no clock.
 """
 
 from __future__ import annotations
@@ -95,6 +97,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import NamedTuple
 
+from kproxy_nft.compile import render
 from kproxy_nft.model import (
     ClusterState,
     Endpoint,
@@ -184,8 +187,9 @@ def affinity_record_chain(proto: Protocol, seconds: int) -> str:
 def service_chain_base(name: ServicePortName) -> str:
     """kube-proxy's `servicePortChainNameBase`: `HASH8-<ns>/<name>/<proto>/<port>`.
 
-    Namespace, service and port names are DNS labels / IANA service names ([a-z0-9-]), so they
-    are safe in an nft identifier; `/` separates them (allowed in nft names, never in theirs).
+    Namespace, service and port names are DNS labels / IANA service names ([a-z0-9-], as
+    `render.service_port` makes sure), so they are safe in an nft identifier; `/` separates
+    them (allowed in nft names, never in theirs).
     At most 8+1+63+1+63+1+4+1+15 characters, far below nft's 256: never truncated.
     """
     text = f"{name.namespace}/{name.name}/{name.protocol.lower()}/{name.port}"
@@ -413,6 +417,7 @@ def _nft_duration(seconds: int) -> str:
 
 def generated_chain(name: str, family: IPFamily, node: NodeContext) -> Chain:
     """The content of a shared chain named by `lb_chain` / `affinity_record_chain`."""
+    render.node(node)  # its cluster CIDR reaches the masquerade rule
     w = _words(family)
     kind, proto_text, rest = name.split("-", 2)
     proto = Protocol(proto_text.upper())
@@ -476,6 +481,7 @@ def _nodeport_match(family: IPFamily, node: NodeContext) -> str | None:
 @functools.lru_cache(maxsize=8)
 def fixed_chains(family: IPFamily, node: NodeContext) -> tuple[Chain, ...]:
     """The chains every node has, whatever its services (base chains first)."""
+    render.node(node)  # its addresses and CIDRs reach the node-port and cluster-IP rules
     w = _words(family)
     mark = f"{1 << node.masquerade_bit:#010x}"
 
@@ -635,6 +641,11 @@ def compile_service_port(
     svc: ServicePort, endpoints: tuple[Endpoint, ...], node: NodeContext, family: IPFamily
 ) -> ServiceFragment:
     """The elements and chains of one service port (`endpoints` already of `family`)."""
+    # The rules are made of these values: refuse any outside its grammar (render.UnsafeValue),
+    # whatever validation let through. Memoized with the rest.
+    render.service_port(svc)
+    render.node(node)
+    endpoints = render.endpoints(endpoints)
     name = svc.name
     cluster_ip = svc.cluster_ip(family)
     if cluster_ip is None:
