@@ -13,28 +13,8 @@ import pytest
 
 from kproxy_nft import validation as v
 from kproxy_nft.sources.manifests import ManifestError, read_manifests
+from tests.test_manifests import SERVICE, SLICE
 
-SERVICE = """\
-apiVersion: v1
-kind: Service
-metadata: {name: web, namespace: shop}
-spec:
-  clusterIP: 10.96.0.10
-  ports:
-  - {name: http, port: 80, targetPort: 8080}
-"""
-SLICE = """\
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  name: web-abc
-  namespace: shop
-  labels: {kubernetes.io/service-name: web}
-addressType: IPv4
-ports: [{name: http, port: 8080, protocol: TCP}]
-endpoints:
-- addresses: [10.1.0.5]
-"""
 INJECTION = 'fe80::1%lo -j RETURN\n-A KUBE-SERVICES -j DNAT --to-destination [fd00::666]:1'
 
 
@@ -87,10 +67,10 @@ CASES = [
      "spec.trafficDistribution: unsupported value 'Nearest'"),
     ("ipMode", SERVICE.replace("spec:\n", "spec:\n  type: LoadBalancer\n")
      + "status: {loadBalancer: {ingress: [{ip: 192.0.2.1, ipMode: Direct}]}}\n", "ipMode: unsupported value"),
-    ("slice nodeName", SERVICE + "---\n" + SLICE + "  nodeName: Node_1\n", "endpoints[0].nodeName: 'Node_1'"),
-    ("slice zone", SERVICE + "---\n" + SLICE + '  zone: "a zone"\n', "endpoints[0].zone: 'a zone'"),
+    ("slice nodeName", SERVICE + "---\n" + SLICE + "  nodeName: Node_1\n", "endpoints[1].nodeName: 'Node_1'"),
+    ("slice zone", SERVICE + "---\n" + SLICE + '  zone: "a zone"\n', "endpoints[1].zone: 'a zone'"),
     ("slice hints", SERVICE + "---\n" + SLICE + "  hints: {forZones: [" + ", ".join(
-        f"{{name: z{i}}}" for i in range(9)) + "]}\n", "endpoints[0].hints.forZones: must have at most 8"),
+        f"{{name: z{i}}}" for i in range(9)) + "]}\n", "endpoints[1].hints.forZones: must have at most 8"),
     ("slice port 0", SERVICE + "---\n" + SLICE.replace("port: 8080,", "port: 0,"), "ports[0].port: must be between"),
     ("slice duplicate port names", SERVICE + "---\n" + SLICE.replace(
         "protocol: TCP}]", "protocol: TCP}, {name: http, port: 53, protocol: UDP}]"), "ports[1].name: duplicate"),

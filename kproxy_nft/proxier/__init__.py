@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from kproxy_nft.config import PROXY_MODES, ProxySettings
-from kproxy_nft.kernel.conntrack import CleanupResult
-from kproxy_nft.model import ClusterState, IPFamily, NodeContext, ServicePortName
+from kproxy_nft.kernel.conntrack import CleanupResult, ConntrackCleaner
+from kproxy_nft.model import ClusterState, IPFamily, NodeContext, ServicePortName, node_families
 
 # mode → module:class: the only table of modes.
 _IMPLEMENTATIONS = {
@@ -116,6 +116,41 @@ class Proxier(Protocol):
 
     def close(self) -> None:
         ...
+
+
+class ProxierBase:
+    """What every proxier keeps the same way: its node, the families it programs (asked of the
+    kernel only when the node's IPs do not say, `model.node_families`), and the conntrack cleaner."""
+
+    def __init__(self, node: NodeContext, netns: str | None, families: tuple[IPFamily, ...] | None) -> None:
+        self._node = node
+        self._netns = netns
+        self._families = families
+        self._cleaner: ConntrackCleaner | None = None
+
+    def _ipv6_supported(self) -> bool:
+        raise NotImplementedError
+
+    @property
+    def families(self) -> tuple[IPFamily, ...]:
+        if self._families is None:
+            self._families = node_families(self._node, self._ipv6_supported)
+        return self._families
+
+    @property
+    def node(self) -> NodeContext:
+        return self._node
+
+    def set_node(self, node: NodeContext) -> None:
+        self._node = node
+        if self._cleaner is not None:
+            self._cleaner.node = node
+
+    def clean_conntrack(self, state: ClusterState,
+                        changed: frozenset[ServicePortName] | None = None) -> CleanupResult:
+        if self._cleaner is None:
+            self._cleaner = ConntrackCleaner(self._node, self._netns, self.families)
+        return self._cleaner.after_sync(state, changed)
 
 
 def make_proxier(settings: ProxySettings, *, mode: str | None = None, netns: str | None = None,

@@ -15,30 +15,26 @@ from typing import TYPE_CHECKING
 
 from kproxy_nft.compile import iptables as compiler
 from kproxy_nft.kernel import iptables as kernel
-from kproxy_nft.kernel.conntrack import CleanupResult, ConntrackCleaner
 from kproxy_nft.kernel.iptables_plan import Plan, focus_of
 from kproxy_nft.kernel.iptables_text import render_save
-from kproxy_nft.model import ClusterState, IPFamily, NodeContext, ServicePortName, node_families
-from kproxy_nft.proxier import ProxierPlan
+from kproxy_nft.model import ClusterState, IPFamily, NodeContext, ServicePortName
+from kproxy_nft.proxier import ProxierBase, ProxierPlan
 
 if TYPE_CHECKING:
     from kproxy_nft.compile.iptables import Fragments
 
 
-class IptablesProxier:
+class IptablesProxier(ProxierBase):
     """The iptables mode for one node: a `Syncer` per family (see the module docstring)."""
 
     mode = "iptables"
 
     def __init__(self, node: NodeContext, *, netns: str | None = None, iptables_backend: str | None = None,
                  families: tuple[IPFamily, ...] | None = None) -> None:
-        self._node = node
-        self._netns = netns
+        super().__init__(node, netns, families)
         self._backend = iptables_backend
-        self._families = families
         self._host: kernel.Host | None = None
         self._syncers: dict[IPFamily, kernel.Syncer] = {}
-        self._cleaner: ConntrackCleaner | None = None
         self._drift = 0
         # The last synced fragments per family, and the node they were compiled for.
         self._fragments: tuple[dict[IPFamily, Fragments], NodeContext] | None = None
@@ -56,13 +52,7 @@ class IptablesProxier:
         backend = self._backend or self.host.backend
         return (f"iptables-{backend}-restore", f"iptables-{backend}-save")
 
-    @property
-    def families(self) -> tuple[IPFamily, ...]:
-        if self._families is None:
-            self._families = node_families(self._node, self._ip6tables_present)
-        return self._families
-
-    def _ip6tables_present(self) -> bool:
+    def _ipv6_supported(self) -> bool:
         """kube-proxy's `Present()` for IPv6: ip6tables runs and has a nat table (in our netns)."""
         return self.host.run(IPFamily.V6, "save", "-t", "nat").returncode == 0
 
@@ -70,15 +60,6 @@ class IptablesProxier:
         if family not in self._syncers:
             self._syncers[family] = kernel.Syncer(self.host, family)
         return self._syncers[family]
-
-    @property
-    def node(self) -> NodeContext:
-        return self._node
-
-    def set_node(self, node: NodeContext) -> None:
-        self._node = node
-        if self._cleaner is not None:
-            self._cleaner.node = node
 
     # -- one-shot: dump, apply, cleanup -----------------------------------------------------
 
@@ -159,12 +140,6 @@ class IptablesProxier:
 
     def drift(self) -> int:
         return self._drift
-
-    def clean_conntrack(self, state: ClusterState,
-                        changed: frozenset[ServicePortName] | None = None) -> CleanupResult:
-        if self._cleaner is None:
-            self._cleaner = ConntrackCleaner(self._node, self._netns, self.families)
-        return self._cleaner.after_sync(state, changed)
 
     def close(self) -> None:
         """Nothing to release: every iptables call is its own process."""

@@ -8,16 +8,15 @@ backend compares only those (O(changed)); a full sync reads the tables back and 
 from __future__ import annotations
 
 from kproxy_nft.compile import nftables as compiler
-from kproxy_nft.kernel.conntrack import CleanupResult, ConntrackCleaner
 from kproxy_nft.kernel.nftables import NftablesBackend, Plan
 from kproxy_nft.kernel.runner import kernel_has_ipv6
-from kproxy_nft.model import ClusterState, IPFamily, NodeContext, ServicePortName, node_families
-from kproxy_nft.proxier import ProxierPlan
+from kproxy_nft.model import ClusterState, IPFamily, NodeContext, ServicePortName
+from kproxy_nft.proxier import ProxierBase, ProxierPlan
 
 FOLLOWUP_HEADER = "--- then, as a second transaction (backend indexes no longer reachable) ---\n"
 
 
-class NftablesProxier:
+class NftablesProxier(ProxierBase):
     """The nftables mode for one node (see the module docstring)."""
 
     mode = "nftables"
@@ -26,11 +25,8 @@ class NftablesProxier:
     def __init__(self, node: NodeContext, *, netns: str | None = None, iptables_backend: str | None = None,
                  families: tuple[IPFamily, ...] | None = None) -> None:
         del iptables_backend  # iptables only
-        self._node = node
-        self._netns = netns
-        self._families = families
+        super().__init__(node, netns, families)
         self._backend: NftablesBackend | None = None
-        self._cleaner: ConntrackCleaner | None = None
         self._desired: tuple[tuple[compiler.Ruleset, ...], NodeContext] | None = None  # last synced, and its node
 
     @property
@@ -39,20 +35,8 @@ class NftablesProxier:
             self._backend = NftablesBackend(netns=self._netns)
         return self._backend
 
-    @property
-    def families(self) -> tuple[IPFamily, ...]:
-        if self._families is None:
-            self._families = node_families(self._node, kernel_has_ipv6)
-        return self._families
-
-    @property
-    def node(self) -> NodeContext:
-        return self._node
-
-    def set_node(self, node: NodeContext) -> None:
-        self._node = node
-        if self._cleaner is not None:
-            self._cleaner.node = node
+    def _ipv6_supported(self) -> bool:
+        return kernel_has_ipv6()
 
     # -- one-shot: dump, apply, cleanup -----------------------------------------------------
 
@@ -100,12 +84,6 @@ class NftablesProxier:
 
     def drift(self) -> int:
         return int(self.backend.repairs_total)
-
-    def clean_conntrack(self, state: ClusterState,
-                        changed: frozenset[ServicePortName] | None = None) -> CleanupResult:
-        if self._cleaner is None:
-            self._cleaner = ConntrackCleaner(self._node, self._netns, self.families)
-        return self._cleaner.after_sync(state, changed)
 
     def close(self) -> None:
         if self._backend is not None:
