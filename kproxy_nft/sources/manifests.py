@@ -247,7 +247,10 @@ def _pydantic_field(loc: tuple[int | str, ...]) -> str:
 def load_document(doc: Document) -> Any | None:
     """The typed client model of a document, or None for a kind we skip."""
     api_version, kind = doc.obj.get("apiVersion"), doc.obj.get("kind")
-    cls = _KINDS.get((api_version, kind)) if isinstance(api_version, str) and isinstance(kind, str) else None
+    for field, value in (("apiVersion", api_version), ("kind", kind)):
+        if value is not None and not isinstance(value, str):
+            raise doc.error(f"{field}: must be a string, got a {type(value).__name__}")
+    cls = _KINDS.get((api_version, kind))  # type: ignore[arg-type]
     if cls is None:
         return None
     try:
