@@ -15,10 +15,11 @@ import pytest
 import yaml
 from kubernetes.client import V1Service
 
-from kproxy_nft.agent.main import Agent, ManifestSource
+from kproxy_nft.agent.main import Agent
 from kproxy_nft.agent.metrics import new_metrics
 from kproxy_nft.model import ClusterState
 from kproxy_nft.sources.kube import Change, Replace
+from kproxy_nft.sources.manifest_watch import ManifestSource
 from tests.fake_proxier import FakeProxier
 
 

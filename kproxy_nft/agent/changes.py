@@ -33,21 +33,9 @@ from kproxy_nft.convert import (
     merge_endpoints,
 )
 from kproxy_nft.model import ClusterState, Endpoint, ServicePort, ServicePortName
+from kproxy_nft.sources.events import Rejection
 
 ServiceKey = tuple[str, str]  # (namespace, name)
-
-
-@dataclass(frozen=True)
-class Rejection:
-    """An invalid object that was not applied; `kind` is "Service", "EndpointSlice", … or "" if unknown.
-
-    `message` is one line naming the object and the field (and, from manifests, the file);
-    `outcome` says what the node does instead, e.g. "kept its previous version".
-    """
-
-    kind: str
-    message: str
-    outcome: str = "skipped"
 
 
 @dataclass(frozen=True)

@@ -14,10 +14,11 @@ from types import FrameType
 
 from kproxy_nft.agent.healthcheck import HealthCheckServers
 from kproxy_nft.agent.http import Listener, health_route, metrics_route
-from kproxy_nft.agent.main import Agent, ManifestSource
+from kproxy_nft.agent.main import Agent
 from kproxy_nft.agent.metrics import new_metrics
 from kproxy_nft.config import ProxySettings
 from kproxy_nft.proxier import make_proxier, with_local_addresses
+from kproxy_nft.sources.manifest_watch import ManifestSource
 
 log = logging.getLogger("kproxy_nft.agent")
 

@@ -18,32 +18,16 @@ import logging
 import random
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from kubernetes import client, config, watch
 from kubernetes.client.exceptions import ApiException
 
+from kproxy_nft.sources.events import Change, Replace
+
 log = logging.getLogger(__name__)
 
 HTTP_GONE = 410
-
-
-@dataclass(frozen=True)
-class Replace:
-    """The complete current list of one resource (after a list or relist)."""
-
-    resource: str
-    items: tuple[Any, ...]
-
-
-@dataclass(frozen=True)
-class Change:
-    """One watch event: `ADDED`, `MODIFIED` or `DELETED` of an object."""
-
-    resource: str
-    type: str
-    obj: Any
 
 
 Emit = Callable[[Replace | Change], None]
