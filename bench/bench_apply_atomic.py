@@ -37,8 +37,8 @@ from typing import TypeVar
 
 from kproxy_nft.compile.iptables import compile_ruleset
 from kproxy_nft.kernel.iptables import (
-    Backend,
     Host,
+    IptablesBackend,
     _prepare,
     _restore,
     apply,
@@ -196,7 +196,7 @@ def probe_test(backends: list[str]) -> None:
     for backend in backends:
         for name, setup, payload in PROBES:
             with throwaway_netns("kpn-bench") as ns:
-                restore = [tool_name(Backend(backend), IPFamily.V4, "restore"), "-w", "--noflush"]
+                restore = [tool_name(IptablesBackend(backend), IPFamily.V4, "restore"), "-w", "--noflush"]
                 run = ["ip", "netns", "exec", ns, *restore]
                 if setup:
                     subprocess.run(run, input=setup, text=True, capture_output=True, check=True)
@@ -226,7 +226,7 @@ def main() -> None:
     rows = []
     for backend in backends:
         with throwaway_netns("kpn-bench") as ns:
-            host = Host(Backend(backend), ns)
+            host = Host(IptablesBackend(backend), ns)
             rows.append(measure(host, state, backend, "full apply, empty kernel"))
             rows.append(measure(host, changed, backend, "one endpoint moved"))
     print()

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from kproxy_nft.compile.iptables import compile_ruleset
-from kproxy_nft.kernel.iptables import Backend, Host, Syncer, apply, plan, read_state, tool_name
+from kproxy_nft.kernel.iptables import Host, IptablesBackend, Syncer, apply, plan, read_state, tool_name
 from kproxy_nft.lab.netns import throwaway_netns
 from kproxy_nft.lab.synthetic import synthetic_cluster, synthetic_name
 from kproxy_nft.model import ClusterState, Endpoint, IPFamily, NodeContext
@@ -63,7 +63,7 @@ def one_endpoint_moved(state: ClusterState, i: int, step: int) -> ClusterState:
 BARE_TIMEOUT = 180
 
 
-def bare_restore(backend: Backend, payload: str, noflush: bool) -> float | None:
+def bare_restore(backend: IptablesBackend, payload: str, noflush: bool) -> float | None:
     """Seconds a plain iptables-restore of `payload` takes in a fresh namespace (None: timed out)."""
     with throwaway_netns("kpn-bench") as ns:
         argv = ["ip", "netns", "exec", ns, tool_name(backend, IPFamily.V4, "restore"), "-w"]
@@ -77,7 +77,7 @@ def bare_restore(backend: Backend, payload: str, noflush: bool) -> float | None:
         return time.perf_counter() - start
 
 
-def bench_backend(backend: Backend, state: ClusterState, changes: int) -> None:
+def bench_backend(backend: IptablesBackend, state: ClusterState, changes: int) -> None:
     print(f"\n== {backend.value}")
     desired = compile_ruleset(state, NODE)
     with throwaway_netns("kpn-bench") as ns:
@@ -137,7 +137,7 @@ def main() -> None:
     print(f"{args.services} services × {args.endpoints} endpoints (ClusterIP): {rules} rules; "
           f"generate {t_gen:.2f} s, compile {t_compile:.2f} s")
     for backend in args.backends.split(","):
-        bench_backend(Backend(backend), state, args.changes)
+        bench_backend(IptablesBackend(backend), state, args.changes)
 
 
 if __name__ == "__main__":

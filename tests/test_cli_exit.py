@@ -200,7 +200,7 @@ class RefusingIpv6(FakeIptables):
 
 def test_apply_whose_ipv6_half_fails_exits_2_in_one_line_with_ipv4_reverted(monkeypatch: pytest.MonkeyPatch) -> None:
     fake = RefusingIpv6()
-    host = kernel.Host(kernel.Backend.NFT, None, fake)
+    host = kernel.Host(kernel.IptablesBackend.NFT, None, fake)
     monkeypatch.setattr(kernel, "open_host", lambda backend=None, netns=None: host)
     result = invoke("apply", "-f", MANIFESTS, "--proxy-mode", "iptables", "--iptables-backend", "nft")
     assert result.exit_code == 2, result.output

@@ -17,8 +17,8 @@ from hypothesis import strategies as st
 
 from kproxy_nft.compile.iptables import Ruleset, compile_ruleset
 from kproxy_nft.kernel.iptables import (
-    Backend,
     Host,
+    IptablesBackend,
     RestoreError,
     Syncer,
     apply,
@@ -40,7 +40,8 @@ from kproxy_nft.kernel.iptables_plan import (
 )
 from kproxy_nft.kernel.iptables_rule import canonical, jump_target
 from kproxy_nft.kernel.iptables_text import KernelChain, KernelState, KernelTable, parse_save, render_save
-from kproxy_nft.kernel.runner import Completed, SubprocessRunner, in_netns
+from kproxy_nft.kernel.netns import exec_argv
+from kproxy_nft.kernel.runner import Completed, SubprocessRunner
 from kproxy_nft.model import (
     ClusterState,
     Endpoint,
@@ -411,7 +412,7 @@ def restore_argv(*extra: str, family: IPFamily = IPFamily.V4, backend: str = "nf
 
 def test_apply_sends_one_payload_validated_first_when_it_spans_two_tables() -> None:
     fake = FakeIptables()
-    host = Host(Backend.NFT, NS, fake)
+    host = Host(IptablesBackend.NFT, NS, fake)
     step = plan(compile_ruleset(sample_state(), NODE), read_state(host))
     assert fake.calls == [
         (("ip", "netns", "exec", NS, "iptables-nft-save", "-t", "nat"), None),
@@ -432,7 +433,7 @@ def test_apply_sends_one_payload_validated_first_when_it_spans_two_tables() -> N
 
 def test_a_single_table_payload_is_sent_once_and_ipv6_uses_ip6tables() -> None:
     fake = FakeIptables()
-    host = Host(Backend.LEGACY, NS, fake)
+    host = Host(IptablesBackend.LEGACY, NS, fake)
     desired = compile_ruleset(sample_state(), NODE, IPFamily.V6)
     apply(plan(desired, read_state(host, IPFamily.V6)), host)
     fake.calls.clear()
@@ -445,7 +446,7 @@ def test_a_single_table_payload_is_sent_once_and_ipv6_uses_ip6tables() -> None:
 
 def test_an_invalid_rule_is_caught_by_the_test_run_and_nothing_is_committed() -> None:
     fake = FakeIptables()
-    host = Host(Backend.NFT, NS, fake)
+    host = Host(IptablesBackend.NFT, NS, fake)
     first, second = two_table_change()
     apply(plan(first, read_state(host)), host)
     before = fake.state()
@@ -463,7 +464,7 @@ def test_an_invalid_rule_is_caught_by_the_test_run_and_nothing_is_committed() ->
 
 def test_a_table_refused_at_commit_after_another_committed_is_reverted() -> None:
     fake = FakeIptables(refuse=lambda table: table == "filter")
-    host = Host(Backend.NFT, NS, fake)
+    host = Host(IptablesBackend.NFT, NS, fake)
     first, second = two_table_change()
     fake.set_state(load(first, foreign_state()))
     before = fake.state()
@@ -477,7 +478,7 @@ def test_a_table_refused_at_commit_after_another_committed_is_reverted() -> None
 
 def test_a_failing_single_table_payload_is_reported_without_revert() -> None:
     fake = FakeIptables(refuse=lambda table: True)
-    host = Host(Backend.NFT, NS, fake)
+    host = Host(IptablesBackend.NFT, NS, fake)
     step = plan(compile_ruleset(sample_state(), NODE), KernelState(IPFamily.V4))
     step = dataclasses.replace(step, edits=step.edits[:1])  # nat only
     with pytest.raises(RestoreError, match="atomic per table") as caught:
@@ -488,7 +489,7 @@ def test_a_failing_single_table_payload_is_reported_without_revert() -> None:
 
 def test_cleanup_removes_ours_in_one_payload() -> None:
     fake = FakeIptables()
-    host = Host(Backend.NFT, None, fake)
+    host = Host(IptablesBackend.NFT, None, fake)
     fake.set_state(load(compile_ruleset(sample_state(), NODE), foreign_state()))
     removal = cleanup(host)
     restores = [(argv, stdin) for argv, stdin in fake.calls if argv[0] == "iptables-nft-restore"]
@@ -506,7 +507,7 @@ def test_cleanup_removes_ours_in_one_payload() -> None:
 
 def test_syncer_reads_the_kernel_only_when_it_must() -> None:
     fake = FakeIptables()
-    syncer = Syncer(Host(Backend.NFT, NS, fake))
+    syncer = Syncer(Host(IptablesBackend.NFT, NS, fake))
     desired = compile_ruleset(sample_state(), NODE)
     syncer.sync(desired)
     assert [argv[4:] for argv, _ in fake.calls][:2] == [
@@ -542,15 +543,17 @@ KUBE_RULES = "*nat\n:KUBE-SERVICES - [0:0]\n-A PREROUTING -j KUBE-SERVICES\n-A O
 @pytest.mark.parametrize(
     ("outputs", "expected"),
     [
-        ({("iptables-nft-save", "-t", "mangle"): HINT}, Backend.NFT),
-        ({("ip6tables-legacy-save",): HINT}, Backend.LEGACY),
-        ({("iptables-legacy-save",): KUBE_RULES}, Backend.LEGACY),
-        ({("iptables-legacy-save",): KUBE_RULES, ("iptables-nft-save",): KUBE_RULES * 2}, Backend.NFT),
-        ({("iptables-legacy-save",): "*filter\n-A INPUT -j DROP\nCOMMIT\n"}, Backend.LEGACY),
-        ({}, Backend.NFT),  # nothing anywhere: nft
+        ({("iptables-nft-save", "-t", "mangle"): HINT}, IptablesBackend.NFT),
+        ({("ip6tables-legacy-save",): HINT}, IptablesBackend.LEGACY),
+        ({("iptables-legacy-save",): KUBE_RULES}, IptablesBackend.LEGACY),
+        ({("iptables-legacy-save",): KUBE_RULES, ("iptables-nft-save",): KUBE_RULES * 2}, IptablesBackend.NFT),
+        ({("iptables-legacy-save",): "*filter\n-A INPUT -j DROP\nCOMMIT\n"}, IptablesBackend.LEGACY),
+        ({}, IptablesBackend.NFT),  # nothing anywhere: nft
     ],
 )
-def test_backend_detection_follows_iptables_wrappers(outputs: dict[tuple[str, ...], str], expected: Backend) -> None:
+def test_backend_detection_follows_iptables_wrappers(
+    outputs: dict[tuple[str, ...], str], expected: IptablesBackend
+) -> None:
     runner = ScriptedRunner({("ip", "netns", "exec", NS, *k): v for k, v in outputs.items()})
     assert detect_backend(runner, NS) is expected
     assert all(argv[:4] == ("ip", "netns", "exec", NS) for argv in runner.calls)
@@ -559,18 +562,18 @@ def test_backend_detection_follows_iptables_wrappers(outputs: dict[tuple[str, ..
 
 def test_backend_override_and_choice() -> None:
     runner = ScriptedRunner({})
-    assert detect_backend(runner, override="legacy") is Backend.LEGACY and runner.calls == []
+    assert detect_backend(runner, override="legacy") is IptablesBackend.LEGACY and runner.calls == []
     with pytest.raises(ValueError, match="nft, legacy or auto"):
         detect_backend(runner, override="xtables")
-    assert choose_backend("", KUBE_RULES, KUBE_RULES) is Backend.NFT  # a tie goes to nft
+    assert choose_backend("", KUBE_RULES, KUBE_RULES) is IptablesBackend.NFT  # a tie goes to nft
 
 
 def test_commands_are_argument_lists_in_a_checked_namespace() -> None:
-    assert in_netns(None, ["iptables-nft-save"]) == ("iptables-nft-save",)
-    assert in_netns("kpn-1", ["x", "y z"]) == ("ip", "netns", "exec", "kpn-1", "x", "y z")
+    assert exec_argv(None, ["iptables-nft-save"]) == ("iptables-nft-save",)
+    assert exec_argv("kpn-1", ["x", "y z"]) == ("ip", "netns", "exec", "kpn-1", "x", "y z")
     for bad in ("../etc", "a b", "", ".."):
         with pytest.raises(ValueError):
-            in_netns(bad, ["x"])
+            exec_argv(bad, ["x"])
     missing = SubprocessRunner().run(["kproxy-nft-no-such-binary"])
     assert missing.returncode == 127 and "kproxy-nft-no-such-binary" in missing.stderr
 
@@ -586,8 +589,8 @@ def many_services(count: int) -> Ruleset:
     return compile_ruleset(ClusterState(ports, endpoints), NODE)
 
 
-@pytest.mark.parametrize("backend", [Backend.NFT, Backend.LEGACY])
-def test_a_large_nft_payload_is_sent_with_the_cache_prelude(backend: Backend) -> None:
+@pytest.mark.parametrize("backend", [IptablesBackend.NFT, IptablesBackend.LEGACY])
+def test_a_large_nft_payload_is_sent_with_the_cache_prelude(backend: IptablesBackend) -> None:
     """iptables-nft's per-chain cache bookkeeping is quadratic; `-S` first avoids it (see apply)."""
     desired = many_services(400)
     fake = FakeIptables()
@@ -596,7 +599,7 @@ def test_a_large_nft_payload_is_sent_with_the_cache_prelude(backend: Backend) ->
     assert len(step.edits[0].lines) > 5000
     apply(step, host)
     sent = fake.calls[-1][1] or ""
-    if backend is Backend.NFT:
+    if backend is IptablesBackend.NFT:
         assert sent.split("\n")[:6] == [
             "*nat", "-S", ":PREROUTING ACCEPT [0:0]", ":INPUT ACCEPT [0:0]", ":OUTPUT ACCEPT [0:0]",
             ":POSTROUTING ACCEPT [0:0]",

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, cast
 
-from kproxy_nft.kernel.libnftables import entered_netns
+from kproxy_nft.kernel.netns import entered
 from kproxy_nft.model import ClusterState, IPFamily, NodeContext, TrafficPolicy, ip_family, sort_key
 
 log = logging.getLogger("kproxy_nft.agent.healthcheck")
@@ -217,7 +217,7 @@ class HealthCheckServers:
 
     def _open(self, port: int, check: HealthCheck) -> None:
         try:
-            with entered_netns(self._netns):
+            with entered(self._netns):
                 sock = _listen(self._host, port)
         except OSError as e:
             log.error("healthcheck port=%d service=%s/%s: cannot listen: %s (retrying on the next sync)",

@@ -11,11 +11,11 @@ import ipaddress
 
 from pyroute2 import IPRoute
 
-from kproxy_nft.kernel.libnftables import entered_netns
+from kproxy_nft.kernel.netns import entered
 
 
 def local_addresses(netns: str | None = None) -> tuple[str, ...]:
     """Every address on the interfaces of `netns` (the caller's namespace when None), sorted."""
-    with entered_netns(netns), IPRoute() as ipr:
+    with entered(netns), IPRoute() as ipr:
         found = {str(a.get_attr("IFA_ADDRESS")) for a in ipr.get_addr() if a.get_attr("IFA_ADDRESS")}
     return tuple(sorted(found, key=lambda ip: (ipaddress.ip_address(ip).version, ipaddress.ip_address(ip))))

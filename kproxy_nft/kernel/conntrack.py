@@ -11,7 +11,7 @@ delete it (expired, or matched twice) is not an error.
 Namespaces: pyroute2 0.9.7's sockets take `netns=`, but open it by forking a helper process,
 which a multi-threaded agent should not do. The socket belongs to the namespace it is created
 in, so instead the calling thread enters `/run/netns/<name>` with setns(2) for the duration of
-the cleanup, as `libnftables.entered_netns` does for nft contexts; no other thread moves.
+the cleanup, as `netns.entered` does for nft contexts; no other thread moves.
 
 Failures never raise: they come back in `CleanupResult.errors`, for the caller to log and
 count, because a conntrack problem (no nf_conntrack_netlink, no CAP_NET_ADMIN) must not fail a
@@ -35,7 +35,7 @@ from kproxy_nft.conntrack import (
     flows_to_delete,
     stale_flow_filters,
 )
-from kproxy_nft.kernel.libnftables import entered_netns
+from kproxy_nft.kernel.netns import entered
 from kproxy_nft.model import ClusterState, IPFamily, NodeContext, Protocol, ServicePortName
 
 log = logging.getLogger("kproxy_nft.conntrack")
@@ -105,7 +105,7 @@ def _open(family: IPFamily) -> Any:
 
 def list_flows(family: IPFamily, protocols: Iterable[Protocol], netns: str | None = None) -> tuple[Flow, ...]:
     """The table's flows of these protocols (for inspection and tests; raises on failure)."""
-    with entered_netns(netns):
+    with entered(netns):
         sock = _open(family)
         try:
             return tuple(sorted(_dump(sock, family, protocols), key=Flow.sort_key))
@@ -143,7 +143,7 @@ def delete_stale_flows(filters: Iterable[FlowFilter], netns: str | None = None) 
     errors: list[str] = []
     families = sorted({f.frontend.family for f in filters})
     try:
-        with entered_netns(netns):
+        with entered(netns):
             for family in families:
                 mine = [f for f in filters if f.frontend.family is family]
                 try:

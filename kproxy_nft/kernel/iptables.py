@@ -59,11 +59,12 @@ from kproxy_nft.kernel.iptables_plan import (
     revert_plan,
 )
 from kproxy_nft.kernel.iptables_text import BUILTIN_CHAINS, KernelState, parse_save
-from kproxy_nft.kernel.runner import Completed, Runner, SubprocessRunner, in_netns
+from kproxy_nft.kernel.netns import exec_argv
+from kproxy_nft.kernel.runner import Completed, Runner, SubprocessRunner
 from kproxy_nft.model import IPFamily
 
 __all__ = [
-    "Backend",
+    "IptablesBackend",
     "ChainChange",
     "CommandError",
     "Host",
@@ -92,7 +93,7 @@ __all__ = [
 ]
 
 
-class Backend(enum.StrEnum):
+class IptablesBackend(enum.StrEnum):
     NFT = "nft"
     LEGACY = "legacy"
 
@@ -179,7 +180,7 @@ def restore_reason(stderr: str) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def tool_name(backend: Backend, family: IPFamily, action: str) -> str:
+def tool_name(backend: IptablesBackend, family: IPFamily, action: str) -> str:
     """`iptables-nft-save`, `ip6tables-legacy-restore`, …"""
     return f"{'iptables' if family is IPFamily.V4 else 'ip6tables'}-{backend.value}-{action}"
 
@@ -188,12 +189,12 @@ def tool_name(backend: Backend, family: IPFamily, action: str) -> str:
 class Host:
     """Which iptables to drive, in which network namespace (None: the caller's), with which runner."""
 
-    backend: Backend
+    backend: IptablesBackend
     netns: str | None = None
     runner: Runner = field(default_factory=SubprocessRunner)
 
     def argv(self, family: IPFamily, action: str, *args: str) -> tuple[str, ...]:
-        return in_netns(self.netns, (tool_name(self.backend, family, action), *args))
+        return exec_argv(self.netns, (tool_name(self.backend, family, action), *args))
 
     def run(self, family: IPFamily, action: str, *args: str, input: str | None = None) -> Completed:
         return self.runner.run(self.argv(family, action, *args), input)
@@ -214,7 +215,7 @@ _RULE_LINE = re.compile(r"^-A ", re.MULTILINE)
 _KUBE_RULE_LINE = re.compile(r"^-A \S+ .*KUBE-|^-A KUBE-", re.MULTILINE)
 
 
-def choose_backend(nft_mangle: str, legacy_all: str, nft_all: str) -> Backend:
+def choose_backend(nft_mangle: str, legacy_all: str, nft_all: str) -> IptablesBackend:
     """Pick the backend the host's rules live in, from iptables-save outputs (v4 and v6 joined).
 
     The order of iptables-wrappers (kubernetes-sigs), which kube-proxy's image uses:
@@ -224,17 +225,19 @@ def choose_backend(nft_mangle: str, legacy_all: str, nft_all: str) -> Backend:
     3. else where more rules of any kind are; a tie (typically: none anywhere) → nft, today's default.
     """
     if _KUBELET_CHAINS.search(nft_mangle):
-        return Backend.NFT
+        return IptablesBackend.NFT
     if _KUBELET_CHAINS.search(legacy_all):
-        return Backend.LEGACY
+        return IptablesBackend.LEGACY
     for pattern in (_KUBE_RULE_LINE, _RULE_LINE):
         legacy, nft = len(pattern.findall(legacy_all)), len(pattern.findall(nft_all))
         if legacy != nft:
-            return Backend.LEGACY if legacy > nft else Backend.NFT
-    return Backend.NFT
+            return IptablesBackend.LEGACY if legacy > nft else IptablesBackend.NFT
+    return IptablesBackend.NFT
 
 
-def detect_backend(runner: Runner | None = None, netns: str | None = None, override: str | None = None) -> Backend:
+def detect_backend(
+    runner: Runner | None = None, netns: str | None = None, override: str | None = None
+) -> IptablesBackend:
     """The backend to use: `override` ("nft" or "legacy") if given, else `choose_backend`'s pick.
 
     Legacy is read without `-t`: `iptables-legacy-save -t mangle` would create the table. A tool
@@ -242,22 +245,22 @@ def detect_backend(runner: Runner | None = None, netns: str | None = None, overr
     """
     if override not in (None, "auto"):
         try:
-            return Backend(override)
+            return IptablesBackend(override)
         except ValueError:
             raise ValueError(f"iptables backend must be nft, legacy or auto, not {override!r}") from None
     runner = runner or SubprocessRunner()
 
-    def save(backend: Backend, *args: str) -> str:
+    def save(backend: IptablesBackend, *args: str) -> str:
         out = []
         for family in IPFamily:
-            result = runner.run(in_netns(netns, (tool_name(backend, family, "save"), *args)))
+            result = runner.run(exec_argv(netns, (tool_name(backend, family, "save"), *args)))
             out.append(result.stdout if result.returncode == 0 else "")
         return "".join(out)
 
-    nft_mangle = save(Backend.NFT, "-t", "mangle")
+    nft_mangle = save(IptablesBackend.NFT, "-t", "mangle")
     if _KUBELET_CHAINS.search(nft_mangle):
-        return Backend.NFT  # the common case today: two commands and done
-    return choose_backend(nft_mangle, save(Backend.LEGACY), save(Backend.NFT))
+        return IptablesBackend.NFT  # the common case today: two commands and done
+    return choose_backend(nft_mangle, save(IptablesBackend.LEGACY), save(IptablesBackend.NFT))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -309,7 +312,7 @@ def _prepare(host: Host, p: Plan, edits: Sequence[TableEdit], first_line: int = 
         block = edit.render()
         lines.append(block[0])
         origin.append(number)
-        if host.backend is Backend.NFT and len(block) > _NFT_PRELUDE_FROM:
+        if host.backend is IptablesBackend.NFT and len(block) > _NFT_PRELUDE_FROM:
             table = p.before.table(edit.table)
             prelude = ["-S"] + [
                 f":{name} {table.chains[name].policy if name in table.chains else 'ACCEPT'} [0:0]"
@@ -379,7 +382,7 @@ def enable_route_localnet(host: Host) -> None:
     The sysctl belongs to the (network namespace of the) node and outlives our process, as with
     kube-proxy; it is set on every first or full sync whose rules serve localhost NodePorts.
     """
-    argv = in_netns(host.netns, ("sysctl", "-q", "-w", "net.ipv4.conf.all.route_localnet=1"))
+    argv = exec_argv(host.netns, ("sysctl", "-q", "-w", "net.ipv4.conf.all.route_localnet=1"))
     result = host.runner.run(argv)
     if result.returncode != 0:
         raise CommandError(argv, result)

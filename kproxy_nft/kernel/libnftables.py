@@ -8,7 +8,7 @@ of it one atomic transaction, with `nft_run_cmd_from_buffer`.
 Network namespaces: libnftables 1.0.6 opens its netlink socket in `nft_ctx_new`, and a socket
 belongs to the namespace it was created in: a context made in the root namespace keeps
 acting there even if the thread moves later (measured). So for `netns` the thread enters
-`/run/netns/<netns>` with `setns(2)` to create the context, and again around each call in
+the namespace (`netns.entered`, setns(2)) to create the context, and again around each call in
 case the library reopens its socket; it returns to its own namespace afterwards (the `nft`
 fallback runs as `ip netns exec`). Only the calling thread moves, never other threads.
 
@@ -20,16 +20,13 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import os
 import threading
-from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
+from kproxy_nft.kernel.netns import entered
 from kproxy_nft.kernel.runner import Completed
 
 LIBRARY = "libnftables.so.1"
-NETNS_DIR = Path("/run/netns")
 
 # Output flags of libnftables.h (enum nft_ctx_output_flags); the same bits as `nft -j/-t/-y`.
 OUTPUT_HANDLE = 1 << 3
@@ -37,7 +34,6 @@ OUTPUT_JSON = 1 << 4
 OUTPUT_NUMERIC_PRIO = 1 << 8
 OUTPUT_TERSE = 1 << 11
 
-CLONE_NEWNET = 0x40000000
 
 
 class LibnftablesUnavailable(RuntimeError):
@@ -72,15 +68,6 @@ def _load() -> ctypes.CDLL:
     return lib
 
 
-_libc = ctypes.CDLL(None, use_errno=True)  # setns(2): os.setns only exists from Python 3.12
-
-
-def _setns(fd: int) -> None:
-    if _libc.setns(fd, CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"setns: {os.strerror(err)}")
-
-
 _lib: ctypes.CDLL | None = None
 _lib_lock = threading.Lock()
 
@@ -100,30 +87,6 @@ def available() -> bool:
     except LibnftablesUnavailable:
         return False
     return True
-
-
-@contextlib.contextmanager
-def entered_netns(netns: str | None) -> Iterator[None]:
-    """Run the body with this thread inside network namespace `netns` (no-op for None)."""
-    if netns is None:
-        yield
-        return
-    if "/" in netns or netns in ("", ".", ".."):
-        raise ValueError(f"not a network namespace name: {netns!r}")
-    # thread-self: setns moves only this thread, so that is the namespace to come back to.
-    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        target = os.open(NETNS_DIR / netns, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            _setns(target)
-        finally:
-            os.close(target)
-        try:
-            yield
-        finally:
-            _setns(home)
-    finally:
-        os.close(home)
 
 
 @dataclass(frozen=True)
@@ -158,7 +121,7 @@ class Nftables:
         self.netns = netns
         self._lib = library()
         self._lock = threading.Lock()
-        with entered_netns(netns):
+        with entered(netns):
             ctx = self._lib.nft_ctx_new(0)  # NFT_CTX_DEFAULT
         if not ctx:
             raise LibnftablesUnavailable("nft_ctx_new failed")
@@ -174,7 +137,7 @@ class Nftables:
                 raise RuntimeError("libnftables context already closed")
             self._lib.nft_ctx_output_set_flags(ctx, output.flags)
             self._lib.nft_ctx_set_dry_run(ctx, dry_run)
-            with entered_netns(self.netns):
+            with entered(self.netns):
                 rc = self._lib.nft_run_cmd_from_buffer(ctx, commands.encode())
             # Reading a buffer hands over its contents and resets it for the next command.
             out = self._lib.nft_ctx_get_output_buffer(ctx) or b""

@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from kproxy_nft.kernel import libnftables
-from kproxy_nft.kernel.runner import Completed, Runner, SubprocessRunner, in_netns
+from kproxy_nft.kernel.netns import exec_argv
+from kproxy_nft.kernel.runner import Completed, Runner, SubprocessRunner
 
 NFT = "nft"
 
@@ -69,8 +70,8 @@ class CommandTransport:
         if "\n" not in command and any(on for _, on in chosen):
             # A listing goes on the command line: with -j, `nft -f` would parse its input as JSON.
             # Our listing commands are plain words (table, set and chain names), no quoting.
-            return self.runner.run(in_netns(self.netns, [NFT, *flags, *command.split()]))
-        return self.runner.run(in_netns(self.netns, [NFT, *flags, "-f", "-"]), input=commands)
+            return self.runner.run(exec_argv(self.netns, [NFT, *flags, *command.split()]))
+        return self.runner.run(exec_argv(self.netns, [NFT, *flags, "-f", "-"]), input=commands)
 
     def close(self) -> None:
         pass

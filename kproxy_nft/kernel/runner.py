@@ -3,13 +3,11 @@
 Every command the backends run goes through a `Runner` (`run(argv, input) -> Completed`), so
 unit tests substitute a fake that records the exact argv and stdin and answers like the real
 tools (the idea of knftables' exec.go); `SubprocessRunner` is the real one. Commands are
-argument lists, never shell strings. `in_netns` prefixes `ip netns exec NS` when a namespace is
-given, which is how tests and the lab point the backends at a throwaway namespace.
+argument lists, never shell strings. `netns.exec_argv` wraps a command for a namespace.
 """
 
 from __future__ import annotations
 
-import re
 import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -45,19 +43,6 @@ class SubprocessRunner:
         except FileNotFoundError as e:
             return Completed(127, "", f"{argv[0]}: {e.strerror}")
         return Completed(proc.returncode, proc.stdout, proc.stderr)
-
-
-_NETNS_NAME = re.compile(r"[A-Za-z0-9_.][A-Za-z0-9_.-]*")
-
-
-def in_netns(netns: str | None, argv: Sequence[str]) -> tuple[str, ...]:
-    """argv to run inside network namespace `netns` (as is when None)."""
-    if netns is None:
-        return tuple(argv)
-    # `ip netns exec` resolves the name under /run/netns: refuse anything path-like.
-    if not _NETNS_NAME.fullmatch(netns) or netns in (".", ".."):
-        raise ValueError(f"not a network namespace name: {netns!r}")
-    return ("ip", "netns", "exec", netns, *argv)
 
 
 def kernel_has_ipv6() -> bool:

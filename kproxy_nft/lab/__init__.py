@@ -16,13 +16,13 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .lab import Attachment, CommandError, Lab, NetlabError, ProbeLoop
+    from .lab import Attachment, Lab, LabCommandError, NetlabError, ProbeLoop
     from .result import ERROR_KINDS, Attempt, ProbeResult
     from .specs import NODE, Addressing, ClientSpec, PodSpec
 
 _EXPORTS = {
     "Attachment": "lab",
-    "CommandError": "lab",
+    "LabCommandError": "lab",
     "Lab": "lab",
     "NetlabError": "lab",
     "ProbeLoop": "lab",
@@ -42,7 +42,7 @@ __all__ = [
     "Attachment",
     "Attempt",
     "ClientSpec",
-    "CommandError",
+    "LabCommandError",
     "Lab",
     "NetlabError",
     "PodSpec",

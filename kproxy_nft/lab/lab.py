@@ -52,10 +52,12 @@ from pathlib import Path
 from types import FrameType, TracebackType
 from typing import IO, Any
 
+from kproxy_nft.kernel.netns import exec_argv
+from kproxy_nft.kernel.netns import existing as netns_names
+
 from .result import ProbeResult
 from .specs import NODE, Addressing, ClientSpec, PodSpec
 
-NETNS_DIR = Path("/var/run/netns")
 PREFIX = "kpn-"
 UPLINK = "uplink0"  # node-side veth towards the wan namespace
 
@@ -98,7 +100,7 @@ class NetlabError(RuntimeError):
     """A lab could not be built, a helper process failed, or cleanup was incomplete."""
 
 
-class CommandError(subprocess.CalledProcessError):
+class LabCommandError(subprocess.CalledProcessError):
     """``CalledProcessError`` whose message includes the command's stderr."""
 
     def __str__(self) -> str:
@@ -152,15 +154,8 @@ def _default_route(ipr: Any, index: int, gateway: str, prefsrc: str | None = Non
     ipr.route("add", dst=default, gateway=gateway, oif=index, family=family, **extra)
 
 
-def _existing_netns() -> set[str]:
-    try:
-        return set(os.listdir(NETNS_DIR))
-    except FileNotFoundError:
-        return set()
-
-
 def _fresh_run_id() -> str:
-    existing = _existing_netns()
+    existing = netns_names()
     for _ in range(100):
         rid = secrets.token_hex(2)
         if not any(ns.startswith(f"{PREFIX}{rid}-") for ns in existing):
@@ -486,7 +481,7 @@ class Lab:
     def _build(self) -> None:
         from pyroute2 import IPRoute, netns
 
-        existing = _existing_netns()
+        existing = netns_names()
         clash = [ns for ns in existing if ns.startswith(self.prefix)]
         if clash:
             raise NetlabError(f"run id {self.run_id} already in use by {clash}")
@@ -500,7 +495,7 @@ class Lab:
             (
                 ns,
                 subprocess.Popen(  # noqa: S603
-                    [self.ip_cmd, "netns", "exec", ns, "sysctl", "-q", "-e", "-w", *keys],
+                    exec_argv(ns, ["sysctl", "-q", "-e", "-w", *keys]),
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.PIPE,
                     stdin=subprocess.DEVNULL,
@@ -570,7 +565,7 @@ class Lab:
         target = self.ns_of(ns)
         if target not in self._created:
             raise NetlabError(f"namespace {target} was not created by this lab")
-        return [self.ip_cmd, "netns", "exec", target, *argv]
+        return list(exec_argv(target, argv))
 
     def run_in(
         self,
@@ -586,7 +581,7 @@ class Lab:
             cmd, input=input, capture_output=True, text=True, timeout=timeout, check=False
         )
         if check and proc.returncode != 0:
-            raise CommandError(proc.returncode, cmd, proc.stdout, proc.stderr)
+            raise LabCommandError(proc.returncode, cmd, proc.stdout, proc.stderr)
         return proc
 
     def spawn(self, ns: str, argv: Sequence[str], **popen_kwargs: Any) -> subprocess.Popen[Any]:
@@ -691,7 +686,7 @@ class Lab:
             cmd, capture_output=True, text=True, timeout=budget, check=False
         )
         if proc.returncode != 0:
-            raise CommandError(proc.returncode, cmd, proc.stdout, proc.stderr)
+            raise LabCommandError(proc.returncode, cmd, proc.stdout, proc.stderr)
         return ProbeResult.from_json(proc.stdout.strip().splitlines()[-1])
 
     def start_probe_loop(

@@ -29,7 +29,16 @@ import pytest
 
 from kproxy_nft.compile.iptables import Ruleset, compile_ruleset
 from kproxy_nft.compile.nftables import compile_all
-from kproxy_nft.kernel.iptables import Backend, Host, Plan, RestoreError, apply_families, plan, read_state, tool_name
+from kproxy_nft.kernel.iptables import (
+    Host,
+    IptablesBackend,
+    Plan,
+    RestoreError,
+    apply_families,
+    plan,
+    read_state,
+    tool_name,
+)
 from kproxy_nft.kernel.iptables_plan import ChainChangeKind
 from kproxy_nft.kernel.nftables import NftablesBackend, NftablesError
 from kproxy_nft.model import IPFamily
@@ -90,7 +99,7 @@ FAILURES = {"busy-chain": busy_chain, "kernel-refusal": kernel_refusal, "parse-e
 def test_ipv4_is_reverted_when_ipv6_fails(netns: str, backend: str, failure: str) -> None:
     for family in FAMILIES:
         restore(netns, backend, family, FOREIGN[family])
-    host = Host(Backend(backend), netns)
+    host = Host(IptablesBackend(backend), netns)
     apply_both(host, rulesets(3))
     plans = [plan(rules, read_state(host, rules.family)) for rules in rulesets(2)]  # one service goes
     assert all(not p.is_empty for p in plans)
@@ -100,14 +109,14 @@ def test_ipv4_is_reverted_when_ipv6_fails(netns: str, backend: str, failure: str
         apply_families(host, plans)
     assert both_saved(netns, backend) == before
     error = caught.value
-    assert error.tool == tool_name(Backend(backend), IPFamily.V6, "restore")
+    assert error.tool == tool_name(IptablesBackend(backend), IPFamily.V6, "restore")
     assert error.kernel_unchanged, str(error)
     assert "IPv4 reverted" in str(error) and "\n" not in str(error)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_both_families_apply_when_nothing_fails(netns: str, backend: str) -> None:
-    host = Host(Backend(backend), netns)
+    host = Host(IptablesBackend(backend), netns)
     apply_both(host, rulesets(3))
     apply_both(host, rulesets(2))
     for rules in rulesets(2):
@@ -175,7 +184,7 @@ def test_cli_apply_whose_ipv6_restore_fails_exits_2_with_both_families_unchanged
     write_manifests(manifests, 0)
     first = cli_apply(netns, backend, manifests)
     assert first.returncode == 1, first.stdout + first.stderr  # changes applied
-    tool = tool_name(Backend(backend), IPFamily.V6, "restore")
+    tool = tool_name(IptablesBackend(backend), IPFamily.V6, "restore")
     real = shutil.which(tool)
     assert real is not None
     bin_dir = tmp_path / "bin"

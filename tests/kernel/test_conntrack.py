@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from kproxy_nft.kernel.conntrack import ConntrackCleaner, list_flows
-from kproxy_nft.kernel.libnftables import entered_netns
+from kproxy_nft.kernel.netns import entered
 from kproxy_nft.lab import ClientSpec, Lab, PodSpec
 from kproxy_nft.model import ClusterState, Endpoint, IPFamily, NodeContext, Protocol, ServicePort, ServicePortName
 from kproxy_nft.proxier import Proxier
@@ -60,7 +60,7 @@ def backend(request: pytest.FixtureRequest, lab: Lab) -> Proxier:
 @pytest.fixture
 def client(lab: Lab) -> Iterator[socket.socket]:
     """One UDP socket inside the client namespace, connected to the VIP: one source port throughout."""
-    with entered_netns(lab.client_ns(CLIENT.name)):
+    with entered(lab.client_ns(CLIENT.name)):
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # created here, it stays in that namespace
     try:
         sock.settimeout(0.5)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import pytest
 
 from kproxy_nft.compile.iptables import Ruleset, compile_ruleset
-from kproxy_nft.kernel.iptables import Backend, Host, RestoreError, Syncer, apply, cleanup, plan, read_state
+from kproxy_nft.kernel.iptables import Host, IptablesBackend, RestoreError, Syncer, apply, cleanup, plan, read_state
 from kproxy_nft.kernel.iptables_rule import canonical
 from kproxy_nft.kernel.iptables_text import strip_comments
 from kproxy_nft.lab.synthetic import synthetic_cluster, synthetic_endpoints, synthetic_name
@@ -104,7 +104,7 @@ def test_apply_read_back_plan_is_empty_through_a_series_of_rulesets(
     netns: str, backend: str, family: IPFamily
 ) -> None:
     restore(netns, backend, family, FOREIGN[family])
-    host = Host(Backend(backend), netns)
+    host = Host(IptablesBackend(backend), netns)
     series = [
         examples_ruleset(family),
         compile_ruleset(variant_state(), NODE_CIDR, family),
@@ -118,7 +118,7 @@ def test_apply_read_back_plan_is_empty_through_a_series_of_rulesets(
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_an_endpoint_change_rewrites_only_that_services_chains(netns: str, backend: str) -> None:
-    host = Host(Backend(backend), netns)
+    host = Host(IptablesBackend(backend), netns)
     node = NodeContext(cluster_cidrs=("10.0.0.0/8",))
     state = synthetic_cluster(20, 3)
     sync(host, compile_ruleset(state, node))
@@ -140,7 +140,7 @@ def test_a_large_payload_goes_through_with_the_nft_cache_prelude(netns: str, bac
     if foreign:
         restore(netns, backend, IPFamily.V4, FOREIGN[IPFamily.V4])
     before = {t: saved(netns, backend, IPFamily.V4, "-t", t) for t in ("filter", "nat")}
-    host = Host(Backend(backend), netns)
+    host = Host(IptablesBackend(backend), netns)
     desired = many_services(400)
     assert len(plan(desired, read_state(host)).edits[0].lines) > 5000
     sync(host, desired)
@@ -157,7 +157,7 @@ def test_a_large_payload_goes_through_with_the_nft_cache_prelude(netns: str, bac
 def test_foreign_rules_survive_apply_and_cleanup(netns: str, backend: str) -> None:
     restore(netns, backend, IPFamily.V4, FOREIGN[IPFamily.V4])
     before = {t: saved(netns, backend, IPFamily.V4, "-t", t) for t in ("filter", "nat")}
-    host = Host(Backend(backend), netns)
+    host = Host(IptablesBackend(backend), netns)
     sync(host, examples_ruleset())
     nat = saved(netns, backend, IPFamily.V4, "-t", "nat")
     for line in before["nat"].splitlines():
@@ -190,7 +190,7 @@ INJECTIONS = {
 @pytest.mark.parametrize("injection", sorted(INJECTIONS))
 def test_a_failing_restore_leaves_iptables_save_byte_identical(netns: str, backend: str, injection: str) -> None:
     restore(netns, backend, IPFamily.V4, FOREIGN[IPFamily.V4])
-    host = Host(Backend(backend), netns)
+    host = Host(IptablesBackend(backend), netns)
     first, second = two_table_change()
     sync(host, first)
     before = saved(netns, backend)
@@ -212,7 +212,7 @@ def test_a_failing_restore_leaves_iptables_save_byte_identical(netns: str, backe
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_failing_single_table_restore_changes_nothing(netns: str, backend: str) -> None:
-    host = Host(Backend(backend), netns)
+    host = Host(IptablesBackend(backend), netns)
     node = NodeContext(cluster_cidrs=("10.0.0.0/8",))
     state = synthetic_cluster(5, 2)
     sync(host, compile_ruleset(state, node))
@@ -231,7 +231,7 @@ def test_localhost_nodeports_turn_route_localnet_on_even_over_kubelets_chain(net
     already exists (a pre-1.27 kubelet wrote it): our first sync must not skip it."""
     run_in(netns, [f"iptables-{backend}", "-N", "KUBE-FIREWALL"])
     run_in(netns, ["sysctl", "-q", "-w", "net.ipv4.conf.all.route_localnet=0"])
-    host = Host(Backend(backend), netns)
+    host = Host(IptablesBackend(backend), netns)
     node = NodeContext(hostname="node1", localhost_nodeports=True)
     Syncer(host).sync(compile_ruleset(synthetic_cluster(3, 2), node))
     assert run_in(netns, ["sysctl", "-n", "net.ipv4.conf.all.route_localnet"]).stdout.strip() == "1"
