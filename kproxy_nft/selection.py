@@ -23,6 +23,15 @@ from dataclasses import dataclass
 from kproxy_nft.model import Endpoint, IPFamily, NodeContext, ServicePort, TrafficPolicy
 
 
+def endpoints_of_family(endpoints: Iterable[Endpoint], family: IPFamily) -> tuple[Endpoint, ...]:
+    """The endpoints a `family` proxier sees (kube-proxy's per-family endpoints), in order.
+
+    Both compilers take a service port's endpoints of both families and call this first.
+    """
+    v6 = family is IPFamily.V6  # `ep.family`, inlined: it runs once per endpoint on the hot path
+    return tuple(ep for ep in endpoints if (":" in ep.ip) is v6)
+
+
 @dataclass(frozen=True)
 class EndpointSelection:
     """The endpoint sets of one service port; each tuple is in `ip:port` order."""

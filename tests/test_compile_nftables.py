@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from kproxy_nft.compile.memo import FragmentMemo
 from kproxy_nft.compile.nftables import (
     CLUSTER_IPS,
     FIREWALL_IPS,
@@ -20,6 +21,7 @@ from kproxy_nft.compile.nftables import (
     SERVICE_IPS,
     SERVICE_NODEPORTS,
     Ruleset,
+    ServiceFragment,
     _nft_duration,
     compile_all,
     compile_ruleset,
@@ -144,11 +146,33 @@ def test_ipv6_goes_to_the_ip6_table_only() -> None:
     assert lb is not None and lb.rules[0] == "ip6 saddr != fd00::/64 jump mark-for-masquerade"
 
 
-def test_fragments_are_memoized_so_unchanged_services_are_the_same_object() -> None:
+def test_a_memo_gives_unchanged_services_the_same_fragment_object() -> None:
     state = synthetic_cluster(50, 3)
-    first = compile_ruleset(state, NODE)
-    second = compile_ruleset(state, NODE)
+    memo: FragmentMemo[ServiceFragment] = FragmentMemo()
+    first = compile_ruleset(state, NODE, memo=memo)
+    second = compile_ruleset(state, NODE, memo=memo)
     assert all(first.fragments[n] is second.fragments[n] for n in first.fragments)
+    # Equal inputs in new objects (an update that changed nothing) count as unchanged too.
+    copied = ClusterState(
+        {n: dataclasses.replace(s) for n, s in state.services.items()},
+        {n: tuple(dataclasses.replace(ep) for ep in eps) for n, eps in state.endpoints.items()},
+    )
+    third = compile_ruleset(copied, NODE, memo=memo)
+    assert all(first.fragments[n] is third.fragments[n] for n in first.fragments)
+
+
+def test_a_memo_holds_only_the_last_compile_and_no_memo_holds_nothing() -> None:
+    state = synthetic_cluster(50, 3)
+    memo: FragmentMemo[ServiceFragment] = FragmentMemo()
+    compile_ruleset(state, NODE, memo=memo)
+    assert len(memo) == 50
+    kept = dict(list(state.services.items())[:10])
+    compile_ruleset(ClusterState(kept, state.endpoints), NODE, memo=memo)
+    assert len(memo) == 10
+    # Without a memo nothing is kept: equal fragments, but compiled afresh.
+    a, b = compile_ruleset(state, NODE), compile_ruleset(state, NODE)
+    assert a == b
+    assert not any(a.fragments[n] is b.fragments[n] for n in a.fragments)
 
 
 def test_shared_hairpin_pairs_are_listed_once() -> None:

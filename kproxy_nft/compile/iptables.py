@@ -19,8 +19,9 @@ included, so that `iptables-save` on a kproxy-nft node reads like one running ku
            KUBE-PROXY-FIREWALL  DROP what KUBE-FW- did not let through; KUBE-NODEPORTS  ACCEPT
                             health-check node ports; KUBE-FIREWALL  localhost NodePorts' anti-martian rule
 
-Service ports are compiled one at a time into memoized fragments (`compile_service_port`), so
-an agent's partial sync recompiles only what changed (`update_fragments`, `assemble_ruleset`).
+Service ports are compiled one at a time into fragments (`compile_service_port`), so an
+agent's partial sync recompiles only what changed (`update_fragments`, `assemble_ruleset`), and
+its full syncs reuse unchanged ones (a `compile.memo.FragmentMemo` the agent keeps).
 
 Chain names hash like kube-proxy's: `KUBE-SVC-` + base32(sha256(servicePortName + protocol))[:16].
 
@@ -39,6 +40,7 @@ from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 
 from kproxy_nft.compile import render
+from kproxy_nft.compile.memo import FragmentMemo, compile_with
 from kproxy_nft.compile.render import quote
 from kproxy_nft.model import (
     ClusterState,
@@ -50,7 +52,7 @@ from kproxy_nft.model import (
     TrafficPolicy,
     sort_key,
 )
-from kproxy_nft.selection import categorize_endpoints
+from kproxy_nft.selection import categorize_endpoints, endpoints_of_family
 
 # Chains shared by all services (kube-proxy's names; several are filled in by later features).
 KUBE_SERVICES = "KUBE-SERVICES"
@@ -255,8 +257,8 @@ def builtin_jumps() -> tuple[BuiltinJump, ...]:
 class ServiceRules:
     """Everything one service port contributes: its own chains and its lines in shared chains.
 
-    Compiled per service port and memoized, so a sync in which one service changed compiles
-    one service; the shared chains (KUBE-SERVICES, KUBE-NODEPORTS, KUBE-EXTERNAL-SERVICES,
+    Compiled per service port, so a sync in which one service changed compiles one service;
+    the shared chains (KUBE-SERVICES, KUBE-NODEPORTS, KUBE-EXTERNAL-SERVICES,
     KUBE-PROXY-FIREWALL) are assembled from these fragments in service order.
     """
 
@@ -342,7 +344,6 @@ def _local_only_target(has_endpoints: bool, text: str) -> tuple[str, str]:
     return "DROP", comment(f"{text} has no local endpoints")
 
 
-@functools.lru_cache(maxsize=1 << 16)
 def compile_service_port(
     svc: ServicePort, endpoints: tuple[Endpoint, ...], node: NodeContext, family: IPFamily
 ) -> ServiceRules:
@@ -354,11 +355,10 @@ def compile_service_port(
     traffic has no endpoint to go to.
     """
     # The rules are made of these values: refuse any outside its grammar (render.UnsafeValue),
-    # whatever validation let through. Memoized with the rest.
+    # whatever validation let through.
     render.service_port(svc)
     render.node(node)
-    v6 = family is IPFamily.V6  # `ep.family`, inlined: two calls per endpoint, on the hot path
-    endpoints = render.endpoints(tuple(ep for ep in endpoints if (":" in ep.ip) is v6))
+    endpoints = render.endpoints(endpoints_of_family(endpoints, family))
     name = svc.name
     cluster_ip = svc.cluster_ip(family)
     if cluster_ip is None:
@@ -554,17 +554,30 @@ def compile_ruleset(state: ClusterState, node: NodeContext, family: IPFamily = I
 Fragments = dict[ServicePortName, ServiceRules]  # in service-port order
 
 
-def compile_fragments(state: ClusterState, node: NodeContext, family: IPFamily) -> Fragments:
-    """Every service port's rules, in the order they appear in the shared chains."""
+def compile_fragments(
+    state: ClusterState, node: NodeContext, family: IPFamily, memo: FragmentMemo[ServiceRules] | None = None
+) -> Fragments:
+    """Every service port's rules, in the order they appear in the shared chains.
+
+    With a `memo` (an agent's, kept across syncs), unchanged service ports are not recompiled.
+    """
     services, endpoints = state.services, state.endpoints
-    return {
-        name: compile_service_port(services[name], endpoints.get(name, ()), node, family)
+    fragments = {
+        name: compile_with(memo, compile_service_port, services[name], endpoints.get(name, ()), node, family)
         for name in sorted(services, key=sort_key)
     }
+    if memo is not None:
+        memo.retain(fragments, family)
+    return fragments
 
 
 def update_fragments(
-    previous: Fragments, state: ClusterState, node: NodeContext, family: IPFamily, changed: Collection[ServicePortName]
+    previous: Fragments,
+    state: ClusterState,
+    node: NodeContext,
+    family: IPFamily,
+    changed: Collection[ServicePortName],
+    memo: FragmentMemo[ServiceRules] | None = None,
 ) -> Fragments:
     """`compile_fragments(state, node, family)` in O(changed), for an agent's partial sync.
 
@@ -578,9 +591,11 @@ def update_fragments(
         svc = state.services.get(name)
         if svc is None:
             fragments.pop(name, None)
+            if memo is not None:
+                memo.forget(name, family)
             continue
         added = added or name not in fragments
-        fragments[name] = compile_service_port(svc, state.endpoints_of(name), node, family)
+        fragments[name] = compile_with(memo, compile_service_port, svc, state.endpoints_of(name), node, family)
     if added:
         fragments = {name: fragments[name] for name in sorted(fragments, key=sort_key)}
     return fragments

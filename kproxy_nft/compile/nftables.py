@@ -98,6 +98,7 @@ from types import MappingProxyType
 from typing import NamedTuple
 
 from kproxy_nft.compile import render
+from kproxy_nft.compile.memo import FragmentMemo, compile_with
 from kproxy_nft.model import (
     ClusterState,
     Endpoint,
@@ -109,7 +110,7 @@ from kproxy_nft.model import (
     TrafficPolicy,
     ip_family,
 )
-from kproxy_nft.selection import EndpointSelection, categorize_endpoints
+from kproxy_nft.selection import EndpointSelection, categorize_endpoints, endpoints_of_family
 
 TABLE = "kproxy-nft"
 TABLE_COMMENT = "kproxy-nft: Kubernetes service rules"
@@ -282,9 +283,9 @@ class ServiceFragment:
 
     `elements` are its map and set elements, `shared_chains` the names of the shared chains it
     points at (`lb-…`, `affinity-…`: generated once for all users), `chains` the chains it owns
-    (external and firewall chains, created and deleted with it). Memoized per service port
-    (`compile_service_port`), so the fragment of an unchanged service is the *same object* from
-    sync to sync and the backend can skip it by identity.
+    (external and firewall chains, created and deleted with it). An agent's compiles keep
+    fragments in a `FragmentMemo`, so the fragment of an unchanged service is the *same object*
+    from sync to sync and the planner skips it by identity.
     """
 
     name: ServicePortName
@@ -636,16 +637,15 @@ def _of_family(ips: Iterable[str], family: IPFamily) -> list[str]:
     return [_nft_ip(ip) for ip in dict.fromkeys(ips) if ip_family(ip) is family]
 
 
-@functools.lru_cache(maxsize=1 << 18)
 def compile_service_port(
     svc: ServicePort, endpoints: tuple[Endpoint, ...], node: NodeContext, family: IPFamily
 ) -> ServiceFragment:
-    """The elements and chains of one service port (`endpoints` already of `family`)."""
+    """The elements and chains of one service port for one family (other-family endpoints ignored)."""
     # The rules are made of these values: refuse any outside its grammar (render.UnsafeValue),
-    # whatever validation let through. Memoized with the rest.
+    # whatever validation let through.
     render.service_port(svc)
     render.node(node)
-    endpoints = render.endpoints(endpoints)
+    endpoints = render.endpoints(endpoints_of_family(endpoints, family))
     name = svc.name
     cluster_ip = svc.cluster_ip(family)
     if cluster_ip is None:
@@ -738,44 +738,41 @@ def compile_service_port(
     return ServiceFragment(name, tuple(elements), frozenset(shared), target, tuple(chains))
 
 
-# Identity memo in front of `compile_service_port` (see `compile_ruleset`).
-_SAME_INPUTS: dict[
-    tuple[int, int, int, bool], tuple[ServicePort, tuple[Endpoint, ...], NodeContext, ServiceFragment]
-] = {}
-_SAME_INPUTS_MAX = 1 << 18
+def compile_ruleset(
+    state: ClusterState,
+    node: NodeContext,
+    family: IPFamily = IPFamily.V4,
+    memo: FragmentMemo[ServiceFragment] | None = None,
+) -> Ruleset:
+    """The desired table of one family, deterministic for any input order.
 
-
-def compile_ruleset(state: ClusterState, node: NodeContext, family: IPFamily = IPFamily.V4) -> Ruleset:
-    """The desired table of one family, deterministic for any input order."""
+    With a `memo` (an agent's, kept across syncs), unchanged service ports are not recompiled.
+    """
     fragments: dict[ServicePortName, ServiceFragment] = {}
     needed: set[str] = set()
-    v6 = family is IPFamily.V6
-    memo = _SAME_INPUTS
-    if len(memo) > _SAME_INPUTS_MAX:
-        memo.clear()
     # Sorted by plain fields: Protocol is a StrEnum, so it compares as text without the (slow,
     # in 3.11) enum `.value` lookup that `model.sort_key` makes.
     for name in sorted(state.services, key=lambda n: (n.namespace, n.name, n.port, n.protocol)):
-        svc = state.services[name]
-        raw = state.endpoints_of(name)
-        # The same objects as last sync (an agent keeps unchanged ones): skip filtering and the
-        # lru_cache's hashing of every endpoint. The entry holds the objects, so ids stay valid.
-        key = (id(svc), id(raw), id(node), v6)
-        hit = memo.get(key)
-        if hit is not None and hit[0] is svc and hit[1] is raw and hit[2] is node:
-            fragment = hit[3]
-        else:
-            endpoints = tuple(ep for ep in raw if (":" in ep.ip) is v6)
-            fragment = compile_service_port(svc, endpoints, node, family)
-            memo[key] = (svc, raw, node, fragment)
+        svc, endpoints = state.services[name], state.endpoints_of(name)
+        fragment = compile_with(memo, compile_service_port, svc, endpoints, node, family)
         fragments[name] = fragment
         needed.update(fragment.shared_chains)
-    generated = tuple(generated_chain(chain, family, node) for chain in sorted(needed, key=_chain_order))
-    return Ruleset(family, declarations(family), fixed_chains(family, node) + generated, fragments)
+    if memo is not None:
+        memo.retain(fragments, family)
+    chains = fixed_chains(family, node) + _generated_chains(needed, family, node)
+    return Ruleset(family, declarations(family), chains, fragments)
+
+
+def _generated_chains(needed: Iterable[str], family: IPFamily, node: NodeContext) -> tuple[Chain, ...]:
+    return tuple(generated_chain(chain, family, node) for chain in sorted(needed, key=_chain_order))
 
 
 def update_ruleset(
-    previous: Ruleset, state: ClusterState, node: NodeContext, changed: Collection[ServicePortName]
+    previous: Ruleset,
+    state: ClusterState,
+    node: NodeContext,
+    changed: Collection[ServicePortName],
+    memo: FragmentMemo[ServiceFragment] | None = None,
 ) -> Ruleset:
     """`compile_ruleset(state, node, previous.family)` in O(changed), for an agent's partial sync.
 
@@ -786,7 +783,6 @@ def update_ruleset(
     until the next full compile: the backend keeps those until its next full sync anyway.
     """
     family = previous.family
-    v6 = family is IPFamily.V6
     # The proxy's copy() is its dict's copy(): no re-hashing of 10,000 names (dict() of a
     # mappingproxy would call every key's __hash__).
     fragments: dict[ServicePortName, ServiceFragment] = previous.fragments.copy()  # type: ignore[attr-defined]
@@ -796,20 +792,23 @@ def update_ruleset(
         svc = state.services.get(name)
         if svc is None:
             fragments.pop(name, None)
+            if memo is not None:
+                memo.forget(name, family)
             continue
-        endpoints = tuple(ep for ep in state.endpoints_of(name) if (":" in ep.ip) is v6)
-        fragment = compile_service_port(svc, endpoints, node, family)
+        fragment = compile_with(memo, compile_service_port, svc, state.endpoints_of(name), node, family)
         fragments[name] = fragment
         needed.update(fragment.shared_chains)
-    generated = tuple(generated_chain(chain, family, node) for chain in sorted(needed, key=_chain_order))
-    return Ruleset(family, previous.sets, fixed + generated, fragments)
+    return Ruleset(family, previous.sets, fixed + _generated_chains(needed, family, node), fragments)
 
 
 def compile_all(
-    state: ClusterState, node: NodeContext, families: Iterable[IPFamily] = (IPFamily.V4, IPFamily.V6)
+    state: ClusterState,
+    node: NodeContext,
+    families: Iterable[IPFamily] = (IPFamily.V4, IPFamily.V6),
+    memo: FragmentMemo[ServiceFragment] | None = None,
 ) -> tuple[Ruleset, ...]:
     """One ruleset per family (both by default: kube-proxy programs both in dual-stack)."""
-    return tuple(compile_ruleset(state, node, family) for family in families)
+    return tuple(compile_ruleset(state, node, family, memo) for family in families)
 
 
 def _chain_order(name: str) -> tuple[str, int, str]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from kproxy_nft.compile import iptables as compiler
+from kproxy_nft.compile.memo import FragmentMemo
 from kproxy_nft.kernel import iptables as kernel
 from kproxy_nft.kernel.iptables_plan import Plan, focus_of
 from kproxy_nft.kernel.iptables_text import render_save
@@ -38,6 +39,7 @@ class IptablesProxier(ProxierBase):
         self._drift = 0
         # The last synced fragments per family, and the node they were compiled for.
         self._fragments: tuple[dict[IPFamily, Fragments], NodeContext] | None = None
+        self._memo: FragmentMemo[compiler.ServiceRules] = FragmentMemo()  # across syncs: unchanged ports reused
 
     # -- the kernel side, opened on first use -----------------------------------------------
 
@@ -119,10 +121,10 @@ class IptablesProxier(ProxierBase):
                 # Only the changed service ports are recompiled and compared: O(changed), plus
                 # assembling the shared chains. The kernel's cost is another matter (see README).
                 old = previous[0][family]
-                fragments = compiler.update_fragments(old, state, self._node, family, changed)
+                fragments = compiler.update_fragments(old, state, self._node, family, changed, self._memo)
                 focus = focus_of(old, fragments, changed)
             else:
-                fragments = compiler.compile_fragments(state, self._node, family)
+                fragments = compiler.compile_fragments(state, self._node, family, self._memo)
             desired = compiler.assemble_ruleset(fragments.values(), self._node, family)
             if full and syncer.state is not None:
                 # A full sync reads the kernel back; if what it finds needs a different payload

@@ -8,6 +8,7 @@ backend compares only those (O(changed)); a full sync reads the tables back and 
 from __future__ import annotations
 
 from kproxy_nft.compile import nftables as compiler
+from kproxy_nft.compile.memo import FragmentMemo
 from kproxy_nft.kernel.nftables import NftablesBackend, Plan
 from kproxy_nft.kernel.runner import kernel_has_ipv6
 from kproxy_nft.model import ClusterState, IPFamily, NodeContext, ServicePortName
@@ -28,6 +29,7 @@ class NftablesProxier(ProxierBase):
         super().__init__(node, netns, families)
         self._backend: NftablesBackend | None = None
         self._desired: tuple[tuple[compiler.Ruleset, ...], NodeContext] | None = None  # last synced, and its node
+        self._memo: FragmentMemo[compiler.ServiceFragment] = FragmentMemo()  # across syncs: unchanged ports reused
 
     @property
     def backend(self) -> NftablesBackend:
@@ -72,11 +74,12 @@ class NftablesProxier(ProxierBase):
     def sync(self, state: ClusterState, full: bool, changed: frozenset[ServicePortName] | None = None) -> str:
         previous, self._desired = self._desired, None  # None again if this sync fails
         if full or changed is None or previous is None or previous[1] is not self._node:
-            desired = compiler.compile_all(state, self._node, self.families)
+            desired = compiler.compile_all(state, self._node, self.families, self._memo)
             hint = None
         else:
             # Only the changed service ports are recompiled and compared: O(changed), not O(cluster).
-            desired = tuple(compiler.update_ruleset(ruleset, state, self._node, changed) for ruleset in previous[0])
+            desired = tuple(compiler.update_ruleset(ruleset, state, self._node, changed, self._memo)
+                            for ruleset in previous[0])
             hint = changed
         p = self.backend.full_sync(desired) if full else self.backend.sync(desired, hint)
         self._desired = (desired, self._node)
