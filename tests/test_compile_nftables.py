@@ -27,6 +27,7 @@ from kproxy_nft.compile.nftables import (
     compile_ruleset,
     external_chain,
     firewall_chain,
+    ipv6_affinity_skipped,
     render_script,
     service_chain_base,
 )
@@ -397,3 +398,15 @@ def test_other_family_addresses_are_left_out() -> None:
     chain = v6.chain(external_chain(name))
     assert chain is not None
     assert chain.rules[-1] == "meta l4proto tcp dnat ip6 to numgen random mod 1 map { 0 : fd00::5 . 80 }"
+
+
+def test_ipv6_client_ip_affinity_is_left_out_of_the_ip6_table_only() -> None:
+    """nft 1.0.6 aborts on an ip6 dynamic map update (see `compile_service_port`): IPv4 keeps it."""
+    name = spn()
+    svc = dataclasses.replace(service(name, session_affinity_seconds=90), cluster_ips=("172.30.0.41", "fd00::41"))
+    state = ClusterState({name: svc}, {name: (endpoint("10.0.0.5"), endpoint("fd00::5"))})
+    v4, v6 = compile_all(state, NODE)
+    assert v4.elements()[SERVICE_IPS] == {"172.30.0.41 . tcp . 80": "goto lb-tcp-1-affinity"}
+    assert v6.elements()[SERVICE_IPS] == {"fd00::41 . tcp . 80": "goto lb-tcp-1"}
+    assert not any("update @affinity" in rule for chain in v6.all_chains() for rule in chain.rules)
+    assert ipv6_affinity_skipped(state) == [name]
