@@ -1,88 +1,21 @@
 """Pure compiler: ClusterState → desired nftables state, in a flat layout whose cost follows the change.
 
-kube-proxy's nftables mode (`pkg/proxy/nftables/proxier.go`) gives every service port a chain
-and every endpoint a chain, picked with `numgen random mod N vmap { i : goto endpoint-… }`.
-The kernel's transaction cost grows with the number of chains, so a 10,000-service cluster
-takes tens of seconds to load and every later sync ~0.5 s. Here the per-service data lives in
-*map elements* and the chains are shared, so a sync that changes one service touches only that
-service's elements:
-
-    services            ip daddr . meta l4proto . th dport vmap @service-ips
-                        <node-port addresses> meta l4proto . th dport vmap @service-nodeports
-    @service-ips        10.96.0.10 . tcp . 80 : goto lb-tcp-3          (one element per service port)
-                        192.0.2.7 . tcp . 80 : goto external-<HASH>-ns/web/tcp/http
-                                                                       (one per external / LB IP)
-    @service-nodeports  tcp . 30080 : goto external-<HASH>-ns/web/tcp/http
-    lb-tcp-3            [masquerade check]; dnat ip to ip daddr . tcp dport . numgen random mod 3
-                        map @backends-tcp                              (one chain per protocol and N)
-    @backends-tcp       10.96.0.10 . 80 . 0 : 10.1.0.47 . 80, … . 1 : …, … . 2 : …
-                                                                       (one element per endpoint)
-    external-<HASH>-…   the external traffic of one service port       (one chain per reachable port)
-
-Behaviour is kube-proxy's (the same `categorize_endpoints`, masquerade mark, names for the
-shared chains and maps), with these flat counterparts of its per-service chains:
-
-* ClusterIP: `@service-ips` → the shared `lb-<proto>-<N>`; masquerade of off-cluster sources
-  (or of all with masquerade_all) is a rule in each `lb-…` chain, since the condition is the
-  node's, not the service's; the mark is acted on in `masquerading` as in kube-proxy;
-* external traffic (NodePort, external IPs, LoadBalancer IPs) goes to a chain of the service
-  port's own, kube-proxy's `external-<HASH8>-<ns>/<name>/<proto>/<port>` (nft 1.0.6 takes and
-  lists `/` in chain names unquoted), because the keys of `@backends-*` are the destination
-  address and a node port may be reached on any local address. The chain holds the policy
-  and the endpoints: externalTrafficPolicy Cluster marks for masquerade and DNATs to the cluster
-  endpoints; Local short-circuits pod traffic (from the cluster CIDR) and masquerades then
-  short-circuits host traffic (`fib saddr type local`) to the cluster endpoints, and DNATs all
-  other traffic to this node's endpoints with the client address kept. Each DNAT picks with
-  `numgen random mod N map { 0 : ip . port, … }`, an anonymous map inside the rule: the chain
-  is rewritten (flush + rules) when its endpoints change, so only external services pay a
-  chain per change;
-* node ports are answered on `NodeContext.nodeport_ips`: every local address but loopback
-  (`fib daddr type local ip daddr != 127.0.0.0/8`) or only the listed ones (an anonymous set in
-  the rule: node addresses change rarely and a rule rewrite is cheaper than a table rebuild).
-  Localhost node ports are never served, as in kube-proxy's nftables mode;
-* loadBalancerSourceRanges: `@firewall-ips` (LB IP . proto . port) → `firewall-<HASH8>-…`, in
-  filter chains at prerouting and output before DNAT, returning for each allowed range (and for
-  the LB IPs themselves when a node IP is inside a range) and dropping the rest. One rule per
-  range rather than kube-proxy's anonymous interval set, whose listing nft rewrites (merged
-  ranges), so that what we write is what full syncs read back. Node ports are not filtered;
-* no endpoints: `@no-endpoint-services` (cluster, external and LB IPs) and
-  `@no-endpoint-nodeports` → `goto reject-chain` (tcp reset, else icmp port unreachable), or
-  `drop` when a Local policy finds endpoints only elsewhere (internalTrafficPolicy for the
-  cluster IP, externalTrafficPolicy for the external destinations), evaluated in filter chains
-  at priority -110 (before DNAT) like kube-proxy's; node ports only in input;
-* `cluster-ips-check` (forward, and output after DNAT at -90, new connections): traffic still
-  addressed to an active cluster IP (`@cluster-ips`) was not DNATed, so its port is not a
-  service port: reject; traffic to other addresses of the service CIDRs
-  (`NodeContext.service_cidrs`, one rule each: the list changes rarely) is dropped;
-* hairpin (an endpoint reaching its own service): in postrouting, `ct status dnat` traffic whose
-  source equals its (translated) destination, looked up in the `@hairpin` set of `ep . ep`
-  pairs (nft cannot compare two packet fields directly), for this node's endpoints;
-* ClientIP affinity: `lb-<proto>-<N>-affinity`, and the external chain of an affinity service
-  before each of its DNATs, first look the client up in the dynamic `@affinity-<proto>` map
-  (client . destination ip . port → endpoint); a miss falls through to the random pick. The
-  choice is recorded in nat postrouting, where the translated destination is the chosen
-  endpoint and `ct original` still names the service: `@affinity-services-<proto>` (cluster,
-  external and LB IP . port) and `@affinity-nodeports-<proto>` (node port) send affinity
-  services to `affinity-<proto>-<seconds>`, whose `update` refreshes the entry with the
-  service's timeout (the `recent --set` of the iptables layout). Stickiness is per
-  destination (kube-proxy shares one set per endpoint between all of a service's addresses).
-  A node port is recognised by its port alone there (its address may be any local one), so a
-  connection to another address on the same port number is recorded too; harmless, as only
-  the same destination's affinity lookup reads an entry, and records of the destination's own
-  service come later and win.
-
-One map per protocol because a map typed with `tcp dport` cannot be used in a rule that also
-matches udp ("conflicting protocols specified", nft 1.0.6); a DNAT to `addr . port` needs a
-`meta l4proto` before it ("transport protocol mapping is only valid after transport protocol
-match"), which nft lists back unless a `<proto> dport` in the rule implies it. No named interval
-sets: they corrupt elements when one command carries more than 962 of them, and a delete costs
-O(set); CIDRs are matched by prefix rules instead.
+kube-proxy's nftables mode gives every service port a chain and every endpoint a chain; the
+kernel's transaction cost grows with the number of chains. Here the per-service data lives in
+*map elements* (`@service-ips`, `@service-nodeports`, `@backends-<proto>`, …) and the chains are
+shared (`lb-<proto>-<N>`), so a sync that changes one service touches only that service's
+elements; only externally reachable service ports (`external-…`) and source ranges
+(`firewall-…`) own chains. Behaviour is kube-proxy's: the same `categorize_endpoints`,
+masquerade mark and names for the shared chains and maps. docs/ARCHITECTURE.md ("The nftables
+layout") draws the packet path and gives the reason for each choice, including the nft quirks
+worked around (one map per protocol, no named interval sets, `meta l4proto` before a DNAT to
+`addr . port`, no IPv6 affinity map updates).
 
 The result is data (`Ruleset`: declarations, shared chains, per-service-port fragments holding
 elements and the service port's own chains) that `render_script` turns into `nft -f` input
-loading into an empty namespace, and that `kernel/nftables.py` diffs key by key (and chain by
-chain for a changed fragment) against what it applied. Every name, address and CIDR in it has
-passed `compile.render` (at `compile_service_port`, `fixed_chains` and `generated_chain`),
+loading into an empty namespace, and that `kernel/nftables_plan.py` diffs key by key (and chain
+by chain for a changed fragment) against what was applied. Every name, address and CIDR in it
+has passed `compile.render` (at `compile_service_port`, `fixed_chains` and `generated_chain`),
 which refuses anything outside its grammar. Pure: no I/O, no clock.
 """
 
@@ -479,16 +412,35 @@ def _nodeport_match(family: IPFamily, node: NodeContext) -> str | None:
     return f"{w.ip} daddr {_addresses(ips)}"
 
 
-@functools.lru_cache(maxsize=8)
-def fixed_chains(family: IPFamily, node: NodeContext) -> tuple[Chain, ...]:
-    """The chains every node has, whatever its services (base chains first)."""
-    render.node(node)  # its addresses and CIDRs reach the node-port and cluster-IP rules
-    w = _words(family)
-    mark = f"{1 << node.masquerade_bit:#010x}"
+@dataclass(frozen=True)
+class _BaseChain:
+    """A base chain: where it hooks in, and the shared chains it sends packets to, in order."""
 
-    def new(chain: str) -> str:
-        return f"ct state new jump {chain}"
+    name: str
+    hook: Hook
+    sends_to: tuple[str, ...]
+    new_connections_only: bool = True  # the filter checks look at a connection's first packet
 
+
+# Every base chain but nat-postrouting, as data (kube-proxy's nftables mode keeps such a table).
+BASE_CHAINS = (
+    _BaseChain("filter-prerouting", Hook("filter", "prerouting", PRIORITY_FILTER), (FIREWALL_CHECK,)),
+    _BaseChain("filter-input", Hook("filter", "input", PRIORITY_FILTER), (NODEPORT_ENDPOINTS_CHECK, ENDPOINTS_CHECK)),
+    _BaseChain("filter-forward", Hook("filter", "forward", PRIORITY_FILTER), (ENDPOINTS_CHECK, CLUSTER_IPS_CHECK)),
+    _BaseChain("filter-output", Hook("filter", "output", PRIORITY_FILTER), (ENDPOINTS_CHECK, FIREWALL_CHECK)),
+    _BaseChain("filter-output-post-dnat", Hook("filter", "output", PRIORITY_FILTER_POST_DNAT), (CLUSTER_IPS_CHECK,)),
+    _BaseChain("nat-prerouting", Hook("nat", "prerouting", PRIORITY_DSTNAT), (SERVICES,), False),
+    _BaseChain("nat-output", Hook("nat", "output", PRIORITY_DSTNAT), (SERVICES,), False),
+)
+
+
+def _base_chain(base: _BaseChain) -> Chain:
+    when = "ct state new " if base.new_connections_only else ""
+    return Chain(base.name, tuple(f"{when}jump {target}" for target in base.sends_to), base.hook)
+
+
+def _nat_postrouting(w: _Words) -> Chain:
+    """Affinity records, hairpin, then masquerading of what was marked."""
     record_affinity = tuple(
         f"ct status dnat meta l4proto {proto.lower()} ct original proto-dst vmap @{affinity_nodeports_map(proto)}"
         for proto in PROTOCOLS
@@ -497,42 +449,25 @@ def fixed_chains(family: IPFamily, node: NodeContext) -> tuple[Chain, ...]:
         f"vmap @{affinity_services_map(proto)}"
         for proto in PROTOCOLS
     )
+    rules = (
+        # Node ports first: the records by exact destination below come later and win.
+        *record_affinity,
+        # Hairpin: a pod that reached itself through a service must be masqueraded, or it
+        # would answer itself directly with the wrong source address.
+        f"ct status dnat {w.ip} saddr . {w.ip} daddr @{HAIRPIN} masquerade fully-random",
+        f"jump {MASQUERADING}",
+    )
+    return Chain("nat-postrouting", rules, Hook("nat", "postrouting", PRIORITY_SRCNAT))
+
+
+def _dispatch_chains(family: IPFamily, node: NodeContext) -> tuple[Chain, ...]:
+    """The chains that look a packet's destination up in the per-service maps."""
+    w = _words(family)
     nodeports = _nodeport_match(family, node)
     dispatch = f"{w.ip} daddr . meta l4proto . th dport"
     # In input, the destination is local already: kube-proxy leaves out the fib test there.
     nodeport_check = nodeports.removeprefix("fib daddr type local ") if nodeports else None
     return (
-        Chain("filter-prerouting", (new(FIREWALL_CHECK),), Hook("filter", "prerouting", PRIORITY_FILTER)),
-        Chain(
-            "filter-input",
-            (new(NODEPORT_ENDPOINTS_CHECK), new(ENDPOINTS_CHECK)),
-            Hook("filter", "input", PRIORITY_FILTER),
-        ),
-        Chain(
-            "filter-forward",
-            (new(ENDPOINTS_CHECK), new(CLUSTER_IPS_CHECK)),
-            Hook("filter", "forward", PRIORITY_FILTER),
-        ),
-        Chain("filter-output", (new(ENDPOINTS_CHECK), new(FIREWALL_CHECK)), Hook("filter", "output", PRIORITY_FILTER)),
-        Chain(
-            "filter-output-post-dnat",
-            (new(CLUSTER_IPS_CHECK),),
-            Hook("filter", "output", PRIORITY_FILTER_POST_DNAT),
-        ),
-        Chain("nat-prerouting", (f"jump {SERVICES}",), Hook("nat", "prerouting", PRIORITY_DSTNAT)),
-        Chain("nat-output", (f"jump {SERVICES}",), Hook("nat", "output", PRIORITY_DSTNAT)),
-        Chain(
-            "nat-postrouting",
-            (
-                # Node ports first: the records by exact destination below come later and win.
-                *record_affinity,
-                # Hairpin: a pod that reached itself through a service must be masqueraded, or
-                # it would answer itself directly with the wrong source address.
-                f"ct status dnat {w.ip} saddr . {w.ip} daddr @{HAIRPIN} masquerade fully-random",
-                f"jump {MASQUERADING}",
-            ),
-            Hook("nat", "postrouting", PRIORITY_SRCNAT),
-        ),
         Chain(
             SERVICES,
             (
@@ -555,6 +490,12 @@ def fixed_chains(family: IPFamily, node: NodeContext) -> tuple[Chain, ...]:
                 *(f"{w.ip} daddr {_nft_prefix(cidr)} drop" for cidr in node.service_cidrs_of(family)),
             ),
         ),
+    )
+
+
+def _verdict_chains(node: NodeContext) -> tuple[Chain, ...]:
+    mark = f"{1 << node.masquerade_bit:#010x}"
+    return (
         # Refuse at once, as a closed port would: a reset for TCP, port unreachable otherwise.
         Chain(REJECT_CHAIN, ("reject with tcp reset", "reject")),
         Chain(MARK_MASQ, (f"meta mark set meta mark | {mark}",)),
@@ -568,6 +509,18 @@ def fixed_chains(family: IPFamily, node: NodeContext) -> tuple[Chain, ...]:
                 "masquerade fully-random",
             ),
         ),
+    )
+
+
+@functools.lru_cache(maxsize=8)
+def fixed_chains(family: IPFamily, node: NodeContext) -> tuple[Chain, ...]:
+    """The chains every node has, whatever its services (base chains first)."""
+    render.node(node)  # its addresses and CIDRs reach the node-port and cluster-IP rules
+    return (
+        *(_base_chain(base) for base in BASE_CHAINS),
+        _nat_postrouting(_words(family)),
+        *_dispatch_chains(family, node),
+        *_verdict_chains(node),
     )
 
 

@@ -125,7 +125,7 @@ def test_incremental_sync_sends_only_the_changed_elements(backend: NftablesBacke
     assert "add chain ip kproxy-nft lb-tcp-2" in plan.text
     assert "add element ip kproxy-nft service-ips { 10.96.0.8 . tcp . 80 : goto lb-tcp-2 }" in plan.text
     # Index 2 goes only in a second transaction: a packet that got `goto lb-tcp-3` just before
-    # the commit may look it up just after it (see `_element_commands`).
+    # the commit may look it up just after it (see `kernel.nftables_plan._element_commands`).
     assert "10.96.0.8 . 80 . 2" not in plan.text
     assert plan.followup == "delete element ip kproxy-nft backends-tcp { 10.96.0.8 . 80 . 2 }\n"
     backend.apply(plan)
