@@ -22,14 +22,7 @@ from hypothesis import strategies as st
 from kproxy_nft.compile.iptables import Ruleset, compile_ruleset
 from kproxy_nft.config import Overrides, load_config_file, resolve
 from kproxy_nft.kernel.iptables_plan import plan
-from kproxy_nft.kernel.iptables_rule import (
-    canonical,
-    jump_target,
-    parse_rule,
-    probability_text,
-    save_string,
-    tokenize,
-)
+from kproxy_nft.kernel.iptables_rule import canonical, jump_target, parse_rule, probability_text, save_string, tokenize
 from kproxy_nft.kernel.iptables_text import KernelChain, SaveFormatError, parse_save, render_save, strip_comments
 from kproxy_nft.model import (
     ClusterState,

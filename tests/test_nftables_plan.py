@@ -30,15 +30,7 @@ from kproxy_nft.kernel.nftables import NftablesBackend
 from kproxy_nft.kernel.nftables_fake import FakeNftables, FakeNftablesError, FakeTransport
 from kproxy_nft.kernel.nftables_plan import Applied, advance, plan_full, plan_incremental
 from kproxy_nft.kernel.nftables_text import is_dynamic, parse_listing, table_from_listing
-from kproxy_nft.model import (
-    ClusterState,
-    Endpoint,
-    NodeContext,
-    Protocol,
-    ServicePort,
-    ServicePortName,
-    TrafficPolicy,
-)
+from kproxy_nft.model import ClusterState, Endpoint, NodeContext, Protocol, ServicePort, ServicePortName, TrafficPolicy
 from tests.test_properties import endpoints
 
 NODE = NodeContext(

@@ -19,15 +19,7 @@ from kproxy_nft.compile.nftables import compile_all
 from kproxy_nft.kernel import iptables as iptables_kernel
 from kproxy_nft.kernel.nftables import NftablesBackend
 from kproxy_nft.lab import NODE, ClientSpec, Lab, PodSpec
-from kproxy_nft.model import (
-    ClusterState,
-    Endpoint,
-    NodeContext,
-    Protocol,
-    ServicePort,
-    ServicePortName,
-    TrafficPolicy,
-)
+from kproxy_nft.model import ClusterState, Endpoint, NodeContext, Protocol, ServicePort, ServicePortName, TrafficPolicy
 from kproxy_nft.sources.manifests import read_manifests
 from tests.helpers import EXAMPLES
 

@@ -44,15 +44,7 @@ from kproxy_nft.kernel import iptables as iptables_kernel
 from kproxy_nft.kernel.nftables import NftablesBackend
 from kproxy_nft.lab import NODE, ClientSpec, Lab, PodSpec, ProbeResult
 from kproxy_nft.lab import server as netlab_server
-from kproxy_nft.model import (
-    ClusterState,
-    Endpoint,
-    NodeContext,
-    Protocol,
-    ServicePort,
-    ServicePortName,
-    TrafficPolicy,
-)
+from kproxy_nft.model import ClusterState, Endpoint, NodeContext, Protocol, ServicePort, ServicePortName, TrafficPolicy
 
 pytestmark = pytest.mark.kernel
 
