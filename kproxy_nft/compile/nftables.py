@@ -590,6 +590,25 @@ def _of_family(ips: Iterable[str], family: IPFamily) -> list[str]:
     return [_nft_ip(ip) for ip in dict.fromkeys(ips) if ip_family(ip) is family]
 
 
+@dataclass
+class _Parts:
+    """What one service port's fragment collects, section by section (`compile_service_port`)."""
+
+    svc: ServicePort
+    family: IPFamily
+    sel: EndpointSelection
+    affinity: int | None
+    elements: list[Element] = field(default_factory=list)
+    shared: set[str] = field(default_factory=set)  # shared chains it points at
+    chains: list[Chain] = field(default_factory=list)  # chains it owns
+    sticky: set[str] = field(default_factory=set)  # endpoints affinity entries may point at
+    destinations: list[str] = field(default_factory=list)  # `ip . port` that affinity is recorded for
+
+    @property
+    def proto(self) -> str:
+        return self.svc.protocol.lower()
+
+
 def compile_service_port(
     svc: ServicePort, endpoints: tuple[Endpoint, ...], node: NodeContext, family: IPFamily
 ) -> ServiceFragment:
@@ -599,100 +618,106 @@ def compile_service_port(
     render.service_port(svc)
     render.node(node)
     endpoints = render.endpoints(endpoints_of_family(endpoints, family))
-    name = svc.name
     cluster_ip = svc.cluster_ip(family)
     if cluster_ip is None:
-        return ServiceFragment(name)  # no address of this family: nothing to program
-
-    sel = categorize_endpoints(svc, endpoints, node, family)
-    proto = svc.protocol
-    p = proto.lower()
-    vip = _nft_ip(cluster_ip)
-    port = svc.port
-    affinity = svc.session_affinity_seconds if family is IPFamily.V4 else None
+        return ServiceFragment(svc.name)  # no address of this family: nothing to program
     # IPv6 ClientIP affinity is not programmed: nft 1.0.6 aborts (netlink_linearize.c:799,
     # `dreg < ctx->reg_low`) on any dynamic *map* update whose key holds an IPv6 address in a
     # concatenation, which `@affinity-<proto>` needs; through libnftables that abort would take
     # the agent down. Such a service is balanced at random in IPv6 (`ipv6_affinity_skipped`).
-    reject = f"goto {REJECT_CHAIN}"
-
+    affinity = svc.session_affinity_seconds if family is IPFamily.V4 else None
+    parts = _Parts(svc, family, categorize_endpoints(svc, endpoints, node, family), affinity)
+    vip = _nft_ip(cluster_ip)
+    parts.elements.append((CLUSTER_IPS, vip, None))
+    _internal_traffic(parts, vip)
     # Destinations of this family: kube-proxy's per-family service info drops the others.
     external_ips = _of_family((*svc.external_ips, *svc.load_balancer_ips), family)
-    lb_ips = _of_family(svc.load_balancer_ips, family)
-    ranges = svc.source_ranges_of(family)
-    node_port = svc.node_port
+    reached_externally = _external_traffic(parts, external_ips, node)
+    _source_ranges(parts, node)
+    # Hairpin pairs for every reachable endpoint, as kube-proxy marks in every endpoint chain:
+    # nodeName is only a hint (a manifest may name no node, or another one for a pod that is
+    # in fact routed through here), and the set is keyed, so shared endpoints cost one element.
+    reachable = {_nft_ip(ep.ip) for ep in parts.sel.all_reachable}
+    parts.elements += [(HAIRPIN, f"{ip} . {ip}", None) for ip in sorted(reachable)]
+    target = _affinity_records(parts, reached_externally and svc.node_port is not None)
+    return ServiceFragment(svc.name, tuple(parts.elements), frozenset(parts.shared), target, tuple(parts.chains))
 
-    elements: list[Element] = [(CLUSTER_IPS, vip, None)]
-    shared: set[str] = set()
-    chains: list[Chain] = []
-    sticky: set[str] = set()  # endpoints affinity entries may point at
-    destinations: list[str] = []  # `ip . port` of the addresses affinity is recorded for
 
-    # Internal traffic (the cluster IP).
+def _internal_traffic(parts: _Parts, vip: str) -> None:
+    """The cluster IP: to the shared `lb-…` chain, or rejected / dropped when nothing serves it."""
+    svc, sel, proto = parts.svc, parts.sel, parts.svc.protocol
     internal = sel.local if svc.internal_traffic_policy is TrafficPolicy.LOCAL else sel.cluster
-    service_key = f"{vip} . {p} . {port}"
-    if internal:
-        lb = lb_chain(proto, len(internal), affinity is not None)
-        shared.add(lb)
-        targets = _targets(internal)
-        elements.append((SERVICE_IPS, service_key, f"goto {lb}"))
-        prefix = f"{vip} . {port} . "
-        elements += [(backends_map(proto), f"{prefix}{i}", target) for i, target in enumerate(targets)]
-        sticky.update(targets)
-        destinations.append(f"{vip} . {port}")
-    else:
+    service_key = f"{vip} . {parts.proto} . {svc.port}"
+    if not internal:
         # kube-proxy: no endpoints anywhere → reject; internalTrafficPolicy Local with endpoints
         # only on other nodes → drop (the traffic must not be rerouted to them).
-        elements.append((NO_ENDPOINT_SERVICES, service_key, "drop" if sel.has_any else reject))
+        parts.elements.append((NO_ENDPOINT_SERVICES, service_key, "drop" if sel.has_any else f"goto {REJECT_CHAIN}"))
+        return
+    lb = lb_chain(proto, len(internal), parts.affinity is not None)
+    parts.shared.add(lb)
+    targets = _targets(internal)
+    parts.elements.append((SERVICE_IPS, service_key, f"goto {lb}"))
+    prefix = f"{vip} . {svc.port} . "
+    parts.elements += [(backends_map(proto), f"{prefix}{i}", target) for i, target in enumerate(targets)]
+    parts.sticky.update(targets)
+    parts.destinations.append(f"{vip} . {svc.port}")
 
-    # External traffic (external and LB IPs, node port): kube-proxy's EXT chain. It exists
-    # whenever there are endpoints at all, for its short-circuit rules, even if none is local.
-    external_keys = [f"{ip} . {p} . {port}" for ip in external_ips]
-    nodeport_key = f"{p} . {node_port}" if node_port else None
+
+def _external_traffic(parts: _Parts, external_ips: list[str], node: NodeContext) -> bool:
+    """External and LB IPs and the node port: kube-proxy's EXT chain; True if it exists.
+
+    It exists whenever there are endpoints at all, for its short-circuit rules, even if none is
+    local; what it cannot serve is rejected or dropped before DNAT.
+    """
+    svc, sel = parts.svc, parts.sel
+    external_keys = [f"{ip} . {parts.proto} . {svc.port}" for ip in external_ips]
+    nodeport_key = f"{parts.proto} . {svc.node_port}" if svc.node_port else None
     reached_externally = sel.has_any and bool(external_keys or nodeport_key)
     if reached_externally:
-        ext = external_chain(name)
-        chains.append(Chain(ext, _external_rules(svc, sel, node, family)))
-        elements += [(SERVICE_IPS, key, f"goto {ext}") for key in external_keys]
+        ext = external_chain(svc.name)
+        parts.chains.append(Chain(ext, _external_rules(svc, sel, node, parts.family)))
+        parts.elements += [(SERVICE_IPS, key, f"goto {ext}") for key in external_keys]
         if nodeport_key:
-            elements.append((SERVICE_NODEPORTS, nodeport_key, f"goto {ext}"))
-        sticky.update(_targets(sel.cluster))
-        sticky.update(_targets(sel.local))
-        destinations += [f"{ip} . {port}" for ip in external_ips]
+            parts.elements.append((SERVICE_NODEPORTS, nodeport_key, f"goto {ext}"))
+        parts.sticky.update(_targets(sel.cluster))
+        parts.sticky.update(_targets(sel.local))
+        parts.destinations += [f"{ip} . {svc.port}" for ip in external_ips]
     local_policy = svc.external_traffic_policy is TrafficPolicy.LOCAL
     if not sel.has_any or (local_policy and not sel.local):
         # Nothing to reach (reject), or nothing here for traffic from outside (drop: what the
         # EXT chain short-circuits for pods and the host was DNATed before this check).
-        verdict = "drop" if sel.has_any else reject
-        elements += [(NO_ENDPOINT_SERVICES, key, verdict) for key in external_keys]
+        verdict = "drop" if sel.has_any else f"goto {REJECT_CHAIN}"
+        parts.elements += [(NO_ENDPOINT_SERVICES, key, verdict) for key in external_keys]
         if nodeport_key:
-            elements.append((NO_ENDPOINT_NODEPORTS, nodeport_key, verdict))
+            parts.elements.append((NO_ENDPOINT_NODEPORTS, nodeport_key, verdict))
+    return reached_externally
 
-    # loadBalancerSourceRanges: LB IPs only (node ports and external IPs are not filtered).
+
+def _source_ranges(parts: _Parts, node: NodeContext) -> None:
+    """loadBalancerSourceRanges: LB IPs only (node ports and external IPs are not filtered)."""
+    svc, family = parts.svc, parts.family
+    lb_ips = _of_family(svc.load_balancer_ips, family)
+    ranges = svc.source_ranges_of(family)
     if lb_ips and ranges:
-        fw = firewall_chain(name)
-        chains.append(Chain(fw, _firewall_rules(family, svc, ranges, lb_ips, node)))
-        elements += [(FIREWALL_IPS, f"{ip} . {p} . {port}", f"goto {fw}") for ip in lb_ips]
+        fw = firewall_chain(svc.name)
+        parts.chains.append(Chain(fw, _firewall_rules(family, svc, ranges, lb_ips, node)))
+        parts.elements += [(FIREWALL_IPS, f"{ip} . {parts.proto} . {svc.port}", f"goto {fw}") for ip in lb_ips]
 
-    # Hairpin pairs for every reachable endpoint, as kube-proxy marks in every endpoint chain:
-    # nodeName is only a hint (a manifest may name no node, or another one for a pod that is
-    # in fact routed through here), and the set is keyed, so shared endpoints cost one element.
-    reachable = {_nft_ip(ep.ip) for ep in sel.all_reachable}
-    elements += [(HAIRPIN, f"{ip} . {ip}", None) for ip in sorted(reachable)]
 
-    target = None
-    sticky_nodeport = reached_externally and node_port is not None
-    if affinity is not None and (destinations or sticky_nodeport):
-        record = affinity_record_chain(proto, affinity)
-        shared.add(record)
-        jump = f"jump {record}"
-        elements += [(affinity_services_map(proto), dest, jump) for dest in destinations]
-        suffixes = {f" . {dest}" for dest in destinations}
-        if sticky_nodeport:
-            elements.append((affinity_nodeports_map(proto), str(node_port), jump))
-            suffixes.add(f" . {node_port}")  # reached on any local address
-        target = AffinityTarget(affinity_map(proto), frozenset(suffixes), frozenset(sticky))
-    return ServiceFragment(name, tuple(elements), frozenset(shared), target, tuple(chains))
+def _affinity_records(parts: _Parts, sticky_nodeport: bool) -> AffinityTarget | None:
+    """ClientIP affinity: where the choice is recorded, and what its entries may point at."""
+    if parts.affinity is None or not (parts.destinations or sticky_nodeport):
+        return None
+    proto = parts.svc.protocol
+    record = affinity_record_chain(proto, parts.affinity)
+    parts.shared.add(record)
+    jump = f"jump {record}"
+    parts.elements += [(affinity_services_map(proto), dest, jump) for dest in parts.destinations]
+    suffixes = {f" . {dest}" for dest in parts.destinations}
+    if sticky_nodeport:
+        parts.elements.append((affinity_nodeports_map(proto), str(parts.svc.node_port), jump))
+        suffixes.add(f" . {parts.svc.node_port}")  # reached on any local address
+    return AffinityTarget(affinity_map(proto), frozenset(suffixes), frozenset(parts.sticky))
 
 
 def ipv6_affinity_skipped(state: ClusterState) -> list[ServicePortName]:
