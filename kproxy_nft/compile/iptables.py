@@ -52,7 +52,7 @@ from kproxy_nft.model import (
     TrafficPolicy,
     sort_key,
 )
-from kproxy_nft.selection import categorize_endpoints, endpoints_of_family
+from kproxy_nft.selection import EndpointSelection, categorize_endpoints, endpoints_of_family
 
 # Chains shared by all services (kube-proxy's names; several are filled in by later features).
 KUBE_SERVICES = "KUBE-SERVICES"
@@ -344,133 +344,179 @@ def _local_only_target(has_endpoints: bool, text: str) -> tuple[str, str]:
     return "DROP", comment(f"{text} has no local endpoints")
 
 
+@dataclass(frozen=True)
+class _Routing:
+    """Which chains one service port's traffic goes through, and what happens without endpoints.
+
+    kube-proxy's `syncProxyRules` per service: SVC (cluster policy), SVL (local policy), EXT
+    (external traffic entry) and FW (source ranges) chains, and for each kind of traffic the
+    chain it ends in and whether that chain has endpoints to go to.
+    """
+
+    svc: ServicePort
+    sel: EndpointSelection
+    names: _Names
+    cluster_ip: str
+    external_ips: tuple[str, ...]
+    lb_ips: tuple[str, ...]
+    ranges: tuple[str, ...]
+    internal_local: bool
+    external_local: bool
+    uses_ext: bool
+    uses_fw: bool
+
+    @property
+    def svc_chain(self) -> str:
+        return service_chain_name(SVC_PREFIX, self.svc.name)
+
+    @property
+    def svl_chain(self) -> str:
+        return service_chain_name(SVL_PREFIX, self.svc.name)
+
+    @property
+    def ext_chain(self) -> str:
+        return service_chain_name(EXT_PREFIX, self.svc.name)
+
+    @property
+    def fw_chain(self) -> str:
+        return service_chain_name(FW_PREFIX, self.svc.name)
+
+    @property
+    def has_internal(self) -> bool:
+        return bool(self.sel.local) if self.internal_local else self.sel.has_any
+
+    @property
+    def has_external(self) -> bool:
+        return bool(self.sel.local) if self.external_local else self.sel.has_any
+
+    def dest(self, ip: str) -> str:
+        proto = self.names.proto
+        return f"-m {proto} -p {proto} -d {ip} --dport {self.svc.port}"
+
+
 def compile_service_port(
     svc: ServicePort, endpoints: tuple[Endpoint, ...], node: NodeContext, family: IPFamily
 ) -> ServiceRules:
     """The rules of one service port for one family (endpoints of the other family are ignored).
 
-    Follows kube-proxy's `syncProxyRules` per service: which of the SVC (cluster policy), SVL
-    (local policy), EXT (external traffic entry) and FW (source ranges) chains exist, what the
-    shared chains send to them, and what the filter table drops or rejects when a kind of
-    traffic has no endpoint to go to.
+    Follows kube-proxy's `syncProxyRules` per service: which of the SVC, SVL, EXT and FW chains
+    exist (`_Routing`), what the shared chains send to them (`_shared_rules`), and what the
+    filter table drops or rejects when a kind of traffic has no endpoint to go to.
     """
     # The rules are made of these values: refuse any outside its grammar (render.UnsafeValue),
     # whatever validation let through.
     render.service_port(svc)
     render.node(node)
     endpoints = render.endpoints(endpoints_of_family(endpoints, family))
-    name = svc.name
     cluster_ip = svc.cluster_ip(family)
     if cluster_ip is None:
-        return ServiceRules(name, ())  # no address of this family: nothing to program
-
+        return ServiceRules(svc.name, ())  # no address of this family: nothing to program
     sel = categorize_endpoints(svc, endpoints, node, family)
-    names = _Names(svc)
-    text, proto = names.text, names.proto
-    has_endpoints = sel.has_any
     # This family's view of the service (kube-proxy's per-family service info).
-    external_ips = svc.external_ips_of(family)
-    lb_ips = svc.load_balancer_ips_of(family)
-    ranges = svc.source_ranges_of(family)
+    lb_ips = tuple(svc.load_balancer_ips_of(family))
+    ranges = tuple(svc.source_ranges_of(family))
     externally_accessible = svc.externally_accessible_in(family)
+    route = _Routing(
+        svc, sel, _Names(svc), cluster_ip, tuple(svc.external_ips_of(family)), lb_ips, ranges,
+        internal_local=svc.internal_traffic_policy is TrafficPolicy.LOCAL,
+        external_local=svc.external_traffic_policy is TrafficPolicy.LOCAL and externally_accessible,
+        # The EXT chain is needed whenever there are endpoints at all: with eTP Local it also
+        # short-circuits pod and node traffic, which may go to endpoints on other nodes.
+        uses_ext=sel.has_any and externally_accessible,
+        uses_fw=sel.has_any and bool(lb_ips) and bool(ranges),
+    )
+    return ServiceRules(svc.name, tuple(_own_chains(route, node, family)), tuple(_shared_rules(route)))
 
-    svc_chain = service_chain_name(SVC_PREFIX, name)
-    svl_chain = service_chain_name(SVL_PREFIX, name)
-    ext_chain = service_chain_name(EXT_PREFIX, name)
-    fw_chain = service_chain_name(FW_PREFIX, name)
 
-    # Which chain each kind of traffic ends in, and whether it has endpoints to go to there.
-    internal_local = svc.internal_traffic_policy is TrafficPolicy.LOCAL
-    external_local = svc.external_traffic_policy is TrafficPolicy.LOCAL and externally_accessible
-    internal_policy = svl_chain if internal_local else svc_chain
-    has_internal = bool(sel.local) if internal_local else has_endpoints
-    external_policy = svl_chain if external_local else svc_chain
-    has_external = bool(sel.local) if external_local else has_endpoints
-    # The EXT chain is needed whenever there are endpoints at all: with eTP Local it also
-    # short-circuits pod and node traffic, which may go to endpoints on other nodes.
-    uses_ext = has_endpoints and externally_accessible
-    uses_fw = has_endpoints and bool(lb_ips) and bool(ranges)
-    lb_target = fw_chain if uses_fw else ext_chain
-    internal_verdict, internal_comment = _local_only_target(has_endpoints, text)
-    external_verdict, external_comment = _local_only_target(has_endpoints, text)
-
+def _shared_rules(route: _Routing) -> list[SharedRule]:
+    """The service port's lines in the shared chains, in kube-proxy's order."""
+    svc, names, text, dest = route.svc, route.names, route.names.text, route.dest
+    has_endpoints = route.sel.has_any
+    internal_policy = route.svl_chain if route.internal_local else route.svc_chain
+    verdict, verdict_comment = _local_only_target(has_endpoints, text)
+    lb_target = route.fw_chain if route.uses_fw else route.ext_chain
     shared: list[SharedRule] = []
-    match = f"-m {proto} -p {proto}"
-
-    def dest(ip: str) -> str:
-        return f"{match} -d {ip} --dport {svc.port}"
 
     # Cluster IP.
-    cluster_comment = comment(f"{text} cluster IP")
-    if has_internal:
-        shared.append(("nat", KUBE_SERVICES, f"{cluster_comment} {dest(cluster_ip)} -j {internal_policy}"))
+    if route.has_internal:
+        shared.append(("nat", KUBE_SERVICES,
+                       f"{comment(f'{text} cluster IP')} {dest(route.cluster_ip)} -j {internal_policy}"))
     else:
-        shared.append(("filter", KUBE_SERVICES, f"{internal_comment} {dest(cluster_ip)} -j {internal_verdict}"))
+        shared.append(("filter", KUBE_SERVICES, f"{verdict_comment} {dest(route.cluster_ip)} -j {verdict}"))
 
     # External IPs: to EXT when there are endpoints; what EXT does not take is dropped/rejected.
-    for ip in external_ips:
+    for ip in route.external_ips:
         if has_endpoints:
-            shared.append(("nat", KUBE_SERVICES, f"{comment(f'{text} external IP')} {dest(ip)} -j {ext_chain}"))
-        if not has_external:
-            shared.append(("filter", KUBE_EXTERNAL_SERVICES, f"{external_comment} {dest(ip)} -j {external_verdict}"))
+            shared.append(("nat", KUBE_SERVICES, f"{comment(f'{text} external IP')} {dest(ip)} -j {route.ext_chain}"))
+        if not route.has_external:
+            shared.append(("filter", KUBE_EXTERNAL_SERVICES, f"{verdict_comment} {dest(ip)} -j {verdict}"))
 
     # Load-balancer ingress IPs: through FW when source ranges restrict them.
-    for ip in lb_ips:
+    for ip in route.lb_ips:
         if has_endpoints:
             shared.append(("nat", KUBE_SERVICES, f"{comment(f'{text} loadbalancer IP')} {dest(ip)} -j {lb_target}"))
-        if uses_fw:
+        if route.uses_fw:
             # What FW did not DNAT reaches the filter table still addressed to the LB IP.
             shared.append(("filter", KUBE_PROXY_FIREWALL,
-                           f"{comment(f'{text} traffic not accepted by {fw_chain}')} {dest(ip)} -j DROP"))
-    if not has_external:
-        for ip in lb_ips:
-            shared.append(("filter", KUBE_EXTERNAL_SERVICES, f"{external_comment} {dest(ip)} -j {external_verdict}"))
+                           f"{comment(f'{text} traffic not accepted by {route.fw_chain}')} {dest(ip)} -j DROP"))
+    if not route.has_external:
+        for ip in route.lb_ips:
+            shared.append(("filter", KUBE_EXTERNAL_SERVICES, f"{verdict_comment} {dest(ip)} -j {verdict}"))
 
     # Node port: not subject to source ranges (kube-proxy: "for better or for worse").
     if svc.node_port:
-        node_port = f"{match} --dport {svc.node_port}"
+        node_port = f"-m {names.proto} -p {names.proto} --dport {svc.node_port}"
         if has_endpoints:
-            shared.append(("nat", KUBE_NODEPORTS, f"{names.comment} {node_port} -j {ext_chain}"))
-        if not has_external:
+            shared.append(("nat", KUBE_NODEPORTS, f"{names.comment} {node_port} -j {route.ext_chain}"))
+        if not route.has_external:
             shared.append(("filter", KUBE_EXTERNAL_SERVICES,
-                           f"{external_comment} -m addrtype --dst-type LOCAL {node_port} -j {external_verdict}"))
+                           f"{verdict_comment} -m addrtype --dst-type LOCAL {node_port} -j {verdict}"))
 
     # The health-check server answers whether or not this node has endpoints.
     if svc.health_check_node_port:
         shared.append(("filter", KUBE_NODEPORTS,
                        f"{comment(f'{text} health check node port')} -m tcp -p tcp "
                        f"--dport {svc.health_check_node_port} -j ACCEPT"))
+    return shared
 
+
+def _own_chains(route: _Routing, node: NodeContext, family: IPFamily) -> list[Chain]:
+    """The service port's own chains: EXT, FW, SVC, SVL and one SEP per endpoint."""
+    svc, sel, names, name = route.svc, route.sel, route.names, route.svc.name
     # Masquerade decision for cluster IP traffic, first rule of the internal policy chain.
     internal_rules: list[str] = []
-    if has_internal:
+    if route.has_internal:
+        cluster_match = f"{comment(f'{names.text} cluster IP')} {route.dest(route.cluster_ip)}"
         detector = node.cluster_cidrs_of(family)
         if node.masquerade_all:
-            internal_rules.append(f"{cluster_comment} {dest(cluster_ip)} -j {KUBE_MARK_MASQ}")
+            internal_rules.append(f"{cluster_match} -j {KUBE_MARK_MASQ}")
         elif detector:
             # Off-cluster clients may reach the VIP through a static route to any node; the
             # endpoint may sit on another node, so the reply must come back through this one.
-            internal_rules.append(f"{cluster_comment} {dest(cluster_ip)} ! -s {detector[0]} -j {KUBE_MARK_MASQ}")
+            internal_rules.append(f"{cluster_match} ! -s {detector[0]} -j {KUBE_MARK_MASQ}")
 
     chains: list[Chain] = []
-    if uses_ext:
-        chains.append(Chain(ext_chain, tuple(_external_rules(
-            text, node, family, external_local, svc_chain, external_policy if has_external else None)), name))
-    if uses_fw:
-        chains.append(Chain(fw_chain, tuple(_firewall_rules(text, svc, ranges, lb_ips, node, family, ext_chain)), name))
+    if route.uses_ext:
+        external_policy = route.svl_chain if route.external_local else route.svc_chain
+        rules = _external_rules(names.text, node, family, route.external_local, route.svc_chain,
+                                external_policy if route.has_external else None)
+        chains.append(Chain(route.ext_chain, tuple(rules), name))
+    if route.uses_fw:
+        rules = _firewall_rules(names.text, svc, route.ranges, route.lb_ips, node, family, route.ext_chain)
+        chains.append(Chain(route.fw_chain, tuple(rules), name))
 
     # The SVC/SVL chains exist only when they have endpoints to jump to (as in kube-proxy).
     seps = {ep.address: names.endpoint_chain(ep.address) for ep in sel.all_reachable}
     if sel.cluster:
-        rules = internal_rules if not internal_local else []
+        rules = internal_rules if not route.internal_local else []
         jumps = _endpoint_jumps(names, [ep.address for ep in sel.cluster], seps)
-        chains.append(Chain(svc_chain, (*rules, *jumps), name))
+        chains.append(Chain(route.svc_chain, (*rules, *jumps), name))
     if sel.local:
-        rules = internal_rules if internal_local else []
+        rules = internal_rules if route.internal_local else []
         jumps = _endpoint_jumps(names, [ep.address for ep in sel.local], seps)
-        chains.append(Chain(svl_chain, (*rules, *jumps), name))
+        chains.append(Chain(route.svl_chain, (*rules, *jumps), name))
     chains.extend(_endpoint_chains(names, sel.all_reachable, seps))
-    return ServiceRules(name, tuple(chains), tuple(shared))
+    return chains
 
 
 def _external_rules(
