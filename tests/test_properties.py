@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kproxy_nft.compile.iptables import compile_ruleset, render_restore
+from kproxy_nft.compile.memo import FragmentMemo
 from kproxy_nft.convert import ServiceInfo, build_state
 from kproxy_nft.model import ClusterState, Endpoint, IPFamily, Protocol, ServicePort, ServicePortName
 from kproxy_nft.selection import categorize_endpoints
@@ -140,25 +141,29 @@ def test_probabilities_compose_to_a_uniform_choice(n: int) -> None:
 @given(st.data())
 def test_nftables_update_equals_a_fresh_compile(data: st.DataObject) -> None:
     """update_ruleset(previous, b, changed) holds the same elements as compile_ruleset(b)."""
+    from kproxy_nft.compile.nftables import ServiceFragment, update_ruleset
     from kproxy_nft.compile.nftables import compile_ruleset as nft_compile
-    from kproxy_nft.compile.nftables import update_ruleset
 
     a, b = build_state(*data.draw(clusters())), build_state(*data.draw(clusters()))
     changed = {name for name in {*a.services, *b.services}
                if a.services.get(name) != b.services.get(name) or a.endpoints_of(name) != b.endpoints_of(name)}
     for family in IPFamily:
         fresh = nft_compile(b, NODE, family)
-        updated = update_ruleset(nft_compile(a, NODE, family), b, NODE, changed)
+        memo: FragmentMemo[ServiceFragment] = FragmentMemo()  # an agent's: kept across compiles
+        updated = update_ruleset(nft_compile(a, NODE, family, memo), b, NODE, changed, memo)
         assert updated.elements() == fresh.elements()
         assert dict(updated.fragments) == dict(fresh.fragments)
         assert {c.name for c in fresh.chains} <= {c.name for c in updated.chains}  # unused ones may linger
+        # A full compile through the same memo afterwards is a fresh compile too.
+        again = nft_compile(b, NODE, family, memo)
+        assert dict(again.fragments) == dict(fresh.fragments) and again.chains == fresh.chains
 
 
 @settings(max_examples=60, deadline=None)
 @given(st.data())
 def test_iptables_partial_plan_equals_the_full_plan(data: st.DataObject) -> None:
     """An agent's O(changed) path (update_fragments + a focused plan) sends what a full plan sends."""
-    from kproxy_nft.compile.iptables import assemble_ruleset, compile_fragments, update_fragments
+    from kproxy_nft.compile.iptables import ServiceRules, assemble_ruleset, compile_fragments, update_fragments
     from kproxy_nft.kernel.iptables_plan import focus_of, plan
     from kproxy_nft.kernel.iptables_text import KernelState
 
@@ -166,10 +171,13 @@ def test_iptables_partial_plan_equals_the_full_plan(data: st.DataObject) -> None
     changed = {name for name in {*a.services, *b.services}
                if a.services.get(name) != b.services.get(name) or a.endpoints_of(name) != b.endpoints_of(name)}
     family = IPFamily.V4
-    old = compile_fragments(a, NODE, family)
+    memo: FragmentMemo[ServiceRules] = FragmentMemo()  # an agent's: kept across compiles
+    old = compile_fragments(a, NODE, family, memo)
     current = plan(assemble_ruleset(old.values(), NODE, family), KernelState(family)).after
-    new = update_fragments(old, b, NODE, family, changed)
-    assert new == compile_fragments(b, NODE, family) and list(new) == list(compile_fragments(b, NODE, family))
+    new = update_fragments(old, b, NODE, family, changed, memo)
+    fresh = compile_fragments(b, NODE, family)
+    assert new == fresh and list(new) == list(fresh)
+    assert compile_fragments(b, NODE, family, memo) == fresh
     desired = assemble_ruleset(new.values(), NODE, family)
     partial, full = plan(desired, current, focus_of(old, new, changed)), plan(desired, current)
     assert partial.payload == full.payload

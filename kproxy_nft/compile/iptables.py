@@ -40,7 +40,7 @@ from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 
 from kproxy_nft.compile import render
-from kproxy_nft.compile.memo import FragmentMemo, compile_with
+from kproxy_nft.compile.memo import FragmentMemo, compile_with, recompile_changed
 from kproxy_nft.compile.render import quote
 from kproxy_nft.model import (
     ClusterState,
@@ -632,17 +632,7 @@ def update_fragments(
     shared chains); changed ones keep theirs.
     """
     fragments = previous.copy()
-    added = False
-    for name in changed:
-        svc = state.services.get(name)
-        if svc is None:
-            fragments.pop(name, None)
-            if memo is not None:
-                memo.forget(name, family)
-            continue
-        added = added or name not in fragments
-        fragments[name] = compile_with(memo, compile_service_port, svc, state.endpoints_of(name), node, family)
-    if added:
+    if recompile_changed(fragments, state, node, family, changed, compile_service_port, memo):
         fragments = {name: fragments[name] for name in sorted(fragments, key=sort_key)}
     return fragments
 

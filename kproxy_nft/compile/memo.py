@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable, Collection
 from typing import Generic, TypeVar
 
-from kproxy_nft.model import Endpoint, IPFamily, NodeContext, ServicePort, ServicePortName
+from kproxy_nft.model import ClusterState, Endpoint, IPFamily, NodeContext, ServicePort, ServicePortName
 
 Fragment = TypeVar("Fragment")
 CompileServicePort = Callable[[ServicePort, tuple[Endpoint, ...], NodeContext, IPFamily], Fragment]
@@ -35,36 +35,19 @@ class FragmentMemo(Generic[Fragment]):
     """The last fragment of each (service port, family), with the inputs it was compiled from."""
 
     def __init__(self) -> None:
-        self._entries: dict[tuple[ServicePortName, IPFamily], _Entry[Fragment]] = {}
+        self.entries: dict[tuple[ServicePortName, IPFamily], _Entry[Fragment]] = {}
 
     def __len__(self) -> int:
-        return len(self._entries)
-
-    def fragment(
-        self,
-        compile_service_port: CompileServicePort[Fragment],
-        svc: ServicePort,
-        endpoints: tuple[Endpoint, ...],
-        node: NodeContext,
-        family: IPFamily,
-    ) -> Fragment:
-        """`compile_service_port(svc, endpoints, node, family)`, or the same fragment as last time."""
-        key = (svc.name, family)
-        hit = self._entries.get(key)
-        if hit is not None and _same(hit[0], svc) and _same(hit[1], endpoints) and _same(hit[2], node):
-            return hit[3]
-        fragment = compile_service_port(svc, endpoints, node, family)
-        self._entries[key] = (svc, endpoints, node, fragment)
-        return fragment
+        return len(self.entries)
 
     def retain(self, names: Collection[ServicePortName], family: IPFamily) -> None:
         """Forget the service ports of `family` that are not in `names` (deleted services)."""
-        gone = [key for key in self._entries if key[1] is family and key[0] not in names]
+        gone = [key for key in self.entries if key[1] is family and key[0] not in names]
         for key in gone:
-            del self._entries[key]
+            del self.entries[key]
 
     def forget(self, name: ServicePortName, family: IPFamily) -> None:
-        self._entries.pop((name, family), None)
+        self.entries.pop((name, family), None)
 
 
 def compile_with(
@@ -75,7 +58,39 @@ def compile_with(
     node: NodeContext,
     family: IPFamily,
 ) -> Fragment:
-    """Through `memo` when there is one, else a plain compile."""
+    """`compile_service_port(svc, endpoints, node, family)`, or, through `memo`, the same fragment
+    as last time when the inputs are the same (or equal)."""
     if memo is None:
         return compile_service_port(svc, endpoints, node, family)
-    return memo.fragment(compile_service_port, svc, endpoints, node, family)
+    key = (svc.name, family)
+    hit = memo.entries.get(key)
+    if hit is not None and _same(hit[0], svc) and _same(hit[1], endpoints) and _same(hit[2], node):
+        return hit[3]
+    fragment = compile_service_port(svc, endpoints, node, family)
+    memo.entries[key] = (svc, endpoints, node, fragment)
+    return fragment
+
+
+def recompile_changed(
+    fragments: dict[ServicePortName, Fragment],
+    state: ClusterState,
+    node: NodeContext,
+    family: IPFamily,
+    changed: Collection[ServicePortName],
+    compile_service_port: CompileServicePort[Fragment],
+    memo: FragmentMemo[Fragment] | None,
+) -> list[ServicePortName]:
+    """Bring `fragments` (in place) up to `state` for the `changed` service ports: removed ones
+    go, the others are recompiled. Returns the names that were not there before."""
+    added = []
+    for name in changed:
+        svc = state.services.get(name)
+        if svc is None:
+            fragments.pop(name, None)
+            if memo is not None:
+                memo.forget(name, family)
+            continue
+        if name not in fragments:
+            added.append(name)
+        fragments[name] = compile_with(memo, compile_service_port, svc, state.endpoints_of(name), node, family)
+    return added

@@ -31,7 +31,7 @@ from types import MappingProxyType
 from typing import NamedTuple
 
 from kproxy_nft.compile import render
-from kproxy_nft.compile.memo import FragmentMemo, compile_with
+from kproxy_nft.compile.memo import FragmentMemo, compile_with, recompile_changed
 from kproxy_nft.model import (
     ClusterState,
     Endpoint,
@@ -779,16 +779,10 @@ def update_ruleset(
     fragments: dict[ServicePortName, ServiceFragment] = previous.fragments.copy()  # type: ignore[attr-defined]
     fixed = fixed_chains(family, node)
     needed = {chain.name for chain in previous.chains[len(fixed):]}  # compile_ruleset: fixed, then generated
+    recompile_changed(fragments, state, node, family, changed, compile_service_port, memo)
     for name in changed:
-        svc = state.services.get(name)
-        if svc is None:
-            fragments.pop(name, None)
-            if memo is not None:
-                memo.forget(name, family)
-            continue
-        fragment = compile_with(memo, compile_service_port, svc, state.endpoints_of(name), node, family)
-        fragments[name] = fragment
-        needed.update(fragment.shared_chains)
+        if name in fragments:
+            needed.update(fragments[name].shared_chains)
     return Ruleset(family, previous.sets, fixed + _generated_chains(needed, family, node), fragments)
 
 
