@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Callable, Iterable
 
 from kproxy_nft.model import Endpoint, NodeContext, Protocol, ServicePort
 
@@ -144,15 +145,16 @@ def service_port(svc: ServicePort) -> ServicePort:
         number(svc.health_check_node_port, "health check node port")
     if svc.session_affinity_seconds is not None:
         number(svc.session_affinity_seconds, "session affinity timeout")
-    for ip in svc.cluster_ips:
-        address(ip, "cluster IP")
-    for ip in svc.external_ips:
-        address(ip, "external IP")
-    for ip in svc.load_balancer_ips:
-        address(ip, "load-balancer IP")
-    for text in svc.load_balancer_source_ranges:
-        cidr(text, "load-balancer source range")
+    _each(address, "cluster IP", svc.cluster_ips)
+    _each(address, "external IP", svc.external_ips)
+    _each(address, "load-balancer IP", svc.load_balancer_ips)
+    _each(cidr, "load-balancer source range", svc.load_balancer_source_ranges)
     return svc
+
+
+def _each(check: Callable[[str, str], str], what: str, values: Iterable[str]) -> None:
+    for value in values:
+        check(value, what)
 
 
 def endpoints(eps: tuple[Endpoint, ...]) -> tuple[Endpoint, ...]:
@@ -174,16 +176,10 @@ def node(ctx: NodeContext) -> NodeContext:
 
     Its hostname and zone only select endpoints; they never reach rule text.
     """
-    for ip in ctx.node_ips:
-        address(ip, "node IP")
-    for ip in ctx.local_addresses:
-        address(ip, "local address")
-    for text in ctx.cluster_cidrs:
-        cidr(text, "cluster CIDR")
-    for text in ctx.service_cidrs:
-        cidr(text, "service CIDR")
-    for text in ctx.nodeport_addresses:
-        if text != "primary":
-            cidr(text, "node-port address")
+    _each(address, "node IP", ctx.node_ips)
+    _each(address, "local address", ctx.local_addresses)
+    _each(cidr, "cluster CIDR", ctx.cluster_cidrs)
+    _each(cidr, "service CIDR", ctx.service_cidrs)
+    _each(cidr, "node-port address", (text for text in ctx.nodeport_addresses if text != "primary"))
     number(ctx.masquerade_bit, "masquerade bit")
     return ctx
