@@ -37,7 +37,7 @@ from __future__ import annotations
 import functools
 import hashlib
 from collections.abc import Collection, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from kproxy_nft.compile import render
 from kproxy_nft.compile.memo import FragmentMemo, compile_with, recompile_changed
@@ -365,21 +365,16 @@ class _Routing:
     uses_ext: bool
     uses_fw: bool
 
-    @property
-    def svc_chain(self) -> str:
-        return service_chain_name(SVC_PREFIX, self.svc.name)
+    def __post_init__(self) -> None:
+        name = self.svc.name
+        for field_name, prefix in (("svc_chain", SVC_PREFIX), ("svl_chain", SVL_PREFIX),
+                                   ("ext_chain", EXT_PREFIX), ("fw_chain", FW_PREFIX)):
+            object.__setattr__(self, field_name, service_chain_name(prefix, name))
 
-    @property
-    def svl_chain(self) -> str:
-        return service_chain_name(SVL_PREFIX, self.svc.name)
-
-    @property
-    def ext_chain(self) -> str:
-        return service_chain_name(EXT_PREFIX, self.svc.name)
-
-    @property
-    def fw_chain(self) -> str:
-        return service_chain_name(FW_PREFIX, self.svc.name)
+    svc_chain: str = field(init=False)
+    svl_chain: str = field(init=False)
+    ext_chain: str = field(init=False)
+    fw_chain: str = field(init=False)
 
     @property
     def has_internal(self) -> bool:

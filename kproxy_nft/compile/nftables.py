@@ -42,6 +42,7 @@ from kproxy_nft.model import (
     ServicePortName,
     TrafficPolicy,
     ip_family,
+    sort_key,
 )
 from kproxy_nft.selection import EndpointSelection, categorize_endpoints, endpoints_of_family
 
@@ -725,7 +726,7 @@ def ipv6_affinity_skipped(state: ClusterState) -> list[ServicePortName]:
     return sorted(
         (name for name, svc in state.services.items()
          if svc.session_affinity_seconds is not None and svc.cluster_ip(IPFamily.V6) is not None),
-        key=lambda n: (n.namespace, n.name, n.port, n.protocol),
+        key=sort_key,
     )
 
 
@@ -741,9 +742,7 @@ def compile_ruleset(
     """
     fragments: dict[ServicePortName, ServiceFragment] = {}
     needed: set[str] = set()
-    # Sorted by plain fields: Protocol is a StrEnum, so it compares as text without the (slow,
-    # in 3.11) enum `.value` lookup that `model.sort_key` makes.
-    for name in sorted(state.services, key=lambda n: (n.namespace, n.name, n.port, n.protocol)):
+    for name in sorted(state.services, key=sort_key):
         svc, endpoints = state.services[name], state.endpoints_of(name)
         fragment = compile_with(memo, compile_service_port, svc, endpoints, node, family)
         fragments[name] = fragment
