@@ -185,6 +185,16 @@ def test_shared_hairpin_pairs_are_listed_once() -> None:
     assert (HAIRPIN, "10.0.0.5 . 10.0.0.5", None) in compile_ruleset(state, NODE).fragments[a].elements
 
 
+def test_hairpin_pairs_only_for_endpoints_that_can_be_on_this_node() -> None:
+    """A pod is DNATed back to itself only by its own node: this node's endpoints, and the
+    ones whose node is not known, get a pair; other nodes' do not."""
+    a = spn("a")
+    eps = (endpoint("10.0.0.5", node_name="node1"), endpoint("10.0.0.6"), endpoint("10.0.0.7", node_name="node2"))
+    state = ClusterState({a: service(a, "172.30.0.1")}, {a: eps})
+    pairs = {key for name, key, _ in compile_ruleset(state, NODE).fragments[a].elements if name == HAIRPIN}
+    assert pairs == {"10.0.0.5 . 10.0.0.5", "10.0.0.6 . 10.0.0.6"}
+
+
 def test_durations_print_like_nft() -> None:
     assert [_nft_duration(s) for s in (10800, 90, 86400 + 3661, 5)] == ["3h", "1m30s", "1d1h1m1s", "5s"]
 

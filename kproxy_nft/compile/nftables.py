@@ -635,11 +635,13 @@ def compile_service_port(
     external_ips = _of_family((*svc.external_ips, *svc.load_balancer_ips), family)
     reached_externally = _external_traffic(parts, external_ips, node)
     _source_ranges(parts, node)
-    # Hairpin pairs for every reachable endpoint, as kube-proxy marks in every endpoint chain:
-    # nodeName is only a hint (a manifest may name no node, or another one for a pod that is
-    # in fact routed through here), and the set is keyed, so shared endpoints cost one element.
-    reachable = {_nft_ip(ep.ip) for ep in parts.sel.all_reachable}
-    parts.elements += [(HAIRPIN, f"{ip} . {ip}", None) for ip in sorted(reachable)]
+    # Hairpin pairs: a pod DNATed back to itself, which only its own node sees (a pod's packets
+    # to a service are DNATed by the node it runs on). kube-proxy masquerades in every endpoint
+    # chain; an element per endpoint of the cluster was most of a 10,000-service load, so only
+    # endpoints that can be here get one: this node's, or those whose node is not known. The
+    # set is keyed, so endpoints shared between service ports cost one element.
+    here = {_nft_ip(ep.ip) for ep in parts.sel.all_reachable if ep.node_name in (None, node.hostname)}
+    parts.elements += [(HAIRPIN, f"{ip} . {ip}", None) for ip in sorted(here)]
     target = _affinity_records(parts, reached_externally and svc.node_port is not None)
     return ServiceFragment(svc.name, tuple(parts.elements), frozenset(parts.shared), target, tuple(parts.chains))
 

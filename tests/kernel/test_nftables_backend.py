@@ -104,8 +104,8 @@ def test_incremental_sync_sends_only_the_changed_elements(backend: NftablesBacke
     updated = update_ruleset(compile_ruleset(state, node), changed, node, {name})
     assert backend.plan(updated, changed={name}).text == plan.text
 
-    def hairpin_pairs(eps: tuple[Endpoint, ...]) -> str:  # hairpin pairs: every endpoint, as kube-proxy
-        return ", ".join(f"{e.ip} . {e.ip}" for e in eps)
+    def hairpin_pairs(eps: tuple[Endpoint, ...]) -> str:  # hairpin pairs: the endpoints on this node
+        return ", ".join(f"{e.ip} . {e.ip}" for e in eps if e.node_name == node.hostname)
 
     assert lines == [
         "delete element ip kproxy-nft backends-tcp { 10.96.0.8 . 80 . 0, 10.96.0.8 . 80 . 1, 10.96.0.8 . 80 . 2 }",
