@@ -23,10 +23,42 @@ internal set for the cluster IP, the external one - local endpoints under
 externalTrafficPolicy Local - for the rest), so a NodePort whose first local endpoint appears
 is flushed even though remote endpoints existed all along.
 
-Everything is a pure function of (previous state, current state, node): no listing of the
-table here. `kernel.conntrack` lists the kernel's flows, keeps those `FlowFilter.matches`, and
-deletes them. kube-proxy 1.31+ instead lists every UDP flow on each sync and deletes what does
-not point at a serving endpoint; the diff costs nothing on syncs that change no UDP endpoint.
+That diff (`stale_flow_filters`) needs the previous state, which an agent that just started
+does not have: diffing against an empty state flushed every flow of every served UDP service,
+which breaks QUIC and other long-lived UDP across a mere restart (kubernetes#122740). So the
+first cleanup, a full sync's, and the one after a failure *reconcile* instead
+(`reconcile_flows`): they compare the listed flows with the current state alone, as kube-proxy's
+reconciler does since 1.32 (kubernetes#127318; pkg/proxy/conntrack/cleanup.go,
+`CleanStaleEntries`). What we took from it: index the frontends (service IP:port, and NodePort by
+port alone) to their endpoints once, then one lookup per listed flow; delete a flow to a
+frontend whose reply source is not an endpoint of it, including when the frontend has no
+endpoints at all (kubernetes#139628, fixed by kubernetes#139629: skipping those left flows
+DNATed to deleted pods forever). Where we differ, and why:
+
+* "an endpoint of it" is the `all_reachable` set with its port, the same as the diff's, so the
+  two never disagree about a flow (kube-proxy takes every serving endpoint's IP, port aside);
+* a flow that was not DNATed (its reply comes from the frontend itself) is deleted only when the
+  frontend is served, i.e. the flow was created while nothing answered it; an unserved
+  frontend's un-NATed flows are what its rules make of every new flow anyway;
+* a service IP:port takes precedence over a NodePort of the same number, as in the rules
+  (`@service-ips` before `@service-nodeports`, KUBE-NODEPORTS last), so another service's
+  port that equals a NodePort is never judged by the NodePort's endpoints;
+* an un-NATed flow matches a NodePort only when addressed to an address this node answers
+  NodePorts on. kube-proxy matches the port alone, which also deletes this node's (and its
+  pods') own flows to remote servers at that port number: harmless once, but the reconciler
+  runs on every full sync, and a masqueraded flow re-created after a delete may get another
+  source port, which is what breaks QUIC. Which addresses those are comes from the node
+  (`--nodeport-addresses`) or, for "every local address", from the caller, who can read the
+  interfaces; without them the node IPs are used (an un-NATed flow to another local address
+  at a NodePort then times out instead of being deleted).
+
+The reconciler cannot see a frontend that no longer exists (a service deleted, or its port
+changed, while no agent ran); its flows time out once their clients stop. When the previous
+state is known, the cleaner adds the diff to the reconciler, which covers those
+(kubernetes#141371 adds the same for deleted services to kube-proxy).
+
+Everything here is a pure function of states, the node and listed flows: `kernel.conntrack`
+lists the kernel's flows and deletes what these functions pick.
 """
 
 from __future__ import annotations
@@ -179,6 +211,12 @@ def _service_frontends(
             yield Frontend(family, proto, svc.node_port), outside
 
 
+def served_frontends(svc: ServicePort, endpoints: tuple[Endpoint, ...], node: NodeContext) -> dict[Frontend, bool]:
+    """Each frontend of one service port (per family) → whether this node answers it, as the
+    cleanup decides "newly served" (`kproxy-nft diff` reports the ones that start or stop)."""
+    return {fe: backends.served for fe, backends in _service_frontends(svc, endpoints, node)}
+
+
 def _frontends(
     state: ClusterState, names: Iterable[ServicePortName], node: NodeContext
 ) -> dict[Frontend, _Backends]:
@@ -235,10 +273,11 @@ def stale_flow_filters(
     (service deleted, port or external IP changed) counts as having no endpoints now, so the
     flows still DNATed through it are deleted as well.
 
-    Start an agent with `previous = ClusterState()`: kube-proxy's first sync likewise treats
-    every UDP service with endpoints as newly active, since nobody knows what happened to
-    the table while no proxy was running. `candidates`, when given, are the only service ports
-    that may differ (an agent's change tracker knows them): the rest is not compared.
+    Never start an agent with `previous = ClusterState()`: every served frontend would count as
+    newly served and lose all its flows, the valid ones too (kubernetes#122740). Without a
+    previous state, `reconcile_flows` decides from the table itself. `candidates`, when given,
+    are the only service ports that may differ (an agent's change tracker knows them): the rest
+    is not compared.
     """
     if candidates is None:
         names = _changed_ports(previous, current)
@@ -255,6 +294,104 @@ def stale_flow_filters(
         else:
             filters.update(FlowFilter(fe, ep) for ep in old.reachable - new.reachable)
     return tuple(sorted(filters, key=FlowFilter.sort_key))
+
+
+# Frontend lookups of the reconciler, keyed by plain tuples (one or two per listed flow: no
+# Frontend is built for a flow that is not stale): (family, protocol, ip, port) for service
+# IPs, (family, protocol, port) for NodePorts.
+_IpKey = tuple[IPFamily, Protocol, str, int]
+_NodePortKey = tuple[IPFamily, Protocol, int]
+
+
+@dataclass(frozen=True)
+class _FrontendIndex:
+    """Every UDP/SCTP frontend of one state with what stands behind it, and where NodePorts are answered."""
+
+    by_ip: dict[_IpKey, _Backends]
+    by_node_port: dict[_NodePortKey, _Backends]
+    # family → the addresses an un-NATed flow must be sent to for a NodePort to have skipped it
+    node_port_addresses: dict[IPFamily, frozenset[str]]
+
+
+def nodeport_destinations(
+    node: NodeContext, family: IPFamily, local_addresses: Collection[str] | None
+) -> frozenset[str]:
+    """The addresses of `family` this node answers NodePorts on, as far as the caller knows them.
+
+    `--nodeport-addresses` lists them (`NodeContext.nodeport_ips`); otherwise it is every local
+    address (loopback only for IPv4 with localhost NodePorts, as the rules do), which only the
+    caller can read: `local_addresses`, or, when None, the node IPs and any interface addresses
+    the node already holds.
+    """
+    listed = node.nodeport_ips(family)
+    if listed is not None:
+        return frozenset(canonical_ip(ip) for ip in listed)
+    known = local_addresses if local_addresses is not None else (*node.node_ips, *node.local_addresses)
+    keep_loopback = family is IPFamily.V4 and node.localhost_nodeports
+    addresses = (ipaddress.ip_address(ip) for ip in known)
+    return frozenset(a.compressed for a in addresses
+                     if a.version == int(family) and (keep_loopback or not a.is_loopback))
+
+
+def _frontend_index(state: ClusterState, node: NodeContext, local_addresses: Collection[str] | None) -> _FrontendIndex:
+    names = [name for name in state.services if name.protocol is not Protocol.TCP]  # CLEANED_PROTOCOLS
+    by_ip: dict[_IpKey, _Backends] = {}
+    by_node_port: dict[_NodePortKey, _Backends] = {}
+    for fe, backends in _frontends(state, names, node).items():
+        if fe.ip is None:
+            by_node_port[(fe.family, fe.protocol, fe.port)] = backends
+        else:
+            by_ip[(fe.family, fe.protocol, fe.ip, fe.port)] = backends
+    destinations = {family: nodeport_destinations(node, family, local_addresses) for family in IPFamily}
+    return _FrontendIndex(by_ip, by_node_port, destinations)
+
+
+def _reconciled(flow: Flow, index: _FrontendIndex) -> FlowFilter | None:
+    """Why `flow` is stale in the indexed state, as the filter the diff would have made; None: it is not."""
+    node_port = False
+    backends = index.by_ip.get((flow.family, flow.protocol, flow.orig_dst, flow.orig_dport))
+    if backends is None:  # a service IP:port wins over a NodePort of the same number, as in the rules
+        backends = index.by_node_port.get((flow.family, flow.protocol, flow.orig_dport))
+        if backends is None:
+            return None  # not a service's: never ours to judge
+        node_port = True
+    reply = (flow.reply_src, flow.reply_sport)
+    if reply in backends.reachable:
+        return None  # DNATed to an endpoint that is valid now: the one thing a restart must keep
+    frontend = Frontend(flow.family, flow.protocol, flow.orig_dport, None if node_port else flow.orig_dst)
+    if reply != (flow.orig_dst, flow.orig_dport):
+        # DNATed to what is no longer an endpoint of this frontend, also when none is left
+        # (kubernetes#139628: one-way senders keep such a flow alive forever).
+        return FlowFilter(frontend, reply)
+    # Not NATed: made while nothing answered the frontend. Stale once something does; and for a
+    # NodePort only when sent to an address the NodePort is answered on (else it is not ours).
+    if not backends.served:
+        return None
+    if node_port and flow.orig_dst not in index.node_port_addresses[flow.family]:
+        return None
+    return FlowFilter(frontend)
+
+
+def reconcile_flows(
+    state: ClusterState, node: NodeContext, flows: Iterable[Flow], local_addresses: Collection[str] | None = None
+) -> dict[Flow, FlowFilter]:
+    """The listed flows that are stale in `state` alone, each with the filter that says why.
+
+    Stale: DNATed to an address:port that is not a reachable endpoint of the frontend it was
+    sent to (also when the frontend has no endpoints), or not NATed although the frontend is
+    served now. Flows of other protocols, or to no frontend of `state`, are never picked.
+    `local_addresses`: the node's interface addresses, for un-NATed flows to a NodePort (see
+    `nodeport_destinations`). O(service ports + endpoints + flows): one index, then one or two
+    dict lookups per flow. The result does not depend on the order of `flows`, and deleting it
+    leaves nothing for a second call to pick.
+    """
+    index = _frontend_index(state, node, local_addresses)
+    stale = {}
+    for flow in flows:
+        why = _reconciled(flow, index)
+        if why is not None:
+            stale[flow] = why
+    return stale
 
 
 def flows_to_delete(filters: Iterable[FlowFilter], flows: Iterable[Flow]) -> tuple[Flow, ...]:
