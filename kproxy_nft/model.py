@@ -210,14 +210,34 @@ class Endpoint(_CachedHash):
 MASQUERADE_BIT_DEFAULT = 14
 
 
+class LocalMode(enum.StrEnum):
+    """kube-proxy's `--detect-local-mode`: how traffic from this node's pods is told apart."""
+
+    CLUSTER_CIDR = "ClusterCIDR"  # source in the cluster CIDR (`--cluster-cidr`)
+    NODE_CIDR = "NodeCIDR"  # source in the Node's spec.podCIDRs
+    BRIDGE_INTERFACE = "BridgeInterface"  # arrived on the pods' bridge (`--pod-bridge-interface`)
+    INTERFACE_NAME_PREFIX = "InterfaceNamePrefix"  # arrived on a pod interface (`--pod-interface-name-prefix`)
+
+
+@dataclass(frozen=True)
+class LocalDetector:
+    """One family's test for "from a pod" (kube-proxy's LocalTrafficDetector): a source CIDR,
+    or an input interface (`prefix`: any interface whose name starts with it)."""
+
+    cidr: str | None = None
+    interface: str | None = None
+    prefix: bool = False
+
+
 @dataclass(frozen=True)
 class NodeContext:
     """The node doing the programming and the proxy's settings that shape the rules.
 
-    `cluster_cidrs` is the local-traffic detector (kube-proxy's `--cluster-cidr`): traffic from
-    outside it that reaches a service is masqueraded. An empty tuple disables that detector, as
-    in kube-proxy. `nodeport_addresses` holds CIDRs or the word `primary` (empty: every local
-    address, kube-proxy's iptables-mode default). `localhost_nodeports` is kube-proxy's
+    `cluster_cidrs` is kube-proxy's `--cluster-cidr`; with the default `detect_local_mode` it is
+    the local-traffic detector (`local_detector`): traffic from outside it that reaches a service
+    is masqueraded. An empty tuple disables that detector, as in kube-proxy. `nodeport_addresses`
+    holds CIDRs or the word `primary` (empty: every local address, kube-proxy's iptables-mode
+    default). `localhost_nodeports` is kube-proxy's
     `--iptables-localhost-nodeports`, off here by default (CVE-2020-8558). `service_cidrs` are the
     service IP ranges (ServiceCIDR objects / `--service-cidr`), for the nftables mode's drop of
     traffic to unallocated service IPs.
@@ -235,6 +255,29 @@ class NodeContext:
     # Every interface address of the node (read by the agent and `apply`; empty for `dump`):
     # `--nodeport-addresses CIDR` selects among these and the node IPs, as kube-proxy does.
     local_addresses: tuple[str, ...] = ()
+    # How pod traffic is recognised (`local_detector`): the mode, and what each mode reads.
+    detect_local_mode: LocalMode = LocalMode.CLUSTER_CIDR
+    pod_cidrs: tuple[str, ...] = ()  # the Node's spec.podCIDRs (NodeCIDR)
+    pod_bridge_interface: str = ""  # BridgeInterface
+    pod_interface_name_prefix: str = ""  # InterfaceNamePrefix
+
+    def local_detector(self, family: IPFamily) -> LocalDetector | None:
+        """This family's test for traffic from this node's pods, or None when there is none.
+
+        kube-proxy (`getLocalDetectors`, cmd/kube-proxy/app/server.go): the first CIDR of the
+        family for the CIDR modes; the interface for both families otherwise. Without one, the
+        rules that depend on it are left out (no masquerade of off-cluster sources, no
+        short-circuit of pod traffic under externalTrafficPolicy Local), as in kube-proxy.
+        """
+        mode = self.detect_local_mode
+        if mode is LocalMode.CLUSTER_CIDR or mode is LocalMode.NODE_CIDR:
+            cidrs = self.cluster_cidrs if mode is LocalMode.CLUSTER_CIDR else self.pod_cidrs
+            first = next((c for c in cidrs if ip_family(c) is family), None)
+            return LocalDetector(cidr=first) if first else None
+        if mode is LocalMode.BRIDGE_INTERFACE:
+            return LocalDetector(interface=self.pod_bridge_interface) if self.pod_bridge_interface else None
+        prefix = self.pod_interface_name_prefix
+        return LocalDetector(interface=prefix, prefix=True) if prefix else None
 
     @property
     def masquerade_mark(self) -> str:

@@ -235,7 +235,7 @@ def test_service_cidrs_come_from_servicecidr_objects_and_bad_ones_name_the_field
     bad.write_text("apiVersion: networking.k8s.io/v1\nkind: ServiceCIDR\nmetadata: {name: x}\n"
                    "spec: {cidrs: [10.96.0.0/12, 10.300.0.0/16]}\n")
     field = r"spec.cidrs\[1\]: '10.300.0.0/16' is not a valid CIDR"
-    with pytest.raises(ManifestError, match=rf"bad.yaml: document 1 \(ServiceCIDR .*/x\): {field}"):
+    with pytest.raises(ManifestError, match=rf"bad.yaml: document 1 \(ServiceCIDR x\): {field}"):
         read_manifests([str(bad)])
 
 

@@ -31,6 +31,7 @@ from kproxy_nft.model import (
     ClusterState,
     Endpoint,
     IPFamily,
+    LocalMode,
     NodeContext,
     Protocol,
     ServicePort,
@@ -152,6 +153,10 @@ NODES = st.builds(
     localhost_nodeports=st.booleans(),
     service_cidrs=strings(CIDRS),
     local_addresses=strings(ADDRESSES),
+    detect_local_mode=st.sampled_from(LocalMode),
+    pod_cidrs=strings(CIDRS),
+    pod_bridge_interface=st.sampled_from(["", "cbr0", "br-pods"]),
+    pod_interface_name_prefix=st.sampled_from(["", "veth", "cali"]),
 )
 
 Path = tuple[str | int, ...]
@@ -202,6 +207,7 @@ RENDERED = [
     "service.name.namespace", "service.name.name", "service.name.port", "service.cluster_ips",
     "service.external_ips", "service.load_balancer_ips", "service.load_balancer_source_ranges", "endpoint.ip",
     "node.node_ips", "node.local_addresses", "node.cluster_cidrs", "node.service_cidrs", "node.nodeport_addresses",
+    "node.pod_cidrs", "node.pod_bridge_interface", "node.pod_interface_name_prefix",
 ]
 NOT_RENDERED = [
     "service.target_port", "service.service_type", "service.traffic_distribution", "endpoint.node_name",
@@ -352,9 +358,14 @@ _PRINTABLE = re.compile(r"[ -~]*")
 _HOOK = re.compile(r"type (filter|nat) hook [a-z]+ priority -?[0-9]+; policy accept;")
 
 
+# The one quoted string we write: an interface name (or prefix*) from `render.interface`.
+_QUOTED_INTERFACE = re.compile(r'iifname (?:!= )?"[A-Za-z0-9_.-]{1,15}\*?"')
+
+
 def assert_one_statement(text: str) -> None:
     """Printable ASCII, braces balanced, and no `;` (a second statement) or `#` (cutting the rest)."""
-    assert _PRINTABLE.fullmatch(text) and ";" not in text and "#" not in text and '"' not in text, text
+    unquoted = _QUOTED_INTERFACE.sub("iifname IFACE", text)
+    assert _PRINTABLE.fullmatch(text) and ";" not in text and "#" not in text and '"' not in unquoted, text
     depth = 0
     for char in text:
         depth += {"{": 1, "}": -1}.get(char, 0)
@@ -410,7 +421,7 @@ def test_every_string_field_is_classified() -> None:
                       traffic_distribution="PreferClose")
     ep = Endpoint("10.1.0.1", 80, node_name="n", zone="z", zone_hints=frozenset({"z"}), node_hints=frozenset({"n"}))
     node = NodeContext(node_ips=("10.0.0.2",), zone="z", cluster_cidrs=("10.0.0.0/8",), nodeport_addresses=("primary",),
-                       service_cidrs=("10.96.0.0/12",), local_addresses=("10.0.0.3",))
+                       service_cidrs=("10.96.0.0/12",), local_addresses=("10.0.0.3",), pod_cidrs=("10.1.0.0/24",))
     assert {kind(path) for path in string_fields(([(svc, (ep,))], node))} == {*RENDERED, *NOT_RENDERED}
 
 

@@ -46,6 +46,7 @@ from kproxy_nft.model import (
     ClusterState,
     Endpoint,
     IPFamily,
+    LocalDetector,
     NodeContext,
     ServicePort,
     ServicePortName,
@@ -332,6 +333,14 @@ def _endpoint_chains(names: _Names, endpoints: tuple[Endpoint, ...], seps: dict[
     return chains
 
 
+def local_match(detector: LocalDetector, negate: bool = False) -> str:
+    """kube-proxy's `IfLocal()` / `IfNotLocal()` match arguments: a source CIDR or an input interface."""
+    bang = "! " if negate else ""
+    if detector.cidr is not None:
+        return f"{bang}-s {detector.cidr}"
+    return f"{bang}-i {detector.interface}{'+' if detector.prefix else ''}"
+
+
 def _local_only_target(has_endpoints: bool, text: str) -> tuple[str, str]:
     """The filter verdict for traffic that has no endpoint to go to, and its comment.
 
@@ -482,13 +491,13 @@ def _own_chains(route: _Routing, node: NodeContext, family: IPFamily) -> list[Ch
     internal_rules: list[str] = []
     if route.has_internal:
         cluster_match = f"{comment(f'{names.text} cluster IP')} {route.dest(route.cluster_ip)}"
-        detector = node.cluster_cidrs_of(family)
+        detector = node.local_detector(family)
         if node.masquerade_all:
             internal_rules.append(f"{cluster_match} -j {KUBE_MARK_MASQ}")
         elif detector:
             # Off-cluster clients may reach the VIP through a static route to any node; the
             # endpoint may sit on another node, so the reply must come back through this one.
-            internal_rules.append(f"{cluster_match} ! -s {detector[0]} -j {KUBE_MARK_MASQ}")
+            internal_rules.append(f"{cluster_match} {local_match(detector, negate=True)} -j {KUBE_MARK_MASQ}")
 
     chains: list[Chain] = []
     if route.uses_ext:
@@ -531,9 +540,9 @@ def _external_rules(
     if not local:
         rules.append(f"{comment(f'masquerade traffic for {text} external destinations')} -j {KUBE_MARK_MASQ}")
     else:
-        detector = node.cluster_cidrs_of(family)
+        detector = node.local_detector(family)
         if detector:
-            rules.append(f"{comment(f'pod traffic for {text} external destinations')} -s {detector[0]} "
+            rules.append(f"{comment(f'pod traffic for {text} external destinations')} {local_match(detector)} "
                          f"-j {cluster_chain}")
         rules.append(f"{comment(f'masquerade LOCAL traffic for {text} external destinations')} "
                      f"-m addrtype --src-type LOCAL -j {KUBE_MARK_MASQ}")

@@ -36,6 +36,7 @@ from kproxy_nft.model import (
     ClusterState,
     Endpoint,
     IPFamily,
+    LocalDetector,
     NodeContext,
     Protocol,
     ServicePort,
@@ -328,16 +329,25 @@ def declarations(family: IPFamily) -> tuple[SetDecl, ...]:
 def _masquerade_rules(family: IPFamily, node: NodeContext) -> tuple[str, ...]:
     """The masquerade decision for cluster-IP traffic, the same for every service.
 
-    kube-proxy: masquerade_all marks everything; otherwise, with a cluster CIDR, traffic from
-    outside it (clients routed to the VIP through any node, whose reply must come back through
-    this node), as in the iptables compiler (its first CIDR of the family).
+    kube-proxy: masquerade_all marks everything; otherwise, with a local-traffic detector,
+    traffic that is not from this node's pods (clients routed to the VIP through any node, whose
+    reply must come back through this node), as in the iptables compiler.
     """
     if node.masquerade_all:
         return (f"jump {MARK_MASQ}",)
-    cidrs = node.cluster_cidrs_of(family)
-    if not cidrs:
+    detector = node.local_detector(family)
+    if detector is None:
         return ()
-    return (f"{_words(family).ip} saddr != {cidrs[0]} jump {MARK_MASQ}",)
+    return (f"{local_match(family, detector, negate=True)} jump {MARK_MASQ}",)
+
+
+def local_match(family: IPFamily, detector: LocalDetector, negate: bool = False) -> str:
+    """kube-proxy's nftables `IfLocal()` / `IfNotLocal()`: a source CIDR or an input interface."""
+    op = "!= " if negate else ""
+    if detector.cidr is not None:
+        return f"{_words(family).ip} saddr {op}{_nft_prefix(detector.cidr)}"
+    return f'iifname {op}"{detector.interface}{"*" if detector.prefix else ""}"'
+
 
 
 def _nft_duration(seconds: int) -> str:
@@ -558,11 +568,11 @@ def _external_rules(
         # Endpoints may be on other nodes: the reply must come back through this one.
         return (f"jump {MARK_MASQ}", *_dnat_rules(family, proto, sel.cluster, affinity))
     rules: list[str] = []
-    cidrs = node.cluster_cidrs_of(family)
+    detector = node.local_detector(family)
     if sel.cluster:
-        if cidrs:
+        if detector:
             # Pods reach external destinations as if from outside and back: no policy applies.
-            rules += _dnat_rules(family, proto, sel.cluster, affinity, f"{_words(family).ip} saddr {cidrs[0]}")
+            rules += _dnat_rules(family, proto, sel.cluster, affinity, local_match(family, detector))
         # The host itself: its source address would be the (local) destination, so masquerade.
         rules.append(f"fib saddr type local jump {MARK_MASQ}")
         rules += _dnat_rules(family, proto, sel.cluster, affinity, "fib saddr type local")

@@ -66,6 +66,7 @@ _PREFIX_LENGTH = {
 # subset). They are joined with `/` and `:` into nft chain names and rule comments.
 _LABEL = r"[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?"
 _NAME = re.compile(_LABEL).fullmatch
+_INTERFACE = re.compile(r"[A-Za-z0-9_.-]{1,15}").fullmatch  # IFNAMSIZ: 16 with the NUL
 # The three as one text, `namespace/name/port` (the port name may be empty): one match on the
 # hot path instead of three. It matches exactly when each part is a label, as no label has a `/`.
 _SERVICE_PORT_NAME = re.compile(rf"{_LABEL}/{_LABEL}/(?:{_LABEL})?").fullmatch
@@ -96,6 +97,13 @@ def cidr(text: str, what: str = "CIDR") -> str:
 def name(text: str, what: str = "name") -> str:
     """A DNS-1123 label (namespace, service or port name: `[a-z0-9]([-a-z0-9]*[a-z0-9])?`, ≤ 63)."""
     if _NAME(text) is None:
+        raise _refused(what, text)
+    return text
+
+
+def interface(text: str, what: str = "interface name") -> str:
+    """A network interface name (or name prefix): at most 15 characters of `[A-Za-z0-9_.-]`."""
+    if _INTERFACE(text) is None:
         raise _refused(what, text)
     return text
 
@@ -181,5 +189,9 @@ def node(ctx: NodeContext) -> NodeContext:
     _each(cidr, "cluster CIDR", ctx.cluster_cidrs)
     _each(cidr, "service CIDR", ctx.service_cidrs)
     _each(cidr, "node-port address", (text for text in ctx.nodeport_addresses if text != "primary"))
+    _each(cidr, "pod CIDR", ctx.pod_cidrs)
+    _each(interface, "pod bridge interface", (ctx.pod_bridge_interface,) if ctx.pod_bridge_interface else ())
+    _each(interface, "pod interface name prefix",
+          (ctx.pod_interface_name_prefix,) if ctx.pod_interface_name_prefix else ())
     number(ctx.masquerade_bit, "masquerade bit")
     return ctx
