@@ -22,6 +22,7 @@ from kproxy_nft.lab import NODE, ClientSpec, Lab, PodSpec
 from kproxy_nft.model import ClusterState, Endpoint, NodeContext, Protocol, ServicePort, ServicePortName, TrafficPolicy
 from kproxy_nft.sources.manifests import read_manifests
 from tests.helpers import EXAMPLES
+from tests.kernel.tracecheck import tested_mode, traced_probe
 
 pytestmark = pytest.mark.kernel
 
@@ -124,23 +125,25 @@ def test_target_port_mapping(lab: Lab, program: Program) -> None:
     assert lab.probe("testpod", "10.96.0.40", 8443, count=3).error_counts() == {"refused": 3}
 
 
-def test_masquerade_outside_cluster_only(lab: Lab, program: Program) -> None:
+def test_masquerade_outside_cluster_only(lab: Lab, request: pytest.FixtureRequest, program: Program) -> None:
+    mode = tested_mode(request)  # the trace reads this mode's rules
     program(seed(), SEED_NODE)
-    res = lab.probe("ext", VIP, 8080, count=10)
+    res = traced_probe(lab, mode, "ext", VIP, 8080, count=10)
     assert res.ok and res.seen_ips() <= set(lab.node_ips), res.summary()
-    res = lab.probe("testpod", VIP, 8080, count=10)
+    res = traced_probe(lab, mode, "testpod", VIP, 8080, count=10)
     assert res.ok and res.seen_ips() == {"10.1.0.50"}
-    res = lab.probe(NODE, VIP, 8080, count=5)  # locally generated: nat output
+    res = traced_probe(lab, mode, NODE, VIP, 8080, count=5)  # locally generated: nat output
     assert res.ok, res.summary()
 
     program(seed(), dataclasses.replace(SEED_NODE, masquerade_all=True))
-    res = lab.probe("testpod", VIP, 8080, count=10)
+    res = traced_probe(lab, mode, "testpod", VIP, 8080, count=10)
     assert res.ok and res.seen_ips() <= set(lab.node_ips), res.summary()
 
 
-def test_hairpin_is_masqueraded(lab: Lab, program: Program) -> None:
+def test_hairpin_is_masqueraded(lab: Lab, request: pytest.FixtureRequest, program: Program) -> None:
+    mode = tested_mode(request)  # the trace reads this mode's rules
     program(seed(), SEED_NODE)
-    res = lab.probe("pod1", VIP, 8080, count=60)
+    res = traced_probe(lab, mode, "pod1", VIP, 8080, count=60)
     assert res.ok, res.summary()
     for attempt in res.attempts:
         if attempt.pod == "pod1":
@@ -150,27 +153,33 @@ def test_hairpin_is_masqueraded(lab: Lab, program: Program) -> None:
     assert res.counts().get("pod1", 0) > 0
 
 
-def test_no_endpoints_refused_at_once_and_local_policy_drops(lab: Lab, program: Program) -> None:
+def test_no_endpoints_refused_at_once_and_local_policy_drops(
+    lab: Lab, request: pytest.FixtureRequest, program: Program
+) -> None:
+    mode = tested_mode(request)  # the trace reads this mode's rules
     empty = port("empty", "10.96.0.50", 80)
     udp = dataclasses.replace(port("dns", "10.96.0.51", 53), name=ServicePortName("test", "dns", "dns", Protocol.UDP))
     elsewhere = port("remote", "10.96.0.52", 80, internal_traffic_policy=TrafficPolicy.LOCAL)
     state = with_services(seed(), {empty: (), udp: (), elsewhere: (Endpoint("10.1.0.47", 80, node_name="other"),)})
     program(state, SEED_NODE)
     for client in ("testpod", NODE):  # forward and output hooks
-        res = lab.probe(client, "10.96.0.50", 80, count=3, timeout=2.0)
+        res = traced_probe(lab, mode, client, "10.96.0.50", 80, count=3, timeout=2.0)
         assert res.error_counts() == {"refused": 3}, res.summary()
         assert max(a.elapsed for a in res.attempts) < 0.5
-    res = lab.probe("testpod", "10.96.0.51", 53, proto="udp", count=3, timeout=2.0)
+    res = traced_probe(lab, mode, "testpod", "10.96.0.51", 53, proto="udp", count=3, timeout=2.0)
     assert res.error_counts() == {"refused": 3}, res.summary()
-    res = lab.probe("testpod", "10.96.0.52", 80, count=1, timeout=0.5)
+    res = traced_probe(lab, mode, "testpod", "10.96.0.52", 80, count=1, timeout=0.5)
     assert res.error_counts() == {"timeout": 1}, res.summary()
 
 
-def test_internal_traffic_policy_local_uses_local_endpoints(lab: Lab, program: Program) -> None:
+def test_internal_traffic_policy_local_uses_local_endpoints(
+    lab: Lab, request: pytest.FixtureRequest, program: Program
+) -> None:
+    mode = tested_mode(request)  # the trace reads this mode's rules
     local = port("local", "10.96.0.53", 80, internal_traffic_policy=TrafficPolicy.LOCAL)
     eps = (Endpoint("10.1.0.47", 80, node_name="other"), Endpoint("10.1.0.48", 80, node_name="docker-desktop"))
     program(with_services(ClusterState(), {local: eps}), SEED_NODE)
-    assert lab.probe("testpod", "10.96.0.53", 80, count=20).counts() == {"pod2": 20}
+    assert traced_probe(lab, mode, "testpod", "10.96.0.53", 80, count=20).counts() == {"pod2": 20}
 
 
 def test_session_affinity_and_removal_of_stale_entries(lab: Lab, backend: NftablesBackend) -> None:

@@ -34,6 +34,7 @@ from kproxy_nft.model import (
 from kproxy_nft.proxier import Proxier
 from kproxy_nft.proxier.iptables import IptablesProxier
 from kproxy_nft.proxier.nftables import NftablesProxier
+from tests.kernel.tracecheck import tested_mode, traced_probe
 
 pytestmark = pytest.mark.kernel
 
@@ -173,34 +174,40 @@ def test_ipv6_only_service_and_udp(lab: Lab, make_backend: MakeBackend) -> None:
     assert res.counts() == {"pod3": 5} and res.seen_ips() == {"fd00:10:1::50"}, res.summary()
 
 
-def test_ipv6_masquerade_for_external_client_and_hairpin(lab: Lab, make_backend: MakeBackend) -> None:
+def test_ipv6_masquerade_for_external_client_and_hairpin(
+    lab: Lab, request: pytest.FixtureRequest, make_backend: MakeBackend
+) -> None:
+    mode = tested_mode(request)  # the trace reads this mode's rules
     program(make_backend, DUAL_NODE, DUAL_STATE)
-    res = lab.probe("ext", VIP6, 80, count=20)
+    res = traced_probe(lab, mode, "ext", VIP6, 80, count=20)
     assert res.ok and set(res.counts()) == {"pod2", "pod3"}, res.summary()
     assert res.seen_ips() and res.seen_ips() <= set(lab.node_ips6), res.summary()  # masqueraded
-    res = lab.probe("ext", VIP4, 80, count=10)
+    res = traced_probe(lab, mode, "ext", VIP4, 80, count=10)
     assert res.ok and res.seen_ips() <= set(lab.node_ips), res.summary()
-    res = lab.probe("pod2", VIP6, 80, count=40)  # hairpin: pod2 reaching itself is masqueraded
+    res = traced_probe(lab, mode, "pod2", VIP6, 80, count=40)  # hairpin: pod2 reaching itself is masqueraded
     assert res.ok and res.counts().get("pod2", 0) > 0, res.summary()
     for attempt in res.attempts:
         assert attempt.seen_ip == ("fd00:10:1::1" if attempt.pod == "pod2" else V6["pod2"]), res.summary()
 
 
-def test_ipv6_service_without_endpoints_is_refused(lab: Lab, make_backend: MakeBackend) -> None:
+def test_ipv6_service_without_endpoints_is_refused(
+    lab: Lab, request: pytest.FixtureRequest, make_backend: MakeBackend
+) -> None:
+    mode = tested_mode(request)  # the trace reads this mode's rules
     tcp = service("empty6", "fd00:96::63")
     udp = service("empty6dns", "fd00:96::63", proto=Protocol.UDP, port=53)
     program(make_backend, DUAL_NODE, state_of((tcp, ()), (udp, ()), (DUAL, endpoints(V6, "pod2"))))
     for client in ("testpod", NODE):  # forward and output hooks
-        res = lab.probe(client, "fd00:96::63", 80, count=3, timeout=3.0)
+        res = traced_probe(lab, mode, client, "fd00:96::63", 80, count=3, timeout=3.0)
         assert res.error_counts() == {"refused": 3}, res.summary()
         # Refused, not timed out -- but after ~1 s: this kernel's IPv6 TCP (6.18 here) gives up
         # a SYN_SENT socket on the ICMPv6 port unreachable that answers the retransmitted SYN,
         # not the first one, with any ip6tables/nft REJECT (IPv4 and UDP: at once).
         assert max(a.elapsed for a in res.attempts) < 1.5, res.summary()
-    res = lab.probe("testpod", "fd00:96::63", 53, proto="udp", count=3, timeout=2.0)
+    res = traced_probe(lab, mode, "testpod", "fd00:96::63", 53, proto="udp", count=3, timeout=2.0)
     assert res.error_counts() == {"refused": 3}, res.summary()
     assert max(a.elapsed for a in res.attempts) < 0.5
-    assert lab.probe("testpod", VIP6, 80, count=3).counts() == {"pod2": 3}  # the others still work
+    assert traced_probe(lab, mode, "testpod", VIP6, 80, count=3).counts() == {"pod2": 3}  # the others still work
 
 
 # ----------------------------------------------------------------------- single stack

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import select
 import socket
@@ -41,10 +42,12 @@ import pytest
 from kproxy_nft.compile.iptables import compile_ruleset
 from kproxy_nft.compile.nftables import compile_all
 from kproxy_nft.kernel import iptables as iptables_kernel
+from kproxy_nft.kernel.iptables_text import strip_comments
 from kproxy_nft.kernel.nftables import NftablesBackend
 from kproxy_nft.lab import NODE, ClientSpec, Lab, PodSpec, ProbeResult
 from kproxy_nft.lab import server as netlab_server
 from kproxy_nft.model import ClusterState, Endpoint, NodeContext, Protocol, ServicePort, ServicePortName, TrafficPolicy
+from tests.kernel.tracecheck import predict, traced_probe
 
 pytestmark = pytest.mark.kernel
 
@@ -150,6 +153,10 @@ class Mode:
     def load(self, state: ClusterState, node: NodeContext = NODE_A) -> None:
         self.load_with(state, node)
 
+    def probe(self, lab: Lab, client: str, ip: str, port: int, **kw: Any) -> ProbeResult:
+        """`lab.probe`, and the tracer's prediction for the same packet checked against it."""
+        return traced_probe(lab, self.name, client, ip, port, **kw)
+
 
 @pytest.fixture(params=["iptables-nft", "iptables-legacy", "nftables"])
 def mode(request: pytest.FixtureRequest, lab: Lab) -> Iterator[Mode]:
@@ -229,11 +236,11 @@ NODEPORT_EPS = (ep("pod1"), ep("pod2", "node-b"), ep("pod3", "node-b"))
 def test_nodeport_from_outside_pods_and_the_node(lab: Lab, mode: Mode) -> None:
     mode.load(cluster((NODEPORT, NODEPORT_EPS)))
     # eTP Cluster: every endpoint, the client masqueraded to a node address (KUBE-EXT- marks all).
-    assert_reaches(mode, lab.probe("ext", NODE_IP, 30080, count=SPREAD3), set(POD_IPS), masqueraded(lab))
-    assert_reaches(mode, lab.probe("testpod", NODE_IP, 30080, count=SPREAD3), set(POD_IPS), masqueraded(lab))
-    assert_reaches(mode, lab.probe(NODE, NODE_IP, 30080, count=SPREAD3), set(POD_IPS), masqueraded(lab))
+    assert_reaches(mode, mode.probe(lab, "ext", NODE_IP, 30080, count=SPREAD3), set(POD_IPS), masqueraded(lab))
+    assert_reaches(mode, mode.probe(lab, "testpod", NODE_IP, 30080, count=SPREAD3), set(POD_IPS), masqueraded(lab))
+    assert_reaches(mode, mode.probe(lab, NODE, NODE_IP, 30080, count=SPREAD3), set(POD_IPS), masqueraded(lab))
     # Localhost NodePorts are off by default: 127.0.0.1 reaches the node's own listener.
-    assert_reaches(mode, lab.probe(NODE, "127.0.0.1", 30080, count=3), {NODE_LISTENER})
+    assert_reaches(mode, mode.probe(lab, NODE, "127.0.0.1", 30080, count=3), {NODE_LISTENER})
 
 
 def test_localhost_nodeports_when_enabled(lab: Lab, mode: Mode) -> None:
@@ -245,7 +252,7 @@ def test_localhost_nodeports_when_enabled(lab: Lab, mode: Mode) -> None:
     state = cluster((NODEPORT, NODEPORT_EPS))
     with sysctl(lab, ROUTE_LOCALNET, "0" if mode.iptables else "1"):
         mode.load(state, dataclasses.replace(NODE_A, localhost_nodeports=True))
-        res = lab.probe(NODE, "127.0.0.1", 30080, count=15)
+        res = mode.probe(lab, NODE, "127.0.0.1", 30080, count=15)
         if mode.iptables:
             assert_reaches(mode, res, set(POD_IPS), masqueraded(lab))
             assert lab.run_in(NODE, ["sysctl", "-n", ROUTE_LOCALNET]).stdout.strip() == "1"
@@ -257,11 +264,11 @@ def test_nodeport_addresses_limit_where_nodeports_answer(lab: Lab, mode: Mode) -
     state = cluster((NODEPORT, NODEPORT_EPS))
     # Control: "every local address" (a /0) serves the NodePort on the pod gateway 10.1.0.1 too.
     mode.load(state, dataclasses.replace(NODE_A, nodeport_addresses=("0.0.0.0/0",)))
-    assert_reaches(mode, lab.probe("testpod", "10.1.0.1", 30080, count=SPREAD3), set(POD_IPS))
+    assert_reaches(mode, mode.probe(lab, "testpod", "10.1.0.1", 30080, count=SPREAD3), set(POD_IPS))
     mode.load(state, dataclasses.replace(NODE_A, nodeport_addresses=("192.168.100.1/32",)))
-    assert_reaches(mode, lab.probe("ext", NODE_IP, 30080, count=SPREAD3), set(POD_IPS), masqueraded(lab))
-    assert_reaches(mode, lab.probe("testpod", NODE_IP, 30080, count=SPREAD3), set(POD_IPS))
-    assert_reaches(mode, lab.probe("testpod", "10.1.0.1", 30080, count=3), {NODE_LISTENER})
+    assert_reaches(mode, mode.probe(lab, "ext", NODE_IP, 30080, count=SPREAD3), set(POD_IPS), masqueraded(lab))
+    assert_reaches(mode, mode.probe(lab, "testpod", NODE_IP, 30080, count=SPREAD3), set(POD_IPS))
+    assert_reaches(mode, mode.probe(lab, "testpod", "10.1.0.1", 30080, count=3), {NODE_LISTENER})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -281,12 +288,12 @@ def test_external_and_load_balancer_ips(lab: Lab, mode: Mode) -> None:
     mode.load(cluster((lb, (ep("pod1"), ep("pod2", "node-b")))))
     pods = {"pod1", "pod2"}
     for ip in (LB_IP, EXT_IP):
-        assert_reaches(mode, lab.probe("ext", ip, 80, count=SPREAD2), pods, masqueraded(lab))
+        assert_reaches(mode, mode.probe(lab, "ext", ip, 80, count=SPREAD2), pods, masqueraded(lab))
         # Pods and the node reach them too (KUBE-SERVICES matches them from any source).
-        assert_reaches(mode, lab.probe("testpod", ip, 80, count=SPREAD2), pods, masqueraded(lab))
-        assert_reaches(mode, lab.probe(NODE, ip, 80, count=SPREAD2), pods)
+        assert_reaches(mode, mode.probe(lab, "testpod", ip, 80, count=SPREAD2), pods, masqueraded(lab))
+        assert_reaches(mode, mode.probe(lab, NODE, ip, 80, count=SPREAD2), pods)
     # Only the service's port is translated: another port of the LB IP leaks upstream.
-    assert_reaches(mode, lab.probe("ext", LB_IP, 81, count=2), {LEAK})
+    assert_reaches(mode, mode.probe(lab, "ext", LB_IP, 81, count=2), {LEAK})
 
 
 def test_load_balancer_source_ranges(lab: Lab, mode: Mode) -> None:
@@ -299,11 +306,11 @@ def test_load_balancer_source_ranges(lab: Lab, mode: Mode) -> None:
         load_balancer_source_ranges=("192.168.100.2/32",),
     )
     mode.load(cluster((fw, (ep("pod1"), ep("pod2", "node-b")))))
-    assert_reaches(mode, lab.probe("ext", LB_IP, 80, count=SPREAD2), {"pod1", "pod2"}, masqueraded(lab))
+    assert_reaches(mode, mode.probe(lab, "ext", LB_IP, 80, count=SPREAD2), {"pod1", "pod2"}, masqueraded(lab))
     # Outside the ranges: dropped (KUBE-PROXY-FIREWALL / firewall-check), not leaked upstream.
-    assert_dropped(mode, lab.probe("ext2", LB_IP, 80, count=2, timeout=DROP_TIMEOUT))
+    assert_dropped(mode, mode.probe(lab, "ext2", LB_IP, 80, count=2, timeout=DROP_TIMEOUT))
     # The NodePort of the same service is not subject to the ranges.
-    assert_reaches(mode, lab.probe("ext2", NODE_IP, 30082, count=SPREAD2), {"pod1", "pod2"}, masqueraded(lab))
+    assert_reaches(mode, mode.probe(lab, "ext2", NODE_IP, 30082, count=SPREAD2), {"pod1", "pod2"}, masqueraded(lab))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -328,30 +335,37 @@ def test_external_traffic_policy_local(lab: Lab, mode: Mode) -> None:
     mode.load(cluster((local, (ep("pod1"), ep("pod2", "node-b")))))
     for target, port in ((NODE_IP, 30083), (LB_IP, 80), (EXT_IP, 80)):
         # Only this node's endpoint, and it sees the client's real address.
-        assert_reaches(mode, lab.probe("ext", target, port, count=12), {"pod1"}, {EXT_CLIENT_IP})
+        assert_reaches(mode, mode.probe(lab, "ext", target, port, count=12), {"pod1"}, {EXT_CLIENT_IP})
     # Pod traffic short-circuits to the cluster endpoints (kube-proxy: "pod traffic for ... external
     # destinations" → KUBE-SVC-), and so does the node's own, masqueraded ("masquerade LOCAL traffic").
-    assert_reaches(mode, lab.probe("testpod", NODE_IP, 30083, count=SPREAD2), {"pod1", "pod2"})
-    assert_reaches(mode, lab.probe(NODE, NODE_IP, 30083, count=SPREAD2), {"pod1", "pod2"}, masqueraded(lab))
+    assert_reaches(mode, mode.probe(lab, "testpod", NODE_IP, 30083, count=SPREAD2), {"pod1", "pod2"})
+    assert_reaches(mode, mode.probe(lab, NODE, NODE_IP, 30083, count=SPREAD2), {"pod1", "pod2"}, masqueraded(lab))
 
 
 def test_external_traffic_policy_local_without_local_endpoints(lab: Lab, mode: Mode) -> None:
     local = _local_external("etp", "10.96.1.41", 30084)
     mode.load(cluster((local, (ep("pod2", "node-b"), ep("pod3", "node-b")))))
     for target, port in ((NODE_IP, 30084), (LB_IP, 80), (EXT_IP, 80)):
-        assert_dropped(mode, lab.probe("ext", target, port, count=2, timeout=DROP_TIMEOUT))
-    assert_reaches(mode, lab.probe("testpod", "10.96.1.41", 80, count=SPREAD2), {"pod2", "pod3"})
+        assert_dropped(mode, mode.probe(lab, "ext", target, port, count=2, timeout=DROP_TIMEOUT))
+    assert_reaches(mode, mode.probe(lab, "testpod", "10.96.1.41", 80, count=SPREAD2), {"pod2", "pod3"})
     # kube-proxy still short-circuits pod traffic to the cluster endpoints (its DROP sits in filter
     # KUBE-EXTERNAL-SERVICES, after the DNAT; the spec above is silent on this).
-    assert_reaches(mode, lab.probe("testpod", NODE_IP, 30084, count=SPREAD2), {"pod2", "pod3"})
+    assert_reaches(mode, mode.probe(lab, "testpod", NODE_IP, 30084, count=SPREAD2), {"pod2", "pod3"})
+    # The node itself to the external IP: the modes differ (docs/TRACE.md), and the trace says how:
+    # iptables has no KUBE-EXTERNAL-SERVICES in OUTPUT and short-circuits it, nftables drops it there.
+    res = mode.probe(lab, NODE, EXT_IP, 80, count=SPREAD2, timeout=DROP_TIMEOUT)
+    if mode.iptables:
+        assert_reaches(mode, res, {"pod2", "pod3"}, masqueraded(lab))
+    else:
+        assert_dropped(mode, res)
 
 
 def test_internal_traffic_policy_local(lab: Lab, mode: Mode) -> None:
     itp = svc("itp", "10.96.1.50", internal_traffic_policy=TrafficPolicy.LOCAL)
     mode.load(cluster((itp, (ep("pod1"), ep("pod2", "node-b"), ep("pod3", "node-b")))))
-    assert_reaches(mode, lab.probe("testpod", "10.96.1.50", 80, count=20), {"pod1"})
+    assert_reaches(mode, mode.probe(lab, "testpod", "10.96.1.50", 80, count=20), {"pod1"})
     mode.load(cluster((itp, (ep("pod2", "node-b"), ep("pod3", "node-b")))))
-    assert_dropped(mode, lab.probe("testpod", "10.96.1.50", 80, count=2, timeout=DROP_TIMEOUT))
+    assert_dropped(mode, mode.probe(lab, "testpod", "10.96.1.50", 80, count=2, timeout=DROP_TIMEOUT))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -369,12 +383,12 @@ def test_no_endpoints_rejects_every_address(lab: Lab, mode: Mode) -> None:
         load_balancer_ips=(LB_IP,),
     )
     mode.load(cluster((empty, ())))
-    assert_refused(mode, lab.probe("testpod", "10.96.1.60", 80, count=3))
-    assert_refused(mode, lab.probe(NODE, "10.96.1.60", 80, count=3))
+    assert_refused(mode, mode.probe(lab, "testpod", "10.96.1.60", 80, count=3))
+    assert_refused(mode, mode.probe(lab, NODE, "10.96.1.60", 80, count=3))
     # The node listens on 30086 and the upstream on the external IPs: refused means rejected.
-    assert_refused(mode, lab.probe("ext", NODE_IP, 30086, count=3))
-    assert_refused(mode, lab.probe("ext", EXT_IP, 80, count=3))
-    assert_refused(mode, lab.probe("ext", LB_IP, 80, count=3))
+    assert_refused(mode, mode.probe(lab, "ext", NODE_IP, 30086, count=3))
+    assert_refused(mode, mode.probe(lab, "ext", EXT_IP, 80, count=3))
+    assert_refused(mode, mode.probe(lab, "ext", LB_IP, 80, count=3))
 
 
 def test_nftables_rejects_unknown_ports_and_drops_unallocated_ips(lab: Lab, mode: Mode) -> None:
@@ -382,13 +396,13 @@ def test_nftables_rejects_unknown_ports_and_drops_unallocated_ips(lab: Lab, mode
         pytest.skip("kube-proxy's iptables mode has no cluster-ips-check: such traffic is routed as usual")
     web = svc("web", "10.96.1.61")
     mode.load(cluster((web, (ep("pod1"),))), dataclasses.replace(NODE_A, service_cidrs=(SERVICE_CIDR,)))
-    assert_reaches(mode, lab.probe("testpod", "10.96.1.61", 80, count=3), {"pod1"})
+    assert_reaches(mode, mode.probe(lab, "testpod", "10.96.1.61", 80, count=3), {"pod1"})
     # Port 81 is not the service's: rejected (the upstream would answer it otherwise).
-    assert_refused(mode, lab.probe("testpod", "10.96.1.61", 81, count=3))
-    assert_refused(mode, lab.probe(NODE, "10.96.1.61", 81, count=3))
+    assert_refused(mode, mode.probe(lab, "testpod", "10.96.1.61", 81, count=3))
+    assert_refused(mode, mode.probe(lab, NODE, "10.96.1.61", 81, count=3))
     # An address of the service CIDR that no service has: dropped.
-    assert_dropped(mode, lab.probe("testpod", "10.96.200.200", 80, count=2, timeout=DROP_TIMEOUT))
-    assert_dropped(mode, lab.probe(NODE, "10.96.200.200", 80, count=2, timeout=DROP_TIMEOUT))
+    assert_dropped(mode, mode.probe(lab, "testpod", "10.96.200.200", 80, count=2, timeout=DROP_TIMEOUT))
+    assert_dropped(mode, mode.probe(lab, NODE, "10.96.200.200", 80, count=2, timeout=DROP_TIMEOUT))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -404,10 +418,10 @@ def test_terminating_endpoints_fallback(lab: Lab, mode: Mode) -> None:
     term = svc("term", "10.96.1.70")
     # All terminating: the serving ones keep taking connections (pod3 is not serving).
     mode.load(cluster((term, (terminating("pod1"), terminating("pod2"), terminating("pod3", serving=False)))))
-    assert_reaches(mode, lab.probe("testpod", "10.96.1.70", 80, count=SPREAD2), {"pod1", "pod2"})
+    assert_reaches(mode, mode.probe(lab, "testpod", "10.96.1.70", 80, count=SPREAD2), {"pod1", "pod2"})
     # A ready endpoint: the terminating ones get no new connections.
     mode.load(cluster((term, (ep("pod1"), terminating("pod2"), terminating("pod3")))))
-    assert_reaches(mode, lab.probe("testpod", "10.96.1.70", 80, count=20), {"pod1"})
+    assert_reaches(mode, mode.probe(lab, "testpod", "10.96.1.70", 80, count=20), {"pod1"})
 
 
 def test_topology_hints(lab: Lab, mode: Mode) -> None:
@@ -418,10 +432,10 @@ def test_topology_hints(lab: Lab, mode: Mode) -> None:
         return ep(pod, zone=zones[0] if zones else None, zone_hints=frozenset(zones))
 
     mode.load(cluster((hinted, (at("pod1", "zone-a"), at("pod2", "zone-b"), at("pod3", "zone-a")))), node)
-    assert_reaches(mode, lab.probe("testpod", "10.96.1.80", 80, count=SPREAD2), {"pod1", "pod3"})
+    assert_reaches(mode, mode.probe(lab, "testpod", "10.96.1.80", 80, count=SPREAD2), {"pod1", "pod3"})
     # One endpoint without hints: hints are ignored, every endpoint is used.
     mode.load(cluster((hinted, (at("pod1", "zone-a"), at("pod2", "zone-b"), at("pod3")))), node)
-    assert_reaches(mode, lab.probe("testpod", "10.96.1.80", 80, count=SPREAD3), set(POD_IPS))
+    assert_reaches(mode, mode.probe(lab, "testpod", "10.96.1.80", 80, count=SPREAD3), set(POD_IPS))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -433,8 +447,8 @@ def test_udp_cluster_ip_and_nodeport(lab: Lab, mode: Mode) -> None:
     dns = svc("dns", "10.96.1.90", 53, Protocol.UDP, node_port=30053, service_type="NodePort")
     mode.load(cluster((dns, (ep("pod1", port=53), ep("pod2", "node-b", port=53)))))
     pods = {"pod1", "pod2"}
-    assert_reaches(mode, lab.probe("testpod", "10.96.1.90", 53, count=SPREAD2, proto="udp"), pods, {"10.1.0.50"})
-    assert_reaches(mode, lab.probe("ext", NODE_IP, 30053, count=SPREAD2, proto="udp"), pods, masqueraded(lab))
+    assert_reaches(mode, mode.probe(lab, "testpod", "10.96.1.90", 53, count=SPREAD2, proto="udp"), pods, {"10.1.0.50"})
+    assert_reaches(mode, mode.probe(lab, "ext", NODE_IP, 30053, count=SPREAD2, proto="udp"), pods, masqueraded(lab))
 
 
 def sctp_unsupported() -> str | None:
@@ -503,6 +517,47 @@ def test_sctp_rules_load_and_carry_traffic(lab: Lab, mode: Mode) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# `kproxy-nft trace --live` reads the node and changes nothing
+# ---------------------------------------------------------------------------------------------
+
+
+def _everything(lab: Lab, mode: Mode) -> str:
+    """All the node namespace's rules of the mode's kind, both families (timestamps left out)."""
+    if not mode.iptables:
+        return lab.run_in(NODE, ["nft", "list", "ruleset"]).stdout
+    backend = mode.name.split("-")[1]
+    saved = (lab.run_in(NODE, [f"{tool}-{backend}-save"]).stdout for tool in ("iptables", "ip6tables"))
+    return "".join(strip_comments(text) for text in saved)
+
+
+def test_trace_live_reads_the_rules_and_changes_nothing(lab: Lab, mode: Mode) -> None:
+    mode.load(cluster((NODEPORT, NODEPORT_EPS)))
+    before = _everything(lab, mode)
+    argv = [sys.executable, "-m", "kproxy_nft.cli", "trace", "--live", "--netns", lab.node_ns,
+            "--proxy-mode", "iptables" if mode.iptables else "nftables",
+            "--src", EXT_CLIENT_IP, "--dst", f"{NODE_IP}:30080", "-o", "json"]
+    done = subprocess.run(argv, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    assert _everything(lab, mode) == before
+    live = json.loads(done.stdout)
+    expected = predict(lab, mode.name, "ext", NODE_IP, 30080).as_dict()
+    assert (live["verdict"], live["endpoints"], live["masquerade"]) == (
+        expected["verdict"], expected["endpoints"], expected["masquerade"]), live
+    assert live["verdict"] == "dnat" and len(live["endpoints"]) == 3 and live["masquerade"]
+
+
+@pytest.mark.parametrize("proxy_mode", ["iptables", "nftables"])
+def test_trace_live_without_privileges_says_so(proxy_mode: str) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("setpriv to nobody needs root")
+    argv = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-m", "kproxy_nft.cli",
+            "trace", "--live", "--proxy-mode", proxy_mode, "--src", "10.1.0.50", "--dst", "10.96.0.1:80"]
+    done = subprocess.run(argv, capture_output=True, text=True, check=False)
+    assert done.returncode == 2 and done.stdout == "", done
+    assert done.stderr.count("\n") == 1 and "root needed" in done.stderr, done.stderr
+
+
+# ---------------------------------------------------------------------------------------------
 # 10. ClientIP session affinity through a NodePort
 # ---------------------------------------------------------------------------------------------
 
@@ -512,17 +567,17 @@ def test_session_affinity_via_nodeport(lab: Lab, mode: Mode) -> None:
     sticky = svc("sticky", "10.96.1.100", node_port=30100, service_type="NodePort", session_affinity_seconds=600)
     brief = svc("brief", "10.96.1.101", node_port=30101, service_type="NodePort", session_affinity_seconds=1)
     mode.load(cluster((sticky, eps), (brief, eps)))
-    res = lab.probe("ext", NODE_IP, 30100, count=20)
+    res = mode.probe(lab, "ext", NODE_IP, 30100, count=20)
     assert_one_pod(mode, res, "20 connections on one endpoint")
 
     # A 1-second affinity: sticky within the second, a fresh random choice once it has expired.
     # Each retry after expiry is a 1-in-3 draw of the same pod, so ask until another one answers.
-    res = lab.probe("ext", NODE_IP, 30101, count=5)
+    res = mode.probe(lab, "ext", NODE_IP, 30101, count=5)
     first = assert_one_pod(mode, res, "5 quick connections on one endpoint")
     seen = [first]
     for _ in range(10):
         time.sleep(1.6)
-        seen.append(assert_one_pod(mode, lab.probe("ext", NODE_IP, 30101, count=1), "an answer from a pod"))
+        seen.append(assert_one_pod(mode, mode.probe(lab, "ext", NODE_IP, 30101, count=1), "an answer from a pod"))
         if seen[-1] != first:
             break
     assert set(seen) != {first}, f"[{mode.name}] affinity never expired: {seen}"
