@@ -12,21 +12,18 @@ import logging
 import socket
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any, TypeVar
 
 import click
 
-from kproxy_nft.config import ConfigError, Overrides, ProxySettings, load_config_file, resolve
-from kproxy_nft.model import ClusterState, IPFamily
+from kproxy_nft.config import ConfigError, Overrides, ProxySettings, load_config_file, resolve, with_node_object
+from kproxy_nft.convert import convert_node
+from kproxy_nft.model import ClusterState, IPFamily, NodeContext, ip_family
 from kproxy_nft.proxier import MODES, Proxier, make_proxier, with_local_addresses
 from kproxy_nft.report import EXIT_INTERRUPTED, fail, internal_error, warn
 from kproxy_nft.sources.manifests import ManifestError, Manifests, read_manifests
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-# The seed's objects, used by `demo` when no -f is given (a source checkout or editable install).
-SEED_EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 _VERBOSE = "kproxy_nft.verbose"  # ctx.meta key (shared by all contexts of a run): show tracebacks
 
@@ -118,6 +115,11 @@ def load_settings(proxy_mode: str | None = None, config_path: str | None = None,
     )
 
 
+def primary_family(node: NodeContext) -> IPFamily:
+    """kube-proxy's primary family: that of the first node IP (IPv4 when none is known)."""
+    return ip_family(node.node_ips[0]) if node.node_ips else IPFamily.V4
+
+
 def load_inputs(paths: Sequence[str], **flags: Any) -> tuple[Manifests, ProxySettings]:
     """Read settings and manifests, turning any problem into `fail` (exit 2)."""
     try:
@@ -134,6 +136,9 @@ def load_inputs(paths: Sequence[str], **flags: Any) -> tuple[Manifests, ProxySet
     if manifests.service_cidrs:  # ServiceCIDR objects add to --service-cidr / the config file's
         cidrs = tuple(dict.fromkeys((*settings.node.service_cidrs, *manifests.service_cidrs)))
         settings = dataclasses.replace(settings, node=dataclasses.replace(settings.node, service_cidrs=cidrs))
+    node_object = manifests.node(settings.node.hostname)
+    if node_object is not None:  # this node's Node, as the agent takes it from the API
+        settings = with_node_object(settings, convert_node(node_object))
     return manifests, settings
 
 
@@ -156,9 +161,10 @@ Example:
   kproxy-nft dump -f examples/ --proxy-mode nftables --cluster-cidr 10.1.0.0/16
   kubectl get svc,endpointslices -A -o yaml | kproxy-nft dump -f - --cluster-cidr 10.244.0.0/16""")
 @node_options
-@click.option("--ip-family", type=click.Choice(["4", "6"]), default="4", show_default=True,
-              help="Which family's rules to print (iptables-restore or ip6tables-restore input).")
-def dump(ip_family: str, **options: Any) -> None:
+@click.option("--ip-family", type=click.Choice(["4", "6"]), default=None,
+              help="Which family's rules to print (iptables-restore or ip6tables-restore input); "
+              "default: the family of the primary (first) node IP, else 4.")
+def dump(ip_family: str | None, **options: Any) -> None:
     """Print the rules for the Services and EndpointSlices in PATH.
 
     iptables mode: input for `iptables-restore` (`ip6tables-restore` with --ip-family 6).
@@ -166,12 +172,13 @@ def dump(ip_family: str, **options: Any) -> None:
     """
     manifests, settings = load_inputs(**options)
     state = manifests.cluster_state(warn)
-    click.echo(make_proxier(settings).render(state, IPFamily(int(ip_family))), nl=False)
+    family = IPFamily(int(ip_family)) if ip_family else primary_family(settings.node)
+    click.echo(make_proxier(settings).render(state, family), nl=False)
 
 
 @main.command(epilog="""\b
 Example:
-  sudo kproxy-nft demo                  # the seed: examples/ with examples/kube-proxy-config.yaml
+  sudo kproxy-nft demo                  # the seed (examples/ with its kube-proxy-config.yaml)
   sudo kproxy-nft demo --count 300 --backend legacy
   sudo kproxy-nft demo --proxy-mode nftables""")
 @click.option("-f", "--filename", "paths", multiple=True, metavar="PATH",
@@ -194,11 +201,12 @@ def demo(paths: tuple[str, ...], config_path: str | None, count: int, backend: s
     """
     from rich.console import Console
 
-    from kproxy_nft.lab.demo import DemoError, run_demo
+    from kproxy_nft.lab.demo import DemoError, run_demo, seed_directory
 
-    if not paths:
-        paths = (str(SEED_EXAMPLES),)
-        config_path = config_path or str(SEED_EXAMPLES / "kube-proxy-config.yaml")
+    if not paths:  # the seed's objects, shipped inside the package (examples/ links to them)
+        seed = seed_directory()
+        paths = (str(seed),)
+        config_path = config_path or str(seed / "kube-proxy-config.yaml")
     _, settings = load_inputs(paths, proxy_mode=proxy_mode, config_path=config_path)
 
     def apply_rules(node_ns: str, state: ClusterState) -> str:
@@ -309,18 +317,22 @@ Examples:
 @click.option("--kubeconfig", default=None, envvar="KUBECONFIG", help="kubeconfig file (default: in-cluster, "
               "then ~/.kube/config).")
 @click.option("--manifests", "manifest_paths", multiple=True, metavar="PATH",
-              help="Use manifest files instead of the API, re-read when they change.")
+              help="Use manifest files instead of the API (this node's Node too); a changed file is read again.")
 @settings_options
 @click.option("--iptables-backend", type=click.Choice(["auto", "nft", "legacy"]), default="auto", show_default=True)
 @click.option("--min-sync-period", type=float, default=1.0, show_default=True, help="Seconds between partial syncs.")
-@click.option("--sync-period", type=float, default=30.0, show_default=True, help="Seconds between full syncs.")
+@click.option("--sync-period", type=float, default=30.0, show_default=True,
+              help="Seconds between canary probes where the kernel sends no notifications (iptables-legacy).")
+@click.option("--full-sync-period", type=float, default=3600.0, show_default=True,
+              help="Seconds between safety-net read-backs of the whole kernel (kube-proxy: hourly).")
 @click.option("--metrics-bind-address", default="127.0.0.1:10249", show_default=True)
 @click.option("--healthz-bind-address", default="127.0.0.1:10256", show_default=True,
               help="kube-proxy listens on 0.0.0.0:10256; ours stays on loopback unless told (see deploy/).")
 @click.option("--netns", default=None, hidden=True, help="Program this network namespace (tests, demos).")
 @click.option("-v", "--verbose", count=True)
 def run(kubeconfig: str | None, manifest_paths: tuple[str, ...], iptables_backend: str, min_sync_period: float,
-        sync_period: float, metrics_bind_address: str, healthz_bind_address: str, netns: str | None, verbose: int,
+        sync_period: float, full_sync_period: float, metrics_bind_address: str, healthz_bind_address: str,
+        netns: str | None, verbose: int,
         **flags: Any) -> None:
     """Run the node agent: watch Services and EndpointSlices, keep the kernel reconciled.
 
@@ -339,7 +351,7 @@ def run(kubeconfig: str | None, manifest_paths: tuple[str, ...], iptables_backen
     try:
         run_agent(settings, kubeconfig=kubeconfig, manifest_paths=list(manifest_paths),
                   iptables_backend=None if iptables_backend == "auto" else iptables_backend, netns=netns,
-                  min_sync_period=min_sync_period, sync_period=sync_period,
+                  min_sync_period=min_sync_period, sync_period=sync_period, full_sync_period=full_sync_period,
                   metrics_address=metrics_bind_address, healthz_address=healthz_bind_address)
     except Exception as e:  # noqa: BLE001 - a startup failure: one line, exit 2
         fail(f"{type(e).__name__}: {e}")
@@ -354,6 +366,26 @@ def _register_subcommands() -> None:
 
 
 _register_subcommands()
+
+
+def _register_trace() -> None:
+    """`kproxy-nft trace` (kproxy_nft/trace_command.py), with dump's settings flags and manifest reading."""
+    from kproxy_nft.trace_command import trace_command
+
+    main.add_command(trace_command(settings_options, load_inputs))
+
+
+_register_trace()
+
+
+def _register_diff() -> None:
+    """`kproxy-nft diff` (kproxy_nft/diff_command.py), with dump's settings flags and manifest reading."""
+    from kproxy_nft.diff_command import diff_command
+
+    main.add_command(diff_command(settings_options, load_inputs))
+
+
+_register_diff()
 
 if __name__ == "__main__":  # pragma: no cover
     main()

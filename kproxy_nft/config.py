@@ -7,6 +7,7 @@ so `resolve` can apply that rule field by field. Reading the file is the only I/
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from kproxy_nft.convert import NodeInfo
 from kproxy_nft.model import MASQUERADE_BIT_DEFAULT, NodeContext
 
 CONFIG_API_VERSIONS = ("kubeproxy.config.k8s.io/v1alpha1",)
@@ -143,3 +145,65 @@ def resolve(file_config: dict[str, Any] | None, flags: Overrides, default_hostna
         service_cidrs=service_cidrs,
     )
     return ProxySettings(mode=mode, node=node)
+
+
+def with_node_object(settings: ProxySettings, info: NodeInfo) -> ProxySettings:
+    """This node's Node object fills in what neither flags nor the config file set: its
+    addresses (the first is the primary, whose family `dump` prints) and its zone. kube-proxy's
+    rule: `--node-ip` / `bindAddress` win over the Node's addresses, as the agent does with the
+    API's Node (`Agent.fixed_node_fields`)."""
+    node = settings.node
+    return dataclasses.replace(settings, node=dataclasses.replace(
+        node, node_ips=node.node_ips or info.ips, zone=node.zone or info.zone))
+
+
+def go_duration(seconds: float) -> str:
+    """A duration as Go's `time.Duration.String` writes it (metav1.Duration in JSON): 30s,
+    1m0s, 1h0m0s, 500ms, 1.5s."""
+    if seconds == 0:
+        return "0s"
+    if seconds < 1:
+        return f"{seconds * 1000:g}ms"
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    text = f"{secs:g}s"
+    if hours or minutes:
+        text = f"{int(minutes)}m{text}"
+    if hours:
+        text = f"{int(hours)}h{text}"
+    return text
+
+
+def configz(settings: ProxySettings, *, kubeconfig: str | None, metrics_bind_address: str,
+            healthz_bind_address: str, sync_period: float, min_sync_period: float) -> dict[str, Any]:
+    """The effective configuration as kube-proxy's `/configz` shows it: under the group name,
+    its internal `KubeProxyConfiguration`, which has no JSON tags, so the keys are the Go field
+    names (pkg/proxy/apis/config/types.go, kubernetes/kubernetes commit
+    008b3652959ca58af8be3fb5b6ecfe9ae7638282). Only the sections that mean something here:
+    not IPVS, Winkernel, Windows, logging. Conntrack settings kproxy-nft does not make are null."""
+    node = settings.node
+    return {"kubeproxy.config.k8s.io": {
+        "Linux": {
+            "Conntrack": {"MaxPerCore": None, "Min": None, "TCPEstablishedTimeout": None,
+                          "TCPCloseWaitTimeout": None, "TCPBeLiberal": False, "UDPTimeout": "0s",
+                          "UDPStreamTimeout": "0s"},
+            "MasqueradeAll": node.masquerade_all,
+            "OOMScoreAdj": None,
+        },
+        "FeatureGates": {},
+        "ClientConnection": {"Kubeconfig": kubeconfig or ""},
+        "HostnameOverride": node.hostname,
+        "BindAddress": node.node_ips[0] if node.node_ips else "0.0.0.0",  # noqa: S104 - kube-proxy's default
+        "HealthzBindAddress": healthz_bind_address,
+        "MetricsBindAddress": metrics_bind_address,
+        "BindAddressHardFail": False,
+        "EnableProfiling": False,
+        "Mode": settings.mode,
+        "IPTables": {"MasqueradeBit": node.masquerade_bit, "LocalhostNodePorts": node.localhost_nodeports},
+        "NFTables": {"MasqueradeBit": node.masquerade_bit},
+        "DetectLocalMode": "ClusterCIDR",
+        "DetectLocal": {"BridgeInterface": "", "ClusterCIDRs": list(node.cluster_cidrs), "InterfaceNamePrefix": ""},
+        "NodePortAddresses": list(node.nodeport_addresses),
+        "SyncPeriod": go_duration(sync_period),
+        "MinSyncPeriod": go_duration(min_sync_period),
+    }}

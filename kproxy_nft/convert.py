@@ -476,21 +476,33 @@ def build_state(services: Iterable[ServiceInfo], slices: Iterable[EndpointsByPor
     return ClusterState(services=ports, endpoints=endpoints)
 
 
+# The taint the Cluster Autoscaler puts on a node it is about to delete; kube-proxy's /healthz
+# answers 503 while it is there (KEP-3836; pkg/proxy/healthcheck/proxier_health.go).
+TO_BE_DELETED_TAINT = "ToBeDeletedByClusterAutoscaler"
+_TAINT_EFFECTS = ("NoSchedule", "PreferNoSchedule", "NoExecute")
+
+
 @dataclass(frozen=True)
 class NodeInfo:
-    """What the proxy takes from its own Node object: addresses and topology zone."""
+    """What the proxy takes from its own Node object."""
 
     ips: tuple[str, ...]
     zone: str | None
+    pod_cidrs: tuple[str, ...] = ()
+    # deletionTimestamp set, or the ToBeDeletedByClusterAutoscaler taint: load balancers should
+    # drain this node (/healthz answers 503), though its rules keep working meanwhile.
+    being_deleted: bool = False
 
 
-def convert_node(node: Any) -> NodeInfo:
-    """The node's IPs and its `topology.kubernetes.io/zone` label.
+def convert_node(node: Any, strict: bool = False) -> NodeInfo:
+    """The node's IPs, `topology.kubernetes.io/zone` label, podCIDRs and whether it is going away.
 
     IPs as kube-proxy's `GetNodeHostIPs`: InternalIPs then ExternalIPs, the first is the
     primary, plus the first one of the other family (dual-stack). Addresses the API server
     would refuse (malformed, with a zone, unspecified or loopback) are skipped, and so is a
-    zone label that is not a valid label value.
+    zone label that is not a valid label value. podCIDRs and taints are checked with the API
+    server's rules (`ValidateNode`): with `strict` (a manifest someone wrote) a bad one raises
+    InvalidObject naming the field; without (the API's own objects) bad podCIDRs are dropped.
     """
     addresses = (node.status.addresses if node.status else None) or []
     ips: list[str] = []
@@ -508,4 +520,55 @@ def convert_node(node: Any) -> NodeInfo:
         zone = v.label_value(_labels(node).get(ZONE_LABEL), f"metadata.labels[{ZONE_LABEL}]")
     except InvalidObject:
         zone = None
-    return NodeInfo(tuple(ips), zone)
+    spec = node.spec
+    try:
+        pod_cidrs = _pod_cidrs(spec)
+    except InvalidObject:
+        if strict:
+            raise
+        pod_cidrs = ()
+    taints = (spec.taints if spec is not None else None) or []
+    if strict:
+        _check_taints(taints)
+    deleting = node.metadata is not None and node.metadata.deletion_timestamp is not None
+    tainted = any(taint.key == TO_BE_DELETED_TAINT for taint in taints)
+    return NodeInfo(tuple(ips), zone, pod_cidrs, deleting or tainted)
+
+
+def _pod_cidrs(spec: Any) -> tuple[str, ...]:
+    """`spec.podCIDRs` (or the older single `spec.podCIDR`): one or two CIDRs, one per family."""
+    if spec is None:
+        return ()
+    listed = spec.pod_cidrs or ([spec.pod_cidr] if spec.pod_cidr else [])
+    check(isinstance(listed, list), "spec.podCIDRs", "must be a list")
+    cidrs = tuple(v.cidr(c, f"spec.podCIDRs[{i}]") for i, c in enumerate(listed))
+    check(len(cidrs) <= 2, "spec.podCIDRs", "may hold at most two CIDRs (one per family)")
+    check(len({ip_family(c) for c in cidrs}) == len(cidrs), "spec.podCIDRs", "must hold one CIDR per IP family")
+    if spec.pod_cidr and spec.pod_cidrs:
+        check(spec.pod_cidr == spec.pod_cidrs[0], "spec.podCIDR", "must equal spec.podCIDRs[0]")
+    return cidrs
+
+
+def _check_taints(taints: Sequence[Any]) -> None:
+    """The API server's taint rules: a qualified-name key, a label value, a known effect, and
+    no two taints with the same key and effect."""
+    seen: set[tuple[str, str]] = set()
+    for i, taint in enumerate(taints):
+        field = f"spec.taints[{i}]"
+        _qualified_name(taint.key, f"{field}.key")
+        v.label_value(taint.value, f"{field}.value")
+        check(taint.effect in _TAINT_EFFECTS, f"{field}.effect",
+              f"{shown(taint.effect)} is not one of {', '.join(_TAINT_EFFECTS)}")
+        check((taint.key, taint.effect) not in seen, field, f"duplicate taint {shown(taint.key)} ({taint.effect})")
+        seen.add((taint.key, taint.effect))
+
+
+def _qualified_name(value: object, field: str) -> None:
+    """`IsQualifiedName`: an optional DNS-subdomain prefix and `/`, then a name of at most 63
+    characters of `[A-Za-z0-9._-]` with alphanumeric ends."""
+    check(isinstance(value, str) and bool(value), field, "required value")
+    assert isinstance(value, str)
+    prefix, _, name = value.rpartition("/")
+    if prefix:
+        v.name(prefix, field, DNS1123_SUBDOMAIN, "qualified name prefix (a DNS subdomain)", 253)
+    v.name(name, field, v.LABEL_VALUE, "qualified name", 63)

@@ -11,6 +11,7 @@ Ctrl-C or SIGTERM.
 
 from __future__ import annotations
 
+import importlib.resources
 import ipaddress
 import json
 import os
@@ -47,6 +48,16 @@ class Target:
     label: str  # ns/name:port
     ip: str
     port: int
+
+
+def seed_directory() -> Path:
+    """The seed's Services, EndpointSlices and KubeProxyConfiguration, shipped as package data
+    (`kproxy_nft/lab/data/seed`; the checkout's `examples/` links there), so `demo` works from
+    an installed wheel as from a checkout."""
+    seed = importlib.resources.files("kproxy_nft.lab") / "data" / "seed"
+    if not isinstance(seed, Path):  # a zipped install: the lab and the DNS server need real files
+        raise DemoError(f"the seed's manifests are not plain files ({seed}): pass them with -f and --config")
+    return seed
 
 
 def preflight(rule_tools: Sequence[str]) -> None:

@@ -3,7 +3,8 @@
 Accepts what people actually have: multi-document YAML, JSON, `kind: List` as
 `kubectl get -o yaml` prints it, directories searched recursively for `*.yaml|*.yml|*.json`,
 and `-` for stdin. Services, EndpointSlices (discovery.k8s.io/v1), legacy Endpoints (v1,
-converted to slices) and ServiceCIDRs (networking.k8s.io/v1, their CIDRs) are kept; other kinds
+converted to slices), ServiceCIDRs (networking.k8s.io/v1, their CIDRs) and Nodes (v1: the
+proxy uses its own node's addresses, zone, podCIDRs and deletion state) are kept; other kinds
 are skipped with a notice.
 
 Every problem becomes a `ManifestError` whose one-line message names the file, the document
@@ -28,7 +29,7 @@ from typing import IO, Any
 
 import pydantic
 import yaml
-from kubernetes.client import V1Endpoints, V1EndpointSlice, V1Service, V1ServiceCIDR
+from kubernetes.client import V1Endpoints, V1EndpointSlice, V1Node, V1Service, V1ServiceCIDR
 
 from kproxy_nft.conflicts import resolve
 from kproxy_nft.convert import (
@@ -37,6 +38,7 @@ from kproxy_nft.convert import (
     ServiceInfo,
     build_state,
     convert_endpoint_slice,
+    convert_node,
     convert_service,
     convert_service_cidr,
     endpoints_to_slice,
@@ -59,7 +61,9 @@ _KINDS: dict[tuple[str, str], Any] = {
     ("discovery.k8s.io/v1", "EndpointSlice"): V1EndpointSlice,
     ("v1", "Endpoints"): V1Endpoints,
     ("networking.k8s.io/v1", "ServiceCIDR"): V1ServiceCIDR,
+    ("v1", "Node"): V1Node,
 }
+_CLUSTER_SCOPED = ("Node", "ServiceCIDR")  # named without a namespace in messages
 
 
 class ManifestError(ValueError):
@@ -92,8 +96,10 @@ class Document:
     def describe(self) -> str:
         meta = self.obj.get("metadata") if isinstance(self.obj.get("metadata"), dict) else {}
         assert isinstance(meta, dict)
-        return f"{self.source}: document {self.index} ({_plain(self.kind or 'object')} " \
-               f"{_plain(meta.get('namespace') or 'default')}/{_plain(meta.get('name', '?'))})"
+        name = _plain(meta.get("name", "?"))
+        if self.kind not in _CLUSTER_SCOPED:
+            name = f"{_plain(meta.get('namespace') or 'default')}/{name}"
+        return f"{self.source}: document {self.index} ({_plain(self.kind or 'object')} {name})"
 
     def error(self, message: str) -> ManifestError:
         """A problem with this document, as a one-line `ManifestError`."""
@@ -117,6 +123,11 @@ class Manifests:
     endpoint_slices: tuple[V1EndpointSlice, ...]
     notices: tuple[str, ...]
     service_cidrs: tuple[str, ...] = ()  # of every ServiceCIDR, in reading order, no duplicates
+    nodes: tuple[V1Node, ...] = ()
+
+    def node(self, name: str) -> V1Node | None:
+        """The Node object named `name` (this node's), the last one read if several are."""
+        return next((node for node in reversed(self.nodes) if node.metadata and node.metadata.name == name), None)
 
     def cluster_state(self, warn: Callable[[str], None] | None = None) -> ClusterState:
         """The proxy's view of these objects (see `convert.build_state`), as it is programmed:
@@ -267,6 +278,8 @@ def load_document(doc: Document) -> Any | None:
             convert_endpoint_slice(obj)
         elif kind == "ServiceCIDR":
             convert_service_cidr(obj)
+        elif kind == "Node":
+            convert_node(obj, strict=True)
         else:
             obj = endpoints_to_slice(obj)
             convert_endpoint_slice(obj)
@@ -287,6 +300,7 @@ def read_manifests(
     services: list[V1Service] = []
     slices: list[V1EndpointSlice] = []
     cidrs: list[str] = []
+    nodes: list[V1Node] = []
     notices: list[str] = []
 
     def problem(error: ManifestError) -> None:
@@ -320,6 +334,8 @@ def read_manifests(
                 services.append(obj)
             elif isinstance(obj, V1ServiceCIDR):
                 cidrs.extend(convert_service_cidr(obj))
+            elif isinstance(obj, V1Node):
+                nodes.append(obj)
             else:
                 slices.append(obj)
-    return Manifests(tuple(services), tuple(slices), tuple(notices), tuple(dict.fromkeys(cidrs)))
+    return Manifests(tuple(services), tuple(slices), tuple(notices), tuple(dict.fromkeys(cidrs)), tuple(nodes))
