@@ -31,6 +31,7 @@ from kproxy_nft.kernel.nftables_fake import FakeNftables, FakeNftablesError, Fak
 from kproxy_nft.kernel.nftables_plan import Applied, advance, plan_full, plan_incremental
 from kproxy_nft.kernel.nftables_text import is_dynamic, parse_listing, table_from_listing
 from kproxy_nft.model import ClusterState, Endpoint, NodeContext, Protocol, ServicePort, ServicePortName, TrafficPolicy
+from tests.helpers import changed_names
 from tests.test_properties import endpoints
 
 NODE = NodeContext(
@@ -160,11 +161,6 @@ def flaps(draw: st.DrawFn) -> list[tuple[ClusterState, str]]:
             *([(without, "incremental")] if draw(st.booleans()) else [])]  # fmt: skip
 
 
-def changed_names(a: ClusterState, b: ClusterState) -> set[ServicePortName]:
-    return {n for n in {*a.services, *b.services}
-            if a.services.get(n) != b.services.get(n) or a.endpoints_of(n) != b.endpoints_of(n)}  # fmt: skip
-
-
 # ---------------------------------------------------------------------------------------------
 # the fake, seen as the kernel's listings
 # ---------------------------------------------------------------------------------------------
@@ -212,6 +208,12 @@ def without_unused_chains(fake: FakeNftables, desired: Iterable[Ruleset]) -> dic
             assert table.chain_users(name) == [], f"{name} is left over but still used"
             del chains[name]
     return out
+
+
+def compiled(pair: tuple[ClusterState, ClusterState]) -> tuple[tuple[Ruleset, ...], tuple[Ruleset, ...]]:
+    """Both states of a pair, compiled for NODE."""
+    state_a, state_b = pair
+    return compile_all(state_a, NODE), compile_all(state_b, NODE)
 
 
 def holding(desired: tuple[Ruleset, ...]) -> tuple[FakeNftables, NftablesBackend]:
@@ -266,8 +268,7 @@ def test_diff_of_a_state_with_itself_is_empty(state: ClusterState) -> None:
 @PROPERTY
 @given(state_pairs())
 def test_applying_the_plan_from_a_to_b_gives_b(pair: tuple[ClusterState, ClusterState]) -> None:
-    state_a, state_b = pair
-    a, b = compile_all(state_a, NODE), compile_all(state_b, NODE)
+    a, b = compiled(pair)
     fake, backend = holding(a)
     step = backend.sync(b)  # text, then follow-up: each all or nothing in the fake
     assert not step.summary.full
@@ -357,8 +358,7 @@ TAMPERING = st.lists(
 def test_a_full_sync_repairs_what_was_tampered_with(
     pair: tuple[ClusterState, ClusterState], tampering: list[tuple[str, str, int]]
 ) -> None:
-    state_a, state_b = pair
-    a, b = compile_all(state_a, NODE), compile_all(state_b, NODE)
+    a, b = compiled(pair)
     fake, backend = holding(a)
     before = view(fake)
     for family, kind, pick in tampering:
@@ -400,8 +400,7 @@ def _affinity_entries(desired: Iterable[Ruleset]) -> list[Entry]:
 @PROPERTY
 @given(state_pairs())
 def test_affinity_entries_of_endpoints_a_service_lost_are_deleted(pair: tuple[ClusterState, ClusterState]) -> None:
-    state_a, state_b = pair
-    a, b = compile_all(state_a, NODE), compile_all(state_b, NODE)
+    a, b = compiled(pair)
     fake, backend = holding(a)
     entries = _affinity_entries(a)
     for family, map_name, key, endpoint, _, _ in entries:

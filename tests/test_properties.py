@@ -14,7 +14,7 @@ from kproxy_nft.compile.memo import FragmentMemo
 from kproxy_nft.convert import ServiceInfo, build_state
 from kproxy_nft.model import ClusterState, Endpoint, IPFamily, Protocol, ServicePort, ServicePortName
 from kproxy_nft.selection import categorize_endpoints
-from tests.helpers import NODE
+from tests.helpers import NODE, changed_names
 
 names = st.sampled_from(["a", "b", "web", "db", "api-1"])
 port_names = st.sampled_from(["", "http", "https", "dns"])
@@ -145,8 +145,7 @@ def test_nftables_update_equals_a_fresh_compile(data: st.DataObject) -> None:
     from kproxy_nft.compile.nftables import compile_ruleset as nft_compile
 
     a, b = build_state(*data.draw(clusters())), build_state(*data.draw(clusters()))
-    changed = {name for name in {*a.services, *b.services}
-               if a.services.get(name) != b.services.get(name) or a.endpoints_of(name) != b.endpoints_of(name)}
+    changed = changed_names(a, b)
     for family in IPFamily:
         fresh = nft_compile(b, NODE, family)
         memo: FragmentMemo[ServiceFragment] = FragmentMemo()  # an agent's: kept across compiles
@@ -168,8 +167,7 @@ def test_iptables_partial_plan_equals_the_full_plan(data: st.DataObject) -> None
     from kproxy_nft.kernel.iptables_text import KernelState
 
     a, b = build_state(*data.draw(clusters())), build_state(*data.draw(clusters()))
-    changed = {name for name in {*a.services, *b.services}
-               if a.services.get(name) != b.services.get(name) or a.endpoints_of(name) != b.endpoints_of(name)}
+    changed = changed_names(a, b)
     family = IPFamily.V4
     memo: FragmentMemo[ServiceRules] = FragmentMemo()  # an agent's: kept across compiles
     old = compile_fragments(a, NODE, family, memo)

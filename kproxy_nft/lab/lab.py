@@ -154,6 +154,22 @@ def _default_route(ipr: Any, index: int, gateway: str, prefsrc: str | None = Non
     ipr.route("add", dst=default, gateway=gateway, oif=index, family=family, **extra)
 
 
+def _veth_end(ipr: Any, index: int, pairs: Sequence[tuple[str, str]], *, prefsrc: bool, default: bool) -> None:
+    """Address one end of a veth and bring it up; `pairs`: (this end's address, the peer's) per family.
+
+    Each own address is a host address; each peer gets a link route (from the own address with
+    `prefsrc`) and, with `default`, is the default gateway.
+    """
+    for own, _ in pairs:
+        _host_address(ipr, index, own)
+    ipr.link("set", index=index, state="up")
+    for own, peer in pairs:
+        src = own if prefsrc else None
+        _host_route(ipr, index, peer, prefsrc=src)
+        if default:
+            _default_route(ipr, index, peer, prefsrc=src)
+
+
 def _fresh_run_id() -> str:
     existing = netns_names()
     for _ in range(100):
@@ -517,39 +533,21 @@ class Lab:
             node.link("add", ifname=UPLINK, kind="veth", peer={"ifname": "eth0", "net_ns_fd": self.wan_ns})
             up = node.link_lookup(ifname=UPLINK)[0]
             uplink = [(a.node_ip, a.upstream)] + ([(a.node_ip6, a.upstream6)] if self.ipv6 else [])
-            for own, _ in uplink:
-                _host_address(node, up, own)
-            node.link("set", index=up, state="up")
-            for own, upstream in uplink:
-                _host_route(node, up, upstream, prefsrc=own)
-                _default_route(node, up, upstream, prefsrc=own)
+            _veth_end(node, up, uplink, prefsrc=True, default=True)
             with IPRoute(netns=self.wan_ns, flags=0) as wan:
                 eth0 = wan.link_lookup(ifname="eth0")[0]
-                for _, upstream in uplink:
-                    _host_address(wan, eth0, upstream)
-                wan.link("set", index=eth0, state="up")
-                for own, _ in uplink:
-                    _host_route(wan, eth0, own)
+                _veth_end(wan, eth0, [(upstream, own) for own, upstream in uplink], prefsrc=False, default=False)
             for att in self.attachments.values():
                 peer = {"ifname": "eth0", "net_ns_fd": att.ns}  # created directly inside the pod ns
                 node.link("add", ifname=att.node_ifname, kind="veth", peer=peer)
                 idx = node.link_lookup(ifname=att.node_ifname)[0]
                 # (pod/client address, node-side gateway) per family this namespace has
                 pairs = [(att.ip, att.gateway)] + ([(att.ip6, att.gateway6)] if att.ip6 and att.gateway6 else [])
-                for _, gateway in pairs:
-                    _host_address(node, idx, gateway)
-                node.link("set", index=idx, state="up")
-                for ip, gateway in pairs:
-                    _host_route(node, idx, ip, prefsrc=gateway)
+                _veth_end(node, idx, [(gateway, ip) for ip, gateway in pairs], prefsrc=True, default=False)
                 with IPRoute(netns=att.ns, flags=0) as inner:
                     inner.link("set", index=inner.link_lookup(ifname="lo")[0], state="up")
                     eth0 = inner.link_lookup(ifname="eth0")[0]
-                    for ip, _ in pairs:
-                        _host_address(inner, eth0, ip)
-                    inner.link("set", index=eth0, state="up")
-                    for _, gateway in pairs:
-                        _host_route(inner, eth0, gateway)
-                        _default_route(inner, eth0, gateway)
+                    _veth_end(inner, eth0, pairs, prefsrc=False, default=True)
 
     def _sysctls(self, ns: str) -> tuple[str, ...]:
         """The sysctls of namespace *ns*: role (node or leaf) and IPv4-only or dual-stack."""

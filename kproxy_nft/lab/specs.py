@@ -46,6 +46,14 @@ def _ipv6(ip: str) -> ipaddress.IPv6Address:
     return addr
 
 
+def _validate_host(name: str, ip: str, ip6: str | None) -> None:
+    """A pod's or client's name, IPv4 address and optional IPv6 address."""
+    validate_name(name)
+    _ipv4(ip)
+    if ip6 is not None:
+        _ipv6(ip6)
+
+
 def _valid_port(port: int) -> int:
     if not 0 < port < 65536:
         raise ValueError(f"invalid port {port}")
@@ -66,10 +74,7 @@ class PodSpec:
     ip6: str | None = None
 
     def __post_init__(self) -> None:
-        validate_name(self.name)
-        _ipv4(self.ip)
-        if self.ip6 is not None:
-            _ipv6(self.ip6)
+        _validate_host(self.name, self.ip, self.ip6)
         for port in (*self.tcp_ports, *self.udp_ports):
             _valid_port(port)
 
@@ -83,10 +88,7 @@ class ClientSpec:
     ip6: str | None = None
 
     def __post_init__(self) -> None:
-        validate_name(self.name)
-        _ipv4(self.ip)
-        if self.ip6 is not None:
-            _ipv6(self.ip6)
+        _validate_host(self.name, self.ip, self.ip6)
 
 
 @dataclass(frozen=True)

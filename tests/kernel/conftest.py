@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import pytest
 
+from kproxy_nft.lab import ClientSpec, Lab, PodSpec
 from kproxy_nft.lab.netns import throwaway_netns
 
 BACKENDS = ("nft", "legacy")
@@ -17,6 +20,16 @@ def netns() -> Iterator[str]:
     """An empty network namespace `kpn-<random>`, deleted after the test even if it fails."""
     with throwaway_netns() as name:
         yield name
+
+
+@contextmanager
+def serving_lab(pods: Sequence[PodSpec], clients: Sequence[ClientSpec]) -> Iterator[Lab]:
+    """A netlab with every pod's server started, torn down even if the test fails (skips without root)."""
+    if os.geteuid() != 0:
+        pytest.skip("netlab needs root")
+    with Lab(pods, clients) as lab:
+        lab.start_servers()
+        yield lab
 
 
 def run_in(ns: str, argv: list[str], stdin: str | None = None) -> subprocess.CompletedProcess[str]:

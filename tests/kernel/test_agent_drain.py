@@ -10,17 +10,16 @@ the Service keeps answering; the taint removed, /healthz is 200 again. On the me
 
 from __future__ import annotations
 
+import functools
 import json
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from kproxy_nft.lab import ClientSpec, Lab, PodSpec
 from tests.helpers import wait_for
-from tests.kernel.test_agent_invalid import GET, HEALTHZ, METRICS, SERVICES, endpoint_slice, service, write
+from tests.kernel.agentproc import run_argv, running_agent, write
+from tests.kernel.test_agent_invalid import HEALTHZ, METRICS, SERVICES, endpoint_slice, http_get, service
 
 pytestmark = pytest.mark.kernel
 
@@ -46,30 +45,18 @@ def test_healthz_drains_a_node_being_deleted_while_traffic_keeps_flowing(mode: s
     write(manifests / "node.json", node_object())
     with Lab([PodSpec(pod, pod_ip)], [ClientSpec("testpod", "10.1.0.50")]) as lab:
         lab.start_servers()
-        log = (tmp_path / "agent.log").open("w+")
-        agent = lab.spawn("node", [
-            sys.executable, "-c", "from kproxy_nft.cli import main; main()", "run", "--manifests", str(manifests),
-            "--proxy-mode", mode, "--iptables-backend", "nft", "--hostname-override", "node1",
-            "--cluster-cidr", "10.1.0.0/16", "--min-sync-period", "0.1",
-            "--metrics-bind-address", METRICS, "--healthz-bind-address", HEALTHZ,
-        ], stdout=log, stderr=subprocess.STDOUT)
-
-        def agent_log() -> str:
-            log.seek(0)
-            return log.read()
 
         def get(path: str, address: str = HEALTHZ) -> tuple[int, str]:
-            status, body = json.loads(lab.run_in("node", [sys.executable, "-I", "-S", "-c", GET,
-                                                          f"http://{address}{path}"]).stdout)
-            return status, body
+            return http_get(lab, f"http://{address}{path}")
 
         def served() -> bool:
             return lab.probe("testpod", vip, 80, count=3, timeout=0.5).counts() == {pod: 3}
 
-        try:
+        argv = run_argv(manifests, mode, "--metrics-bind-address", METRICS, "--healthz-bind-address", HEALTHZ)
+        with running_agent(functools.partial(lab.spawn, "node"), argv, tmp_path / "agent.log") as agent:
             wait_for(served, timeout=20)
             status, body = get("/healthz")
-            assert status == 200 and json.loads(body)["nodeEligible"] is True, (body, agent_log())
+            assert status == 200 and json.loads(body)["nodeEligible"] is True, (body, agent.log())
             assert get("/proxyMode", METRICS) == (200, mode)
             config = json.loads(get("/configz", METRICS)[1])["kubeproxy.config.k8s.io"]
             assert (config["Mode"], config["HostnameOverride"]) == (mode, "node1")
@@ -78,7 +65,7 @@ def test_healthz_drains_a_node_being_deleted_while_traffic_keeps_flowing(mode: s
             wait_for(lambda: get("/healthz")[0] == 503, timeout=10)
             assert json.loads(get("/healthz")[1])["nodeEligible"] is False
             assert get("/livez")[0] == 200
-            assert served(), agent_log()  # draining, not broken: the rules stay
+            assert served(), agent.log()  # draining, not broken: the rules stay
 
             write(manifests / "node.json", node_object())
             wait_for(lambda: get("/healthz")[0] == 200, timeout=10)
@@ -86,14 +73,3 @@ def test_healthz_drains_a_node_being_deleted_while_traffic_keeps_flowing(mode: s
             assert 'kubeproxy_proxy_healthz_total{code="503"}' in metrics
             assert 'kubeproxy_proxy_livez_total{code="200"} 1.0' in metrics
             assert 'kubeproxy_sync_proxy_rules_duration_seconds_count{ip_family="IPv4"}' in metrics
-        finally:
-            agent.send_signal(signal.SIGINT)
-            try:
-                code = agent.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                agent.kill()
-                agent.wait()
-                raise
-            finally:
-                log.close()
-        assert code == 0

@@ -10,9 +10,8 @@ must get its Service served too.
 
 from __future__ import annotations
 
+import functools
 import json
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import pytest
 
 from kproxy_nft.lab import ClientSpec, Lab, PodSpec
 from tests.helpers import wait_for
+from tests.kernel.agentproc import run_argv, running_agent, write
 
 pytestmark = pytest.mark.kernel
 
@@ -38,6 +38,13 @@ except OSError as e:
     out = [0, repr(e)]
 print(json.dumps(out))
 """
+
+
+def http_get(lab: Lab, url: str) -> tuple[int, str]:
+    """One GET from inside the lab's node namespace: (status, body); status 0: no answer."""
+    status, body = json.loads(lab.run_in("node", [sys.executable, "-I", "-S", "-c", GET, url]).stdout)
+    return status, body
+
 
 SERVICES = {"web": ("10.96.0.10", "pod1", "10.1.0.47"),
             "api": ("10.96.0.11", "pod2", "10.1.0.48"),
@@ -62,13 +69,6 @@ def endpoint_slice(service: str, address: str, port: int = 80, address_type: str
     })
 
 
-def write(path: Path, text: str) -> None:
-    """Replace atomically, so the agent's manifest poller never reads half a file."""
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(text)
-    tmp.rename(path)
-
-
 BAD_SLICES = [
     pytest.param(endpoint_slice("db", "not-an-ip"), id="not-an-ip"),
     pytest.param(endpoint_slice("db", "fe80::1%eth0", address_type="IPv6"), id="ipv6-zone-id"),
@@ -86,24 +86,9 @@ def test_one_invalid_object_does_not_hold_back_the_good_ones(mode: str, bad_slic
     pods = [PodSpec(pod, ip) for _, pod, ip in SERVICES.values()]
     with Lab(pods, [ClientSpec("testpod", "10.1.0.50")]) as lab:
         lab.start_servers()
-        log = (tmp_path / "agent.log").open("w+")
-        agent = lab.spawn("node", [
-            sys.executable, "-c", "from kproxy_nft.cli import main; main()", "run", "--manifests", str(manifests),
-            "--proxy-mode", mode, "--iptables-backend", "nft", "--hostname-override", "node1",
-            "--cluster-cidr", "10.1.0.0/16", "--min-sync-period", "0.1",
-            "--metrics-bind-address", METRICS, "--healthz-bind-address", HEALTHZ,
-        ], stdout=log, stderr=subprocess.STDOUT)
-
-        def agent_log() -> str:
-            log.seek(0)
-            return log.read()
-
-        def get(url: str) -> tuple[int, str]:
-            status, body = json.loads(lab.run_in("node", [sys.executable, "-I", "-S", "-c", GET, url]).stdout)
-            return status, body
 
         def invalid_count(kind: str) -> float:
-            status, body = get(f"http://{METRICS}/metrics")
+            status, body = http_get(lab, f"http://{METRICS}/metrics")
             assert status == 200, body
             for line in body.splitlines():
                 if line.startswith(f'kproxy_nft_invalid_objects_total{{kind="{kind}"}} '):
@@ -113,35 +98,25 @@ def test_one_invalid_object_does_not_hold_back_the_good_ones(mode: str, bad_slic
         def answers(name: str) -> dict[str, int]:
             return lab.probe("testpod", SERVICES[name][0], 80, count=3, timeout=0.5).counts()
 
-        try:
+        argv = run_argv(manifests, mode, "--metrics-bind-address", METRICS, "--healthz-bind-address", HEALTHZ)
+        with running_agent(functools.partial(lab.spawn, "node"), argv, tmp_path / "agent.log") as agent:
             wait_for(lambda: answers("web") == {"pod1": 3}, timeout=20)
-            assert answers("api") == {"pod2": 3}, agent_log()
+            assert answers("api") == {"pod2": 3}, agent.log()
             assert answers("db") == {}  # its slice was skipped: no endpoints, nothing else changed
-            status, body = get(f"http://{HEALTHZ}/healthz")
-            assert status == 200, (body, agent_log())
-            assert invalid_count("EndpointSlice") == 1, agent_log()
-            assert sum("invalid EndpointSlice" in line for line in agent_log().splitlines()) == 1, agent_log()
+            status, body = http_get(lab, f"http://{HEALTHZ}/healthz")
+            assert status == 200, (body, agent.log())
+            assert invalid_count("EndpointSlice") == 1, agent.log()
+            assert sum("invalid EndpointSlice" in line for line in agent.log().splitlines()) == 1, agent.log()
 
             # An invalid edit of a served slice: what was programmed stays.
             write(manifests / "api-slice.json", endpoint_slice("api", "10.1.0.99", port=70000))
             wait_for(lambda: invalid_count("EndpointSlice") == 2, timeout=10)
-            assert answers("api") == {"pod2": 3}, agent_log()
-            assert get(f"http://{HEALTHZ}/healthz")[0] == 200
+            assert answers("api") == {"pod2": 3}, agent.log()
+            assert http_get(lab, f"http://{HEALTHZ}/healthz")[0] == 200
 
             # The bad file fixed: its Service is served too, and nothing more is counted.
             write(manifests / "db-slice.json", endpoint_slice("db", SERVICES["db"][2]))
             wait_for(lambda: answers("db") == {"pod3": 3}, timeout=10)
             assert answers("web") == {"pod1": 3} and answers("api") == {"pod2": 3}
             assert invalid_count("EndpointSlice") == 2
-            assert get(f"http://{HEALTHZ}/healthz")[0] == 200
-        finally:
-            agent.send_signal(signal.SIGINT)
-            try:
-                code = agent.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                agent.kill()
-                agent.wait()
-                raise
-            finally:
-                log.close()
-        assert code == 0
+            assert http_get(lab, f"http://{HEALTHZ}/healthz")[0] == 200

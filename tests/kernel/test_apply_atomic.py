@@ -42,6 +42,7 @@ from kproxy_nft.kernel.iptables import (
 from kproxy_nft.kernel.iptables_plan import ChainChangeKind
 from kproxy_nft.kernel.nftables import NftablesBackend, NftablesError
 from kproxy_nft.model import IPFamily
+from tests.helpers import write_dual_stack_web
 from tests.kernel.conftest import BACKENDS, run_in
 from tests.kernel.test_iptables_apply import FOREIGN, restore, saved
 from tests.test_reconcile import NODE, inject, sample_state
@@ -127,26 +128,6 @@ def test_both_families_apply_when_nothing_fails(netns: str, backend: str) -> Non
 # end to end: `kproxy-nft apply` in the namespace
 # ---------------------------------------------------------------------------------------------
 
-SERVICE_YAML = """\
-apiVersion: v1
-kind: Service
-metadata: {name: web, namespace: test}
-spec:
-  ipFamilyPolicy: RequireDualStack
-  ipFamilies: [IPv4, IPv6]
-  clusterIP: 10.96.0.70
-  clusterIPs: [10.96.0.70, "fd00:96::70"]
-  ports: [{name: http, port: 8080, targetPort: 80, protocol: TCP}]
-"""
-SLICE_YAML = """\
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {{name: web-{family}, namespace: test, labels: {{kubernetes.io/service-name: web}}}}
-addressType: {address_type}
-ports: [{{name: http, port: 80, protocol: TCP}}]
-endpoints: [{{addresses: ["{ip}"], conditions: {{ready: true}}}}]
-"""
-
 # An ip6tables-<backend>-restore that hands `--test` runs to the real tool and refuses every
 # commit, with what iptables-nft says when the kernel refuses a rule.
 FAILING_RESTORE = """\
@@ -162,11 +143,8 @@ exit 4
 
 
 def write_manifests(directory: Path, generation: int) -> None:
-    directory.mkdir(exist_ok=True)
-    (directory / "svc.yaml").write_text(SERVICE_YAML)
     host = 10 + generation
-    for family, kind, ip in (("v4", "IPv4", f"10.1.0.{host}"), ("v6", "IPv6", f"fd00:10::{host}")):
-        (directory / f"{family}.yaml").write_text(SLICE_YAML.format(family=family, address_type=kind, ip=ip))
+    write_dual_stack_web(directory, f"10.1.0.{host}", f"fd00:10::{host}")
 
 
 def cli_apply(netns: str, backend: str, manifests: Path, path: str | None = None) -> subprocess.CompletedProcess[str]:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 import socket
 import subprocess
 import sys
@@ -33,6 +32,7 @@ from kproxy_nft.model import ClusterState, Endpoint, IPFamily, NodeContext, Prot
 from kproxy_nft.proxier import Proxier
 from kproxy_nft.proxier.iptables import IptablesProxier
 from kproxy_nft.proxier.nftables import NftablesProxier
+from tests.kernel.conftest import serving_lab
 
 pytestmark = pytest.mark.kernel
 
@@ -51,10 +51,7 @@ def state(*pod_ips: str) -> ClusterState:
 @pytest.fixture
 def lab() -> Iterator[Lab]:
     """A fresh lab per test: each starts with an empty conntrack table."""
-    if os.geteuid() != 0:
-        pytest.skip("netlab needs root")
-    with Lab(PODS, (CLIENT, EXTERNAL)) as the_lab:
-        the_lab.start_servers()
+    with serving_lab(PODS, (CLIENT, EXTERNAL)) as the_lab:
         yield the_lab
 
 

@@ -9,7 +9,6 @@ the nftables backend in-process through libnftables (the seed is replayed throug
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -22,7 +21,8 @@ from kproxy_nft.lab import NODE, ClientSpec, Lab, PodSpec
 from kproxy_nft.model import ClusterState, Endpoint, NodeContext, Protocol, ServicePort, ServicePortName, TrafficPolicy
 from kproxy_nft.sources.manifests import read_manifests
 from tests.helpers import EXAMPLES
-from tests.kernel.tracecheck import tested_mode, traced_probe
+from tests.kernel.conftest import serving_lab
+from tests.kernel.tracecheck import mode_under_test, traced_probe
 
 pytestmark = pytest.mark.kernel
 
@@ -65,10 +65,7 @@ def chi2(counts: dict[str, int], total: int, k: int) -> float:
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Lab]:
-    if os.geteuid() != 0:
-        pytest.skip("netlab needs root")
-    with Lab(PODS, CLIENTS) as the_lab:
-        the_lab.start_servers()
+    with serving_lab(PODS, CLIENTS) as the_lab:
         yield the_lab
 
 
@@ -126,7 +123,7 @@ def test_target_port_mapping(lab: Lab, program: Program) -> None:
 
 
 def test_masquerade_outside_cluster_only(lab: Lab, request: pytest.FixtureRequest, program: Program) -> None:
-    mode = tested_mode(request)  # the trace reads this mode's rules
+    mode = mode_under_test(request)  # the trace reads this mode's rules
     program(seed(), SEED_NODE)
     res = traced_probe(lab, mode, "ext", VIP, 8080, count=10)
     assert res.ok and res.seen_ips() <= set(lab.node_ips), res.summary()
@@ -141,7 +138,7 @@ def test_masquerade_outside_cluster_only(lab: Lab, request: pytest.FixtureReques
 
 
 def test_hairpin_is_masqueraded(lab: Lab, request: pytest.FixtureRequest, program: Program) -> None:
-    mode = tested_mode(request)  # the trace reads this mode's rules
+    mode = mode_under_test(request)  # the trace reads this mode's rules
     program(seed(), SEED_NODE)
     res = traced_probe(lab, mode, "pod1", VIP, 8080, count=60)
     assert res.ok, res.summary()
@@ -156,7 +153,7 @@ def test_hairpin_is_masqueraded(lab: Lab, request: pytest.FixtureRequest, progra
 def test_no_endpoints_refused_at_once_and_local_policy_drops(
     lab: Lab, request: pytest.FixtureRequest, program: Program
 ) -> None:
-    mode = tested_mode(request)  # the trace reads this mode's rules
+    mode = mode_under_test(request)  # the trace reads this mode's rules
     empty = port("empty", "10.96.0.50", 80)
     udp = dataclasses.replace(port("dns", "10.96.0.51", 53), name=ServicePortName("test", "dns", "dns", Protocol.UDP))
     elsewhere = port("remote", "10.96.0.52", 80, internal_traffic_policy=TrafficPolicy.LOCAL)
@@ -175,7 +172,7 @@ def test_no_endpoints_refused_at_once_and_local_policy_drops(
 def test_internal_traffic_policy_local_uses_local_endpoints(
     lab: Lab, request: pytest.FixtureRequest, program: Program
 ) -> None:
-    mode = tested_mode(request)  # the trace reads this mode's rules
+    mode = mode_under_test(request)  # the trace reads this mode's rules
     local = port("local", "10.96.0.53", 80, internal_traffic_policy=TrafficPolicy.LOCAL)
     eps = (Endpoint("10.1.0.47", 80, node_name="other"), Endpoint("10.1.0.48", 80, node_name="docker-desktop"))
     program(with_services(ClusterState(), {local: eps}), SEED_NODE)

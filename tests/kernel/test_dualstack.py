@@ -11,7 +11,6 @@ IPv4 only. `kproxy-nft apply`, run inside the node namespace, is checked for bot
 from __future__ import annotations
 
 import dataclasses
-import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -34,7 +33,9 @@ from kproxy_nft.model import (
 from kproxy_nft.proxier import Proxier
 from kproxy_nft.proxier.iptables import IptablesProxier
 from kproxy_nft.proxier.nftables import NftablesProxier
-from tests.kernel.tracecheck import tested_mode, traced_probe
+from tests.helpers import write_dual_stack_web
+from tests.kernel.conftest import serving_lab
+from tests.kernel.tracecheck import mode_under_test, traced_probe
 
 pytestmark = pytest.mark.kernel
 
@@ -77,12 +78,9 @@ DUAL_STATE = state_of((DUAL, endpoints(V4, "pod1", "pod2") + endpoints(V6, "pod2
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Lab]:
-    if os.geteuid() != 0:
-        pytest.skip("netlab needs root")
     if not Path("/proc/sys/net/ipv6").is_dir():
         pytest.skip("kernel without IPv6")
-    with Lab(PODS, CLIENTS) as the_lab:
-        the_lab.start_servers()
+    with serving_lab(PODS, CLIENTS) as the_lab:
         yield the_lab
 
 
@@ -177,7 +175,7 @@ def test_ipv6_only_service_and_udp(lab: Lab, make_backend: MakeBackend) -> None:
 def test_ipv6_masquerade_for_external_client_and_hairpin(
     lab: Lab, request: pytest.FixtureRequest, make_backend: MakeBackend
 ) -> None:
-    mode = tested_mode(request)  # the trace reads this mode's rules
+    mode = mode_under_test(request)  # the trace reads this mode's rules
     program(make_backend, DUAL_NODE, DUAL_STATE)
     res = traced_probe(lab, mode, "ext", VIP6, 80, count=20)
     assert res.ok and set(res.counts()) == {"pod2", "pod3"}, res.summary()
@@ -193,7 +191,7 @@ def test_ipv6_masquerade_for_external_client_and_hairpin(
 def test_ipv6_service_without_endpoints_is_refused(
     lab: Lab, request: pytest.FixtureRequest, make_backend: MakeBackend
 ) -> None:
-    mode = tested_mode(request)  # the trace reads this mode's rules
+    mode = mode_under_test(request)  # the trace reads this mode's rules
     tcp = service("empty6", "fd00:96::63")
     udp = service("empty6dns", "fd00:96::63", proto=Protocol.UDP, port=53)
     program(make_backend, DUAL_NODE, state_of((tcp, ()), (udp, ()), (DUAL, endpoints(V6, "pod2"))))
@@ -238,36 +236,11 @@ def test_node_without_node_ips_programs_both_families(lab: Lab, make_backend: Ma
 
 
 # ------------------------------------------------------------------------- the CLI
-SERVICE_YAML = """\
-apiVersion: v1
-kind: Service
-metadata: {name: web, namespace: test}
-spec:
-  type: ClusterIP
-  ipFamilyPolicy: RequireDualStack
-  ipFamilies: [IPv4, IPv6]
-  clusterIP: 10.96.0.70
-  clusterIPs: [10.96.0.70, "fd00:96::70"]
-  ports: [{name: http, port: 8080, targetPort: 80, protocol: TCP}]
-"""
-SLICE_YAML = """\
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  name: web-{family}
-  namespace: test
-  labels: {{kubernetes.io/service-name: web}}
-addressType: {address_type}
-ports: [{{name: http, port: 80, protocol: TCP}}]
-endpoints: [{{addresses: ["{ip}"], conditions: {{ready: true}}}}]
-"""
 
 
 @pytest.mark.parametrize("mode", ["iptables", "nftables"])
 def test_cli_apply_programs_both_families(lab: Lab, mode: str, tmp_path: Path) -> None:
-    (tmp_path / "svc.yaml").write_text(SERVICE_YAML)
-    (tmp_path / "v4.yaml").write_text(SLICE_YAML.format(family="v4", address_type="IPv4", ip=V4["pod1"]))
-    (tmp_path / "v6.yaml").write_text(SLICE_YAML.format(family="v6", address_type="IPv6", ip=V6["pod3"]))
+    write_dual_stack_web(tmp_path, V4["pod1"], V6["pod3"])
     argv = [sys.executable, "-m", "kproxy_nft.cli", "apply", "-f", str(tmp_path), "--proxy-mode", mode,
             "--cluster-cidr", "10.1.0.0/16,fd00:10:1::/64"]
     if mode == "iptables":

@@ -10,7 +10,6 @@ root namespace (the agent's own metrics/healthz go to ephemeral loopback ports t
 from __future__ import annotations
 
 import json
-import signal
 import socket
 import subprocess
 import sys
@@ -23,6 +22,7 @@ from kproxy_nft.agent.healthcheck import HealthCheck, HealthCheckServers
 from kproxy_nft.lab import ClientSpec, Lab, PodSpec
 from kproxy_nft.model import NodeContext
 from tests.helpers import wait_for
+from tests.kernel.agentproc import run_argv, running_agent, write
 from tests.kernel.conftest import run_in
 
 pytestmark = pytest.mark.kernel
@@ -72,15 +72,6 @@ def endpoint_slice(pod1_ready: bool) -> str:
     })
 
 
-
-
-def write(path: Path, text: str) -> None:
-    """Replace atomically, so the agent's manifest poller never reads half a file."""
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(text)
-    tmp.rename(path)
-
-
 @pytest.mark.parametrize("mode", ["nftables", "iptables"])
 def test_agent_serves_health_checks_inside_the_node_namespace(mode: str, tmp_path: Path) -> None:
     """Both modes: the rules each mode installs (e.g. iptables' filter chains for eTP Local
@@ -91,27 +82,17 @@ def test_agent_serves_health_checks_inside_the_node_namespace(mode: str, tmp_pat
     write(manifests / "slice.json", endpoint_slice(pod1_ready=True))
     pods = [PodSpec("pod1", "10.1.0.47")]
     with Lab(pods, [ClientSpec("lb", "192.168.100.2")]) as lab:
-        log = (tmp_path / "agent.log").open("w+")
-        agent = subprocess.Popen(  # noqa: S603 - argument list
-            [sys.executable, "-c", "from kproxy_nft.cli import main; main()", "run",
-             "--manifests", str(manifests), "--netns", lab.node_ns, "--proxy-mode", mode, "--iptables-backend", "nft",
-             "--hostname-override", "node1", "--cluster-cidr", "10.1.0.0/16", "--min-sync-period", "0.1",
-             "--metrics-bind-address", "127.0.0.1:0", "--healthz-bind-address", "127.0.0.1:0"],
-            stdout=log, stderr=subprocess.STDOUT)
-
         def probe() -> tuple[int, dict[str, str], Any]:
             out = lab.run_in("lb", [sys.executable, "-I", "-S", "-c", PROBE, f"http://{NODE_IP}:{HC_PORT}/"])
             status, headers, body = json.loads(out.stdout)
             return status, headers, json.loads(body) if status > 0 and body else body
 
-        def agent_log() -> str:
-            log.seek(0)
-            return log.read()
-
-        try:
+        argv = run_argv(manifests, mode, "--netns", lab.node_ns,
+                        "--metrics-bind-address", "127.0.0.1:0", "--healthz-bind-address", "127.0.0.1:0")
+        with running_agent(subprocess.Popen, argv, tmp_path / "agent.log") as agent:
             wait_for(lambda: probe()[0] > 0, timeout=15.0, interval=0.2)
             status, headers, body = probe()
-            assert status == 200, agent_log()
+            assert status == 200, agent.log()
             # pod1 counts once although it is behind two ports; pod2 is on another node.
             assert body == {"service": {"namespace": "shop", "name": "web"}, "localEndpoints": 1,
                             "serviceProxyHealthy": True}
@@ -129,17 +110,7 @@ def test_agent_serves_health_checks_inside_the_node_namespace(mode: str, tmp_pat
             # The Service goes: the port is closed.
             (manifests / "service.json").unlink()
             wait_for(lambda: probe()[0] == 0, timeout=15.0, interval=0.2)  # refused, not merely reset
-            assert f"healthcheck port={HC_PORT} closed" in agent_log()
-        finally:
-            agent.send_signal(signal.SIGINT)
-            try:
-                code = agent.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                agent.kill()
-                agent.wait()
-                raise
-            log.close()
-        assert code == 0
+            assert f"healthcheck port={HC_PORT} closed" in agent.log()
 
 
 def test_default_bind_is_dual_stack_inside_the_namespace(netns: str) -> None:

@@ -19,6 +19,7 @@ import pytest
 
 from kproxy_nft.compile.iptables import Ruleset, compile_ruleset
 from kproxy_nft.kernel.iptables import Host, IptablesBackend, RestoreError, Syncer, apply, cleanup, plan, read_state
+from kproxy_nft.kernel.iptables_plan import Plan
 from kproxy_nft.kernel.iptables_rule import canonical
 from kproxy_nft.kernel.iptables_text import strip_comments
 from kproxy_nft.lab.synthetic import synthetic_cluster, synthetic_endpoints, synthetic_name
@@ -57,6 +58,18 @@ def sync(host: Host, desired: Ruleset) -> None:
     assert view(now) == view(step.after)
     again = plan(desired, now)
     assert again.is_empty, again.payload
+
+
+CLUSTER_NODE = NodeContext(cluster_cidrs=("10.0.0.0/8",))
+
+
+def one_endpoint_change(host: Host, services: int, endpoints: int, changed: int) -> tuple[Ruleset, Plan]:
+    """Sync a synthetic cluster, then plan (not apply) a new generation of service `changed`'s endpoints."""
+    state = synthetic_cluster(services, endpoints)
+    sync(host, compile_ruleset(state, CLUSTER_NODE))
+    moved = {**state.endpoints, synthetic_name(changed): synthetic_endpoints(changed, endpoints, generation=1)}
+    desired = compile_ruleset(ClusterState(state.services, moved), CLUSTER_NODE)
+    return desired, plan(desired, read_state(host))
 
 
 FOREIGN = {
@@ -109,7 +122,7 @@ def test_apply_read_back_plan_is_empty_through_a_series_of_rulesets(
         examples_ruleset(family),
         compile_ruleset(variant_state(), NODE_CIDR, family),
         compile_ruleset(variant_state(), NODE_MASQUERADE_ALL, family),
-        compile_ruleset(synthetic_cluster(30, 3), NodeContext(cluster_cidrs=("10.0.0.0/8",)), family),
+        compile_ruleset(synthetic_cluster(30, 3), CLUSTER_NODE, family),
         compile_ruleset(variant_state(), NODE_CIDR, family),
     ]
     for desired in series:
@@ -119,13 +132,7 @@ def test_apply_read_back_plan_is_empty_through_a_series_of_rulesets(
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_an_endpoint_change_rewrites_only_that_services_chains(netns: str, backend: str) -> None:
     host = Host(IptablesBackend(backend), netns)
-    node = NodeContext(cluster_cidrs=("10.0.0.0/8",))
-    state = synthetic_cluster(20, 3)
-    sync(host, compile_ruleset(state, node))
-    endpoints = dict(state.endpoints)
-    endpoints[synthetic_name(7)] = synthetic_endpoints(7, 3, generation=1)
-    desired = compile_ruleset(ClusterState(state.services, endpoints), node)
-    step = plan(desired, read_state(host))
+    desired, step = one_endpoint_change(host, services=20, endpoints=3, changed=7)
     assert step.tables == ("nat",)
     assert "KUBE-SERVICES" not in step.payload
     assert {c.owner for c in step.chains} == {synthetic_name(7)}
@@ -213,12 +220,8 @@ def test_a_failing_restore_leaves_iptables_save_byte_identical(netns: str, backe
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_failing_single_table_restore_changes_nothing(netns: str, backend: str) -> None:
     host = Host(IptablesBackend(backend), netns)
-    node = NodeContext(cluster_cidrs=("10.0.0.0/8",))
-    state = synthetic_cluster(5, 2)
-    sync(host, compile_ruleset(state, node))
+    _, step = one_endpoint_change(host, services=5, endpoints=2, changed=1)
     before = saved(netns, backend)
-    endpoints = {**state.endpoints, synthetic_name(1): synthetic_endpoints(1, 2, generation=1)}
-    step = plan(compile_ruleset(ClusterState(state.services, endpoints), node), read_state(host))
     assert step.tables == ("nat",)
     with pytest.raises(RestoreError, match="atomic per table"):
         apply(inject(step, *INJECTIONS["kernel-refusal-in-nat"]), host)

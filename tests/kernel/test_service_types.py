@@ -47,6 +47,7 @@ from kproxy_nft.kernel.nftables import NftablesBackend
 from kproxy_nft.lab import NODE, ClientSpec, Lab, PodSpec, ProbeResult
 from kproxy_nft.lab import server as netlab_server
 from kproxy_nft.model import ClusterState, Endpoint, NodeContext, Protocol, ServicePort, ServicePortName, TrafficPolicy
+from tests.kernel.conftest import serving_lab
 from tests.kernel.tracecheck import predict, traced_probe
 
 pytestmark = pytest.mark.kernel
@@ -90,6 +91,19 @@ def svc(name: str, vip: str, port: int = 80, proto: Protocol = Protocol.TCP, **k
     )
 
 
+def load_balancer(name: str, vip: str, node_port: int, **kw: Any) -> ServicePort:
+    """A LoadBalancer service port that also answers on the external IP EXT_IP and the ingress IP LB_IP."""
+    return svc(
+        name,
+        vip,
+        node_port=node_port,
+        service_type="LoadBalancer",
+        external_ips=(EXT_IP,),
+        load_balancer_ips=(LB_IP,),
+        **kw,
+    )
+
+
 def ep(pod: str, node: str = "node-a", port: int = 80, **kw: Any) -> Endpoint:
     return Endpoint(POD_IPS[pod], port, node_name=node, **kw)
 
@@ -129,10 +143,7 @@ def _make_wan_answer(lab: Lab) -> None:
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Lab]:
-    if os.geteuid() != 0:
-        pytest.skip("netlab needs root")
-    with Lab(PODS, CLIENTS) as the_lab:
-        the_lab.start_servers()
+    with serving_lab(PODS, CLIENTS) as the_lab:
         _make_wan_answer(the_lab)
         _start_server(the_lab, the_lab.node_ns, NODE_LISTENER, NODE_TCP_PORTS, NODE_UDP_PORTS)
         yield the_lab
@@ -277,14 +288,7 @@ def test_nodeport_addresses_limit_where_nodeports_answer(lab: Lab, mode: Mode) -
 
 
 def test_external_and_load_balancer_ips(lab: Lab, mode: Mode) -> None:
-    lb = svc(
-        "lb",
-        "10.96.1.20",
-        node_port=30081,
-        service_type="LoadBalancer",
-        external_ips=(EXT_IP,),
-        load_balancer_ips=(LB_IP,),
-    )
+    lb = load_balancer("lb", "10.96.1.20", 30081)
     mode.load(cluster((lb, (ep("pod1"), ep("pod2", "node-b")))))
     pods = {"pod1", "pod2"}
     for ip in (LB_IP, EXT_IP):
@@ -319,15 +323,7 @@ def test_load_balancer_source_ranges(lab: Lab, mode: Mode) -> None:
 
 
 def _local_external(name: str, vip: str, node_port: int) -> ServicePort:
-    return svc(
-        name,
-        vip,
-        node_port=node_port,
-        service_type="LoadBalancer",
-        external_ips=(EXT_IP,),
-        load_balancer_ips=(LB_IP,),
-        external_traffic_policy=TrafficPolicy.LOCAL,
-    )
+    return load_balancer(name, vip, node_port, external_traffic_policy=TrafficPolicy.LOCAL)
 
 
 def test_external_traffic_policy_local(lab: Lab, mode: Mode) -> None:
@@ -374,14 +370,7 @@ def test_internal_traffic_policy_local(lab: Lab, mode: Mode) -> None:
 
 
 def test_no_endpoints_rejects_every_address(lab: Lab, mode: Mode) -> None:
-    empty = svc(
-        "empty",
-        "10.96.1.60",
-        node_port=30086,
-        service_type="LoadBalancer",
-        external_ips=(EXT_IP,),
-        load_balancer_ips=(LB_IP,),
-    )
+    empty = load_balancer("empty", "10.96.1.60", 30086)
     mode.load(cluster((empty, ())))
     assert_refused(mode, mode.probe(lab, "testpod", "10.96.1.60", 80, count=3))
     assert_refused(mode, mode.probe(lab, NODE, "10.96.1.60", 80, count=3))

@@ -105,7 +105,7 @@ def assert_trace_matches(lab: Lab, mode: str, client: str, predicted: Trace, res
                 assert seen == source, f"{why}: {attempt.pod} saw {seen}, not the client's {source}"
 
 
-def tested_mode(request: pytest.FixtureRequest) -> str:
+def mode_under_test(request: pytest.FixtureRequest) -> str:
     """The mode a parametrized kernel test runs in (iptables-nft, iptables-legacy, nftables)."""
     params = request.node.callspec.params
     return str(next(params[name] for name in ("mode", "program", "make_backend") if name in params))
