@@ -16,9 +16,19 @@ from typing import Any, TypeVar
 
 import click
 
-from kproxy_nft.config import ConfigError, Overrides, ProxySettings, load_config_file, resolve, with_node_object
+from kproxy_nft.config import (
+    ConfigError,
+    ConntrackOverrides,
+    Overrides,
+    ProxySettings,
+    kube_proxy_configuration,
+    load_config_file,
+    parse_go_duration,
+    resolve,
+    with_node_object,
+)
 from kproxy_nft.convert import convert_node
-from kproxy_nft.model import ClusterState, IPFamily, NodeContext, ip_family
+from kproxy_nft.model import ClusterState, IPFamily, LocalMode, NodeContext, ip_family
 from kproxy_nft.proxier import MODES, Proxier, make_proxier, with_local_addresses
 from kproxy_nft.report import EXIT_INTERRUPTED, fail, internal_error, warn
 from kproxy_nft.sources.manifests import ManifestError, Manifests, read_manifests
@@ -76,6 +86,63 @@ def settings_options(func: F) -> F:
         click.option("--iptables-localhost-nodeports", "localhost_nodeports", type=bool, default=None,
                      metavar="BOOL", help="Serve NodePorts on 127.0.0.1 (route_localnet). Default false, "
                      "unlike kube-proxy (CVE-2020-8558)."),
+        # A plain string, not a click.Choice: an unknown mode is then the usual one-line error.
+        click.option("--detect-local-mode", default=None, metavar="|".join(m.value for m in LocalMode),
+                     help="How traffic from this node's pods is told apart (default ClusterCIDR): by source in "
+                     "--cluster-cidr, in the Node's spec.podCIDRs, or by input interface."),
+        click.option("--pod-bridge-interface", default=None, metavar="NAME",
+                     help="With --detect-local-mode BridgeInterface: traffic arriving on it is from a pod."),
+        click.option("--pod-interface-name-prefix", default=None, metavar="PREFIX",
+                     help="With --detect-local-mode InterfaceNamePrefix: traffic arriving on an interface "
+                     "whose name starts with it is from a pod."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+class _GoDuration(click.ParamType[float]):
+    """A duration as kube-proxy's flags take it (Go's: 24h0m0s, 1h, 30s, 0), in seconds, >= 0."""
+
+    name = "duration"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        if isinstance(value, float):
+            return value
+        try:
+            seconds = parse_go_duration(str(value))
+        except ValueError as e:
+            self.fail(str(e), param, ctx)
+        if seconds < 0:
+            self.fail("must be greater than or equal to 0", param, ctx)
+        return seconds
+
+
+def node_setup_options(func: F) -> F:
+    """kube-proxy's node setup flags (for `run`): the conntrack sysctls made at startup, with
+    kube-proxy's names and defaults (cmd/kube-proxy/app/options.go), --init-only, --write-config-to."""
+    duration = _GoDuration()
+    options = [
+        click.option("--conntrack-max-per-core", type=click.IntRange(min=0), default=None,
+                     help="Conntrack entries per CPU (default 32768; 0 leaves the limit, and --conntrack-min, "
+                     "alone)."),
+        click.option("--conntrack-min", type=click.IntRange(min=0), default=None,
+                     help="Conntrack entries at least, whatever the CPUs (default 131072)."),
+        click.option("--conntrack-tcp-timeout-established", type=duration, default=None,
+                     help="Idle timeout of established TCP connections (default 24h; 0 leaves it as is)."),
+        click.option("--conntrack-tcp-timeout-close-wait", type=duration, default=None,
+                     help="Timeout of TCP connections in CLOSE_WAIT (default 1h; 0 leaves it as is)."),
+        click.option("--conntrack-tcp-be-liberal", is_flag=True, default=None,
+                     help="nf_conntrack_tcp_be_liberal=1: out-of-window TCP packets are not marked INVALID."),
+        click.option("--conntrack-udp-timeout", type=duration, default=None,
+                     help="Idle timeout of UNREPLIED UDP flows (default 0: leave as is)."),
+        click.option("--conntrack-udp-timeout-stream", type=duration, default=None,
+                     help="Idle timeout of ASSURED UDP flows (default 0: leave as is)."),
+        click.option("--init-only", is_flag=True,
+                     help="Make the node settings (conntrack sysctls) and exit: 1 if one could not be made. "
+                     "For an init container; the agent then needs only CAP_NET_ADMIN."),
+        click.option("--write-config-to", type=click.Path(dir_okay=False), default=None, metavar="FILE",
+                     help="Write the effective KubeProxyConfiguration (v1alpha1 YAML) to FILE and exit."),
     ]
     for option in reversed(options):
         func = option(func)
@@ -93,7 +160,9 @@ def load_settings(proxy_mode: str | None = None, config_path: str | None = None,
                   node_ips: Sequence[str] = (), zone: str | None = None, cluster_cidrs: Sequence[str] = (),
                   service_cidrs: Sequence[str] = (), masquerade_all: bool | None = None,
                   masquerade_bit: int | None = None, nodeport_addresses: Sequence[str] = (),
-                  localhost_nodeports: bool | None = None) -> ProxySettings:
+                  localhost_nodeports: bool | None = None, detect_local_mode: str | None = None,
+                  pod_bridge_interface: str | None = None, pod_interface_name_prefix: str | None = None,
+                  conntrack: ConntrackOverrides | None = None) -> ProxySettings:
     """Settings from the config file and flags (raises ConfigError)."""
     file_config = load_config_file(config_path) if config_path else None
     return resolve(
@@ -109,6 +178,10 @@ def load_settings(proxy_mode: str | None = None, config_path: str | None = None,
             masquerade_bit=masquerade_bit,
             nodeport_addresses=_comma_list(nodeport_addresses),
             localhost_nodeports=localhost_nodeports,
+            detect_local_mode=detect_local_mode,
+            pod_bridge_interface=pod_bridge_interface,
+            pod_interface_name_prefix=pod_interface_name_prefix,
+            conntrack=conntrack or ConntrackOverrides(),
         ),
         default_hostname=socket.gethostname(),
         source=config_path or "flags",
@@ -139,6 +212,10 @@ def load_inputs(paths: Sequence[str], **flags: Any) -> tuple[Manifests, ProxySet
     node_object = manifests.node(settings.node.hostname)
     if node_object is not None:  # this node's Node, as the agent takes it from the API
         settings = with_node_object(settings, convert_node(node_object))
+    node = settings.node
+    if node.detect_local_mode is LocalMode.NODE_CIDR and node.local_detector(primary_family(node)) is None:
+        warn(f"--detect-local-mode NodeCIDR: no podCIDR of this family in a Node {node.hostname} among the "
+             "manifests: pod traffic is not told apart (no masquerade of off-cluster sources)")
     return manifests, settings
 
 
@@ -319,6 +396,7 @@ Examples:
 @click.option("--manifests", "manifest_paths", multiple=True, metavar="PATH",
               help="Use manifest files instead of the API (this node's Node too); a changed file is read again.")
 @settings_options
+@node_setup_options
 @click.option("--iptables-backend", type=click.Choice(["auto", "nft", "legacy"]), default="auto", show_default=True)
 @click.option("--min-sync-period", type=float, default=1.0, show_default=True, help="Seconds between partial syncs.")
 @click.option("--sync-period", type=float, default=30.0, show_default=True,
@@ -332,7 +410,7 @@ Examples:
 @click.option("-v", "--verbose", count=True)
 def run(kubeconfig: str | None, manifest_paths: tuple[str, ...], iptables_backend: str, min_sync_period: float,
         sync_period: float, full_sync_period: float, metrics_bind_address: str, healthz_bind_address: str,
-        netns: str | None, verbose: int,
+        netns: str | None, verbose: int, init_only: bool, write_config_to: str | None,
         **flags: Any) -> None:
     """Run the node agent: watch Services and EndpointSlices, keep the kernel reconciled.
 
@@ -343,11 +421,19 @@ def run(kubeconfig: str | None, manifest_paths: tuple[str, ...], iptables_backen
     click.get_current_context().meta[_VERBOSE] = verbose  # tracebacks of internal errors too
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    conntrack = {key.removeprefix("conntrack_"): flags.pop(key) for key in list(flags) if key.startswith("conntrack_")}
     try:
-        settings = load_settings(**flags)
+        settings = load_settings(**flags, conntrack=ConntrackOverrides(**conntrack))
     except ConfigError as e:
         fail(str(e))
         raise  # unreachable: fail exits
+    if write_config_to:
+        _write_config(write_config_to, kube_proxy_configuration(
+            settings, kubeconfig=kubeconfig, metrics_bind_address=metrics_bind_address,
+            healthz_bind_address=healthz_bind_address, sync_period=sync_period, min_sync_period=min_sync_period))
+        return
+    if init_only:
+        _init_only(settings, netns)
     try:
         run_agent(settings, kubeconfig=kubeconfig, manifest_paths=list(manifest_paths),
                   iptables_backend=None if iptables_backend == "auto" else iptables_backend, netns=netns,
@@ -355,6 +441,31 @@ def run(kubeconfig: str | None, manifest_paths: tuple[str, ...], iptables_backen
                   metrics_address=metrics_bind_address, healthz_address=healthz_bind_address)
     except Exception as e:  # noqa: BLE001 - a startup failure: one line, exit 2
         fail(f"{type(e).__name__}: {e}")
+
+
+def _write_config(path: str, document: dict[str, Any]) -> None:
+    """`run --write-config-to`: the effective configuration, which `--config` reads back."""
+    import yaml
+
+    try:
+        with open(path, "w", encoding="utf-8") as out:
+            yaml.safe_dump(document, out, sort_keys=False)
+    except OSError as e:
+        fail(f"{path}: cannot write: {e.strerror or e}")
+    click.echo(f"kproxy-nft: wrote the configuration to {path}", err=True)
+
+
+def _init_only(settings: ProxySettings, netns: str | None) -> None:
+    """`run --init-only`: make the node settings and exit, 1 when one could not be made (an init
+    container that cannot do its one job must not let the pod start as if it had)."""
+    from kproxy_nft.agent.node_setup import failed, setup_node
+
+    failures = failed(setup_node(settings.conntrack, netns=netns))
+    if failures:
+        click.echo(f"kproxy-nft: error: init-only: {len(failures)} node setting(s) could not be made: "
+                   + "; ".join(o.describe() for o in failures), err=True)
+        sys.exit(1)
+    sys.exit(0)
 
 
 def _register_subcommands() -> None:

@@ -210,6 +210,22 @@ class Endpoint(_CachedHash):
 MASQUERADE_BIT_DEFAULT = 14
 
 
+@dataclass(frozen=True)
+class ConntrackSettings:
+    """kube-proxy's `conntrack` settings (KubeProxyConntrackConfiguration) with its v1alpha1
+    defaults: the node's conntrack table size and timeouts, set once at startup
+    (`kernel/sysctl.py`). Durations in seconds; 0 leaves the kernel's value alone, and so does
+    `max_per_core` 0 (then `min` is ignored too)."""
+
+    max_per_core: int = 32768
+    min: int = 131072
+    tcp_established_timeout: float = 24 * 3600.0
+    tcp_close_wait_timeout: float = 3600.0
+    tcp_be_liberal: bool = False
+    udp_timeout: float = 0.0
+    udp_stream_timeout: float = 0.0
+
+
 class LocalMode(enum.StrEnum):
     """kube-proxy's `--detect-local-mode`: how traffic from this node's pods is told apart."""
 

@@ -16,6 +16,9 @@ after a sync (kube-proxy only logs those; the sync itself still counts as succes
 And `kproxy_nft_invalid_objects_total{kind}`: objects skipped as invalid (from the API or from
 manifests), each distinct problem of an object once; `kind` is "Service", "EndpointSlice",
 "Endpoints", "ServiceCIDR", or "unknown" (e.g. a manifest file that is not valid YAML).
+And `kproxy_nft_sysctl_failures_total{name}`: node settings the agent could not make at startup
+(`agent/node_setup.py`; e.g. a read-only /proc/sys in a container), `name` as `sysctl` spells it
+(`net.netfilter.nf_conntrack_max`). kube-proxy stops there; the agent warns and goes on.
 """
 
 from __future__ import annotations
@@ -112,6 +115,7 @@ class Metrics:
     drift_monitor_unavailable: Gauge  # 1: no nf_tables notifications, drift is probed each sync period
     conntrack_cleanup_errors: Counter
     invalid_objects: Counter  # label: kind
+    sysctl_failures: Counter  # label: name
 
 
 def new_metrics(families: Sequence[IPFamily] = (IPFamily.V4,)) -> Metrics:
@@ -183,6 +187,9 @@ def new_metrics(families: Sequence[IPFamily] = (IPFamily.V4,)) -> Metrics:
         invalid_objects=Counter("kproxy_nft_invalid_objects",
                                 "Objects skipped as invalid (an invalid update keeps the previous version)",
                                 ["kind"], registry=r),
+        sysctl_failures=Counter("kproxy_nft_sysctl_failures",
+                                "Node settings (conntrack sysctls) that could not be made at startup", ["name"],
+                                registry=r),
     )
 
 
