@@ -25,7 +25,7 @@ from kproxy_nft.lab.netns import throwaway_netns
 from kproxy_nft.lab.synthetic import SERVICE_CIDR, synthetic_endpoints
 from kproxy_nft.model import NodeContext
 from kproxy_nft.proxier import make_proxier
-from kproxy_nft.sources.kube import Change, Replace
+from kproxy_nft.sources.events import Change, Replace
 
 NODE = NodeContext(hostname="node0", cluster_cidrs=("10.128.0.0/9",))
 

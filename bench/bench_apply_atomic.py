@@ -11,6 +11,11 @@ synthetic cluster (every service has an IPv4 and an IPv6 cluster IP and endpoint
    `revert_plan(before, now)` and read again to check (`kernel.iptables.revert`). Paid only
    on failure.
 
+The plans and commits go through the iptables proxier, one per family (`Proxier.plan`, then
+`Proxier.apply`, timed per family). The proxier runs neither way on demand (`--test` is not
+what it does; its revert runs inside `apply` only when IPv6 really fails), so those two are
+timed on the kernel layer, on the proxier's own plans.
+
 Two situations: a full apply into an empty namespace (a node's first apply), and one endpoint
 of one service moved with the whole ruleset in place (the everyday apply).
 
@@ -30,37 +35,20 @@ import ipaddress
 import shutil
 import subprocess
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import cast
 
-from kproxy_nft.compile.iptables import compile_ruleset
-from kproxy_nft.kernel.iptables import (
-    Host,
-    IptablesBackend,
-    _prepare,
-    _restore,
-    apply,
-    plan,
-    read_state,
-    revert,
-    tool_name,
-)
+from _common import exit_on_sigterm, open_proxier, print_grid, restore_argv, restore_command, timed, with_endpoints
+
+from kproxy_nft.kernel.iptables import Host, IptablesBackend, _prepare, _restore, read_state, revert
 from kproxy_nft.kernel.iptables_plan import Plan, revert_plan
 from kproxy_nft.lab.netns import throwaway_netns
 from kproxy_nft.lab.synthetic import synthetic_cluster, synthetic_name
 from kproxy_nft.model import ClusterState, IPFamily, NodeContext
+from kproxy_nft.proxier import ProxierPlan
 
-T = TypeVar("T")
 NODE = NodeContext(hostname="node0", cluster_cidrs=("10.0.0.0/8", "fd00:128::/64"))
 FAMILIES = (IPFamily.V4, IPFamily.V6)
-
-
-def timed(fn: Callable[[], T]) -> tuple[T, float]:
-    start = time.perf_counter()
-    result = fn()
-    return result, time.perf_counter() - start
 
 
 def v6_of(ip: str, prefix: str) -> str:
@@ -88,9 +76,14 @@ def one_endpoint_moved(state: ClusterState, i: int) -> ClusterState:
     v6 = [ep for ep in state.endpoints_of(name) if ":" in ep.ip]
     v4[0] = dataclasses.replace(v4[0], ip=f"10.255.0.{1 + i % 250}")
     v6[0] = dataclasses.replace(v6[0], ip=f"fd00:255::{1 + i % 250:x}")
-    endpoints = dict(state.endpoints)
-    endpoints[name] = tuple(sorted((*v4, *v6), key=lambda ep: ep.address))
-    return ClusterState(state.services, endpoints)
+    return with_endpoints(state, name, tuple(sorted((*v4, *v6), key=lambda ep: ep.address)))
+
+
+def kernel_plan(plan: ProxierPlan) -> Plan:
+    """The kernel layer's plan inside a one-family iptables `ProxierPlan` (its `detail`: one
+    (plan, serves localhost NodePorts) pair per family)."""
+    ((inner, _),) = cast("tuple[tuple[Plan, bool], ...]", plan.detail)
+    return inner
 
 
 def seconds_of_test_run(p: Plan, host: Host) -> float:
@@ -116,27 +109,32 @@ class Row:
     undo_lines: int = 0
 
 
-def measure(host: Host, state: ClusterState, backend: str, situation: str) -> Row:
+def measure(ns: str, backend: str, state: ClusterState, situation: str) -> Row:
     """Plan both families, --test both payloads, commit both, then revert IPv4 (timed in parts)."""
-    plans = {f: plan(compile_ruleset(state, NODE, f), read_state(host, f)) for f in FAMILIES}
-    row = Row(backend, situation, {f: plans[f].payload.count("\n") for f in FAMILIES}, {}, {})
-    for f in FAMILIES:
-        row.test[f] = seconds_of_test_run(plans[f], host)
-    for f in FAMILIES:
-        _, row.commit[f] = timed(lambda f=f: apply(plans[f], host))  # type: ignore[misc]
-    before = plans[IPFamily.V4].before
-    # The revert in parts (what `revert` does), then again end to end after re-committing.
-    now, row.read = timed(lambda: read_state(host, IPFamily.V4))
-    undo, row.undo_plan = timed(lambda: revert_plan(before, now))
-    row.undo_lines = undo.payload.count("\n")
-    sent = _prepare(host, undo, undo.edits)
-    result, row.undo_restore = timed(lambda: _restore(host, IPFamily.V4, sent))
-    assert result.returncode == 0, result.stderr
-    left, row.check = timed(lambda: revert_plan(before, read_state(host, IPFamily.V4)))
-    assert left.is_empty
-    apply(plan(compile_ruleset(state, NODE, IPFamily.V4), before), host)
-    _, row.revert_total = timed(lambda: revert(host, before))
-    apply(plan(compile_ruleset(state, NODE, IPFamily.V4), before), host)
+    with (open_proxier("iptables", NODE, ns, iptables_backend=backend, families=(IPFamily.V4,)) as v4,
+          open_proxier("iptables", NODE, ns, iptables_backend=backend, families=(IPFamily.V6,)) as v6):
+        proxiers = {IPFamily.V4: v4, IPFamily.V6: v6}
+        plans = {f: proxiers[f].plan(state) for f in FAMILIES}
+        inner = {f: kernel_plan(plans[f]) for f in FAMILIES}
+        row = Row(backend, situation, {f: inner[f].payload.count("\n") for f in FAMILIES}, {}, {})
+        host = Host(IptablesBackend(backend), ns)  # the kernel layer's, for --test and the revert
+        for f in FAMILIES:
+            row.test[f] = seconds_of_test_run(inner[f], host)
+        for f in FAMILIES:
+            _, row.commit[f] = timed(lambda f=f: proxiers[f].apply(plans[f]))  # type: ignore[misc]
+        before = inner[IPFamily.V4].before
+        # The revert in parts (what `revert` does), then again end to end after re-committing.
+        now, row.read = timed(lambda: read_state(host, IPFamily.V4))
+        undo, row.undo_plan = timed(lambda: revert_plan(before, now))
+        row.undo_lines = undo.payload.count("\n")
+        sent = _prepare(host, undo, undo.edits)
+        result, row.undo_restore = timed(lambda: _restore(host, IPFamily.V4, sent))
+        assert result.returncode == 0, result.stderr
+        left, row.check = timed(lambda: revert_plan(before, read_state(host, IPFamily.V4)))
+        assert left.is_empty
+        v4.apply(v4.plan(state))
+        _, row.revert_total = timed(lambda: revert(host, before))
+        v4.apply(v4.plan(state))
     return row
 
 
@@ -154,11 +152,7 @@ def print_table(rows: list[Row]) -> None:
             f"{test / commit:.0%}", f"{r.read:.2f}", f"{r.undo_plan:.2f}", f"{r.undo_restore:.2f}", f"{r.check:.2f}",
             f"{r.revert_total:.2f}", str(r.undo_lines),
         ))  # fmt: skip
-    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
-    for n, row in enumerate(cells):
-        print(" | ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)))
-        if n == 0:
-            print("-+-".join("-" * w for w in widths))
+    print_grid(cells)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,6 +178,7 @@ def kernel_saw_rules(ns: str, argv: list[str], payload: str) -> str:
         return "n/a"
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "trace"
+        # strace inside the namespace: from outside it cannot tell netfilter's netlink sockets.
         subprocess.run(["ip", "netns", "exec", ns, strace, "-f", "-o", str(out), "-e", "trace=sendmsg,setsockopt",
                         *argv], input=payload, text=True, capture_output=True, check=False)
         trace = out.read_text()
@@ -195,22 +190,18 @@ def probe_test(backends: list[str]) -> None:
     cells = [("backend", "payload", "--test", "kernel shown rules in --test", "real restore", "real restore says")]
     for backend in backends:
         for name, setup, payload in PROBES:
+            # Bare restores on purpose: what iptables-restore itself refuses, nothing of ours involved.
             with throwaway_netns("kpn-bench") as ns:
-                restore = [tool_name(IptablesBackend(backend), IPFamily.V4, "restore"), "-w", "--noflush"]
-                run = ["ip", "netns", "exec", ns, *restore]
+                run = restore_argv(ns, backend, IPFamily.V4, "--noflush")
                 if setup:
                     subprocess.run(run, input=setup, text=True, capture_output=True, check=True)
                 test = subprocess.run([*run, "--test"], input=payload, text=True, capture_output=True, check=False)
-                saw = kernel_saw_rules(ns, [*restore, "--test"], payload)
+                saw = kernel_saw_rules(ns, restore_command(backend, IPFamily.V4, "--noflush", "--test"), payload)
                 real = subprocess.run(run, input=payload, text=True, capture_output=True, check=False)
                 says = " / ".join(line.strip() for line in real.stderr.splitlines() if line.strip())[:90]
                 cells.append((backend, name, "refused" if test.returncode else "passed", saw,
                               "refused" if real.returncode else "passed", says))
-    widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
-    for n, row in enumerate(cells):
-        print(" | ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)))
-        if n == 0:
-            print("-+-".join("-" * w for w in widths))
+    print_grid(cells)
 
 
 def main() -> None:
@@ -219,6 +210,7 @@ def main() -> None:
     parser.add_argument("--endpoints", type=int, default=10)
     parser.add_argument("--backends", default="nft,legacy")
     args = parser.parse_args()
+    exit_on_sigterm()
     backends = args.backends.split(",")
     state = dual_stack(synthetic_cluster(args.services, args.endpoints))
     changed = one_endpoint_moved(state, args.services // 2)
@@ -226,9 +218,8 @@ def main() -> None:
     rows = []
     for backend in backends:
         with throwaway_netns("kpn-bench") as ns:
-            host = Host(IptablesBackend(backend), ns)
-            rows.append(measure(host, state, backend, "full apply, empty kernel"))
-            rows.append(measure(host, changed, backend, "one endpoint moved"))
+            rows.append(measure(ns, backend, state, "full apply, empty kernel"))
+            rows.append(measure(ns, backend, changed, "one endpoint moved"))
     print()
     print_table(rows)
     print("\n--test: paid on every apply. revert: paid only when IPv6 fails after IPv4 committed;")

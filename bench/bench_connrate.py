@@ -11,8 +11,8 @@ each with one pod and one client, differ only in what their node namespace is pr
 * "none": one real ClusterIP service (VIP:80 → pod:9000);
 * "N services": the same plus N synthetic services × M endpoints (`synthetic_cluster`),
 
-by the mode under test: `nftables` (NftablesBackend.full_sync of compile_all), `iptables`
-(iptables-nft, Syncer + compile_ruleset, kube-proxy's layout) or `iptables-legacy`.
+by the mode under test, through its proxier (`make_proxier`, one full `Proxier.sync`):
+`nftables`, `iptables` (iptables-nft, kube-proxy's layout) or `iptables-legacy`.
 
 Each sample: the node's conntrack table is flushed, a minimal accept-and-close server starts in
 the pod (this script, `_server`; backlog 4096), `--clients` connection loops start in the client
@@ -47,15 +47,13 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kproxy_nft.compile.iptables import compile_ruleset as compile_iptables
-from kproxy_nft.compile.nftables import compile_all
-from kproxy_nft.kernel import iptables as iptables_kernel
-from kproxy_nft.kernel.nftables import NftablesBackend
+from _common import exit_on_sigterm, open_proxier
+
 from kproxy_nft.lab import ClientSpec, Lab, PodSpec
 from kproxy_nft.lab.synthetic import SERVICE_CIDR, synthetic_cluster
 from kproxy_nft.model import ClusterState, Endpoint, NodeContext, ServicePort, ServicePortName, sort_key
@@ -167,22 +165,6 @@ def states(services: int, endpoints: int) -> tuple[ClusterState, ClusterState, i
     return alone, both, rank
 
 
-Program = Callable[[ClusterState], object]
-
-
-@contextlib.contextmanager
-def programmer(mode: str, netns: str, node: NodeContext) -> Iterator[Program]:
-    """A function that makes the node namespace hold a state's rules in *mode* (as the kernel tests do)."""
-    if mode == "nftables":
-        with NftablesBackend(netns) as backend:
-            yield lambda state: backend.full_sync(compile_all(state, node))
-        return
-    host = iptables_kernel.open_host(mode.partition("-")[2] or "nft", netns=netns)
-    syncer = iptables_kernel.Syncer(host)
-    yield lambda state: syncer.sync(compile_iptables(state, node))
-    # No cleanup call: each mode has its own lab, and deleting its namespace deletes the rules.
-
-
 # ---------------------------------------------------------------------------------------------
 # one sample
 # ---------------------------------------------------------------------------------------------
@@ -196,7 +178,6 @@ class Sample:
     accepted: int  # by the pod's server
     server_busy: float  # server CPU time / sample duration: near 100% would mean it limits the rate
     cpu_per_conn: float  # µs of CPU (client loops + server) per successful connection
-
 
     def describe(self) -> str:
         failed = sum(self.errors.values())
@@ -286,9 +267,11 @@ def programmed_lab(mode: str, client: ClientSpec, state: ClusterState, label: st
     """A fresh lab whose node holds *state*'s rules in *mode*, warmed up (neighbours, caches)."""
     with Lab([POD], [client]) as lab:
         node = NodeContext(hostname="node0", cluster_cidrs=(lab.addressing.cluster_cidr,))
-        with programmer(mode, lab.node_ns, node) as program:
+        proxy_mode, _, iptables_backend = mode.partition("-")  # "iptables-legacy": iptables, legacy
+        # No cleanup: each mode has its own lab, and deleting its namespaces deletes the rules.
+        with open_proxier(proxy_mode, node, lab.node_ns, iptables_backend=iptables_backend or "nft") as proxier:
             t0 = time.perf_counter()
-            program(state)
+            proxier.sync(state, full=True)
             print(f"{mode}: {label}: programmed in {time.perf_counter() - t0:.1f} s (lab {lab.run_id})")
             measure(lab, client.name, 1, 1.0)  # warm-up, discarded
             yield lab
@@ -384,6 +367,7 @@ def main() -> None:
     parser.add_argument("--client", choices=sorted(CLIENTS), default="pod",
                         help="pod: source in the cluster CIDR; external: from outside (masqueraded)")
     args = parser.parse_args()
+    exit_on_sigterm()
     modes = args.modes.split(",")
     unknown = set(modes) - set(MODES)
     if unknown or args.services < 1 or min(args.reps, args.clients) < 1:
