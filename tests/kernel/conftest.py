@@ -9,7 +9,7 @@ from contextlib import contextmanager
 
 import pytest
 
-from kproxy_nft.lab import ClientSpec, Lab, PodSpec
+from kproxy_nft.lab import Addressing, ClientSpec, Lab, PodSpec
 from kproxy_nft.lab.netns import throwaway_netns
 
 BACKENDS = ("nft", "legacy")
@@ -23,11 +23,12 @@ def netns() -> Iterator[str]:
 
 
 @contextmanager
-def serving_lab(pods: Sequence[PodSpec], clients: Sequence[ClientSpec]) -> Iterator[Lab]:
+def serving_lab(pods: Sequence[PodSpec], clients: Sequence[ClientSpec],
+                addressing: Addressing | None = None) -> Iterator[Lab]:
     """A netlab with every pod's server started, torn down even if the test fails (skips without root)."""
     if os.geteuid() != 0:
         pytest.skip("netlab needs root")
-    with Lab(pods, clients) as lab:
+    with Lab(pods, clients, addressing=addressing) as lab:
         lab.start_servers()
         yield lab
 
