@@ -4,6 +4,7 @@ The nftables issue asks: "New TCP connections per second through the node at 30,
 with none: target ≥ 0.95×." Prints figures; not a test. Needs root. Usage:
     python bench/bench_connrate.py [--services 30000] [--endpoints 10] [--modes nftables,iptables]
                                    [--duration 5] [--reps 6] [--clients 2] [--client pod|external]
+                                   [--compare size|counters]
 
 Per mode, two netlabs (throwaway namespaces `kpn-<id>-*`, deleted even on failure or Ctrl-C),
 each with one pod and one client, differ only in what their node namespace is programmed with:
@@ -23,6 +24,10 @@ if the node DNATed it to the pod (nothing else listens on the port; an un-NATed 
 lab's dead-end uplink and times out), and the server's accept count must equal the clients'
 successes: both are printed, with any failures by kind, and the server's CPU use (near 100%
 would mean the server, not the node, sets the rate).
+
+With `--compare counters --modes nftables`, the two labs both hold the N services, one compiled
+without the per-endpoint counters of the backend maps (`kproxy-nft top`, issue 16: "counters on vs
+off, at 30k services, target ≥ 0.95×"), the other with them, as always compiled.
 
 Samples are taken in pairs, none then N, then N then none, ..., so that both sizes see the same
 moments of a shared machine; the summary gives the per-size medians, their ratio, and the median
@@ -54,6 +59,7 @@ from typing import Any
 
 from _common import exit_on_sigterm, open_proxier
 
+from kproxy_nft.compile import nftables as compile_nftables
 from kproxy_nft.lab import ClientSpec, Lab, PodSpec
 from kproxy_nft.lab.synthetic import SERVICE_CIDR, synthetic_cluster
 from kproxy_nft.model import ClusterState, Endpoint, NodeContext, ServicePort, ServicePortName, sort_key
@@ -263,13 +269,27 @@ def measure(lab: Lab, client: str, clients: int, duration: float) -> Sample:
 
 
 @contextlib.contextmanager
-def programmed_lab(mode: str, client: ClientSpec, state: ClusterState, label: str) -> Iterator[Lab]:
-    """A fresh lab whose node holds *state*'s rules in *mode*, warmed up (neighbours, caches)."""
+def counting(on: bool) -> Iterator[None]:
+    """nftables rules compiled with (or without) per-endpoint counters on the backend maps; the
+    switch exists for this bench only (`compile.nftables.COUNT_CONNECTIONS`)."""
+    before, compile_nftables.COUNT_CONNECTIONS = compile_nftables.COUNT_CONNECTIONS, on
+    try:
+        yield
+    finally:
+        compile_nftables.COUNT_CONNECTIONS = before
+
+
+@contextlib.contextmanager
+def programmed_lab(mode: str, client: ClientSpec, state: ClusterState, label: str,
+                   counters: bool = True) -> Iterator[Lab]:
+    """A fresh lab whose node holds *state*'s rules in *mode*, warmed up (neighbours, caches);
+    `counters`: nftables' per-endpoint counters (iptables rules always count)."""
     with Lab([POD], [client]) as lab:
         node = NodeContext(hostname="node0", cluster_cidrs=(lab.addressing.cluster_cidr,))
         proxy_mode, _, iptables_backend = mode.partition("-")  # "iptables-legacy": iptables, legacy
         # No cleanup: each mode has its own lab, and deleting its namespaces deletes the rules.
-        with open_proxier(proxy_mode, node, lab.node_ns, iptables_backend=iptables_backend or "nft") as proxier:
+        with (open_proxier(proxy_mode, node, lab.node_ns, iptables_backend=iptables_backend or "nft") as proxier,
+              counting(counters)):
             t0 = time.perf_counter()
             proxier.sync(state, full=True)
             print(f"{mode}: {label}: programmed in {time.perf_counter() - t0:.1f} s (lab {lab.run_id})")
@@ -283,8 +303,13 @@ class ModeResult:
 
     mode: str
     services: int
-    none: list[Sample]
+    none: list[Sample]  # the baseline: no services, or (--compare counters) N services without counters
     scaled: list[Sample]
+    labels: tuple[str, str] | None = None  # of the two sides; default: none, N services
+
+    @property
+    def sides(self) -> tuple[str, str]:
+        return self.labels or ("none", f"{self.services:,} services")
 
     @property
     def rates(self) -> tuple[float, float]:
@@ -317,36 +342,42 @@ class ModeResult:
     def __str__(self) -> str:
         (base, scaled), (cpu0, cpu1) = self.rates, self.cpu
         verdict = "met" if self.ratio >= TARGET else "NOT met"
-        return (f"{self.mode}: none {base:,.0f} conn/s, {self.services:,} services {scaled:,.0f} conn/s"
+        return (f"{self.mode}: {self.sides[0]} {base:,.0f} conn/s, {self.sides[1]} {scaled:,.0f} conn/s"
                 f" ({self.ratio:.2f}×; target ≥ {TARGET}×: {verdict}); median pair ratio {self.pair_ratio:.2f}×;"
                 f" CPU per connection {cpu0:.0f} → {cpu1:.0f} µs ({cpu0 / cpu1:.2f}×)")
 
 
 def run_mode(mode: str, args: argparse.Namespace) -> ModeResult:
-    """Measure *mode* at both sizes; print every sample and the result.
+    """Measure *mode* at both sizes (or, `--compare counters`, at N services with nftables'
+    per-endpoint counters off, then on); print every sample and the result.
 
-    One lab per size, each programmed once, and samples taken in pairs (none, N | N, none | ...):
+    One lab per side, each programmed once, and samples taken in pairs (none, N | N, none | ...):
     switching one lab between the sizes would cost a full load per switch (minutes with iptables
     at 30,000 services), and pairs taken back to back see the same machine, which on a shared,
     noisy one matters more than anything else here.
     """
     alone, both, rank = states(args.services, args.endpoints)
     client = CLIENTS[args.client]
-    labels = ("none", f"{args.services:,} services")
+    if args.compare == "counters":
+        sides = ((both, f"{args.services:,} services, counters off", False),
+                 (both, f"{args.services:,} services, counters on", True))
+    else:
+        sides = ((alone, "none", True), (both, f"{args.services:,} services", True))
+    labels = (sides[0][1], sides[1][1])
     if mode.startswith("iptables"):
         print(f"{mode}: the real service is rule {rank + 1:,} of {len(both.services):,} in KUBE-SERVICES")
     samples: tuple[list[Sample], list[Sample]] = ([], [])
     with contextlib.ExitStack() as stack:
-        labs = tuple(stack.enter_context(programmed_lab(mode, client, state, label))
-                     for state, label in zip((alone, both), labels, strict=True))
+        labs = tuple(stack.enter_context(programmed_lab(mode, client, state, label, counters))
+                     for state, label, counters in sides)
         for rep in range(args.reps):
             for size in (0, 1) if rep % 2 == 0 else (1, 0):
                 sample = measure(labs[size], client.name, args.clients, args.duration)
                 samples[size].append(sample)
                 print(f"  {mode:<15} {labels[size]:<17} pair {rep + 1}: {sample.describe()}")
-    result = ModeResult(mode, args.services, *samples)
+    result = ModeResult(mode, args.services, *samples, labels=labels)
     spread = [f"{min(s.rate for s in v):,.0f}–{max(s.rate for s in v):,.0f}" for v in samples]
-    print(f"{result}\n    [{args.reps} pairs × {args.duration:g} s; rates ranged {spread[0]} (none) and"
+    print(f"{result}\n    [{args.reps} pairs × {args.duration:g} s; rates ranged {spread[0]} ({labels[0]}) and"
           f" {spread[1]} ({labels[1]}); {result.reached}]")
     return result
 
@@ -366,12 +397,17 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=2, help="parallel connection loops (one per core)")
     parser.add_argument("--client", choices=sorted(CLIENTS), default="pod",
                         help="pod: source in the cluster CIDR; external: from outside (masqueraded)")
+    parser.add_argument("--compare", choices=("size", "counters"), default="size",
+                        help="size: none vs N services; counters: N services with nftables' per-endpoint "
+                        "counters off vs on (nftables only: iptables rules always count)")
     args = parser.parse_args()
     exit_on_sigterm()
     modes = args.modes.split(",")
     unknown = set(modes) - set(MODES)
     if unknown or args.services < 1 or min(args.reps, args.clients) < 1:
         parser.error(f"bad arguments (unknown modes: {sorted(unknown)})" if unknown else "sizes and counts must be ≥ 1")
+    if args.compare == "counters" and modes != ["nftables"]:
+        parser.error("--compare counters needs --modes nftables (iptables rules always count)")
     print(f"kernel {os.uname().release}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} "
           f"(the figures are only as quiet as the machine); {args.clients} client loops, {args.client} client")
     results = [run_mode(mode, args) for mode in modes]

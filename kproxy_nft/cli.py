@@ -298,7 +298,7 @@ def demo(paths: tuple[str, ...], config_path: str | None, count: int, backend: s
 
     try:
         rule_tools = make_proxier(settings, iptables_backend=backend).tools
-        failures = run_demo(list(paths), settings.node, apply_rules, count, Console(), rule_tools)
+        failures = run_demo(list(paths), settings.node, apply_rules, count, Console(), rule_tools, settings.mode)
     except (DemoError, ManifestError) as e:
         fail(str(e))
     sys.exit(1 if failures else 0)
@@ -497,6 +497,16 @@ def _register_diff() -> None:
 
 
 _register_diff()
+
+
+def _register_top() -> None:
+    """`kproxy-nft top` (kproxy_nft/top_command.py): connections per endpoint, from the kernel's counters."""
+    from kproxy_nft.top_command import top_command
+
+    main.add_command(top_command())
+
+
+_register_top()
 
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -87,6 +87,13 @@ PRIORITY_SRCNAT = 100
 # Dynamic affinity maps are sized generously: an entry is one client of one service port.
 AFFINITY_MAP_SIZE = 1 << 20
 
+# Per-endpoint connection counters (`kproxy-nft top`, docs/TOP.md): `counter` in the declaration
+# of the `@backends-<proto>` maps gives every element its own counter, bumped by the kernel's
+# lookup in `lb-…`'s DNAT, which only the first packet of a connection makes (NAT rules see
+# only new connections). A module setting, not a flag, so that the connection-rate bench can
+# measure their cost (bench/bench_connrate.py --compare counters); nothing else turns them off.
+COUNT_CONNECTIONS = True
+
 # Keys of the backend maps carry the endpoint's index, from `numgen random mod N`; 65536 bounds
 # the endpoints of one service port far above what an EndpointSlice set can hold.
 NUMGEN_BOUND = 65536
@@ -292,9 +299,11 @@ def _words(family: IPFamily) -> _Words:
 
 
 @functools.lru_cache(maxsize=8)
-def declarations(family: IPFamily) -> tuple[SetDecl, ...]:
-    """The sets and maps of the table (the same for every cluster)."""
+def declarations(family: IPFamily, counters: bool = True) -> tuple[SetDecl, ...]:
+    """The sets and maps of the table (the same for every cluster); `counters`: per-endpoint
+    counters on the backend maps (nft lists a set's `counter` statement as its own line)."""
     w = _words(family)
+    counted = ("counter",) if counters else ()
     service_key = f"type {w.addr} . inet_proto . inet_service : verdict"
     nodeport_key = "type inet_proto . inet_service : verdict"
     decls = [
@@ -310,7 +319,8 @@ def declarations(family: IPFamily) -> tuple[SetDecl, ...]:
         p = proto.lower()
         endpoint = f"{w.ip} daddr . {p} dport"
         decls += [
-            SetDecl(backends_map(proto), True, (f"typeof {endpoint} . numgen random mod {NUMGEN_BOUND} : {endpoint}",)),
+            SetDecl(backends_map(proto), True,
+                    (f"typeof {endpoint} . numgen random mod {NUMGEN_BOUND} : {endpoint}", *counted)),
             SetDecl(
                 affinity_map(proto),
                 True,
@@ -762,7 +772,7 @@ def compile_ruleset(
     if memo is not None:
         memo.retain(fragments, family)
     chains = fixed_chains(family, node) + _generated_chains(needed, family, node)
-    return Ruleset(family, declarations(family), chains, fragments)
+    return Ruleset(family, declarations(family, COUNT_CONNECTIONS), chains, fragments)
 
 
 def _generated_chains(needed: Iterable[str], family: IPFamily, node: NodeContext) -> tuple[Chain, ...]:

@@ -152,3 +152,68 @@ def render_save(state: KernelState) -> str:
 def strip_comments(save_output: str) -> str:
     """iptables-save output without its `# Generated/Completed … <timestamp>` lines."""
     return "".join(line for line in save_output.splitlines(keepends=True) if not line.startswith("#"))
+
+
+# ---------------------------------------------------------------------------------------------
+# connection counters (`kproxy-nft top`)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DnatCounter:
+    """The DNAT rule of one `KUBE-SEP-…` chain and its packet counter from `iptables-save -c`.
+
+    A NAT rule sees only the first packet of a connection (the rest follow conntrack), so the
+    packet count is the number of new connections sent to that endpoint.
+    """
+
+    chain: str
+    service: str | None  # the rule's comment: the service port, `ns/name:port`
+    destination: str  # `ip:port`, `[ip6]:port` as iptables prints it
+    packets: int
+
+
+# iptables-save prints the matches in its own order, so each part is found on its own.
+_COUNTED_RULE = re.compile(r"\[(\d+):\d+\] -A (\S+) (.*)")
+_COMMENT = re.compile(r'--comment (?:"([^"]*)"|(\S+))')
+_TO_DESTINATION = re.compile(r"-j DNAT .*--to-destination (\S+)")
+_DESTINATION = re.compile(r"(?:^| )-d (\S+?)(?:/(?:32|128))?(?: |$)")
+_DPORT = re.compile(r"--dport (\d+)")
+_PROTOCOL = re.compile(r"(?:^| )-p (\w+)")
+CLUSTER_IP_SUFFIX = " cluster IP"  # the comment of a service port's KUBE-SERVICES rule
+
+
+def _comment(rule: str) -> str | None:
+    m = _COMMENT.search(rule)
+    return None if m is None else (m.group(1) if m.group(1) is not None else m.group(2))
+
+
+def dnat_counters(save_output: str, chain_prefix: str = "KUBE-SEP-") -> list[DnatCounter]:
+    """The DNAT rules of the chains named `chain_prefix…` in `iptables-save -c -t nat` output."""
+    out = []
+    for line in save_output.splitlines():
+        m = _COUNTED_RULE.fullmatch(line.rstrip())
+        if m is None or not m.group(2).startswith(chain_prefix):
+            continue
+        target = _TO_DESTINATION.search(m.group(3))
+        if target is not None:
+            out.append(DnatCounter(m.group(2), _comment(m.group(3)), target.group(1), int(m.group(1))))
+    return out
+
+
+def cluster_ip_frontends(save_output: str) -> dict[str, str]:
+    """Service port (`ns/name:port`) → its cluster IP as `ip:port/proto` (`[ip6]:port/proto`),
+    from the `KUBE-SERVICES` rules commented `… cluster IP` (kube-proxy's comment)."""
+    out = {}
+    for line in save_output.splitlines():
+        rule = _COUNTERS.sub("", line, count=1)
+        if not rule.startswith("-A KUBE-SERVICES "):
+            continue
+        comment = _comment(rule)
+        if not comment or not comment.endswith(CLUSTER_IP_SUFFIX):
+            continue
+        ip, port, proto = _DESTINATION.search(rule), _DPORT.search(rule), _PROTOCOL.search(rule)
+        if ip and port and proto:
+            address = f"[{ip.group(1)}]" if ":" in ip.group(1) else ip.group(1)
+            out[comment.removesuffix(CLUSTER_IP_SUFFIX)] = f"{address}:{port.group(1)}/{proto.group(1)}"
+    return out

@@ -31,6 +31,10 @@ What the kernel refuses, the fake refuses (each rule checked against nft 1.0.6 o
 * an element that does not fit its declaration: a value in a set, none in a map, another
   number of ` . `-joined parts than the type, a non-verdict in a verdict map.
 
+Element counters: a set or map declared with `counter` lists each element as
+`KEY counter packets P bytes 0 : VALUE` (and its JSON element carries `"counter"`), as nft 1.0.6
+does; `count` adds packets the way the datapath would, and a deleted element loses its count.
+
 Not modelled: rule syntax and semantics (rules are opaque text, only their references are
 read), element types (`10.0.0.1` in an `ipv6_addr` set is accepted), jump loops, timeouts
 (entries never expire), handles, other families' hook restrictions. `refuse` makes any
@@ -92,9 +96,16 @@ class FakeSet:
     body: tuple[str, ...]  # declaration lines as written (`type …`, `flags …`), no elements
     elements: dict[str, str | None] = field(default_factory=dict)
     timeouts: dict[str, str] = field(default_factory=dict)  # key → `timeout` as written
+    packets: dict[str, int] = field(default_factory=dict)  # key → packets counted (`counter` sets)
 
     def copy(self) -> FakeSet:
-        return FakeSet(self.name, self.is_map, self.body, dict(self.elements), dict(self.timeouts))
+        return FakeSet(self.name, self.is_map, self.body, dict(self.elements), dict(self.timeouts),
+                       dict(self.packets))
+
+    @property
+    def counted(self) -> bool:
+        """Declared with `counter`: the kernel keeps a counter per element, listed after the key."""
+        return "counter" in self.body
 
     def shape(self) -> tuple[int, int | None]:
         """(parts of a key, parts of a value: 0 for a verdict, None for a set) per the declaration."""
@@ -150,7 +161,9 @@ _HEADER = re.compile(r"type (\w+) hook (\w+) priority (-?\d+)\s*(?:;\s*policy (\
 # compiler writes the way nft does (`Chain.listed` in compile/nftables.py): the `meta l4proto`
 # an `update … ct original proto-dst` needs to parse is dropped from the listing.
 _LISTED = ((re.compile(r"^meta l4proto \w+ (update @.* ct original proto-dst .*)$"), r"\1"),)
-_ATTRIBUTES = re.compile(r'\s+(?:(?:timeout|expires)\s+\S+|comment\s+"[^"]*")')
+# Element attributes that are not part of the key; a loaded counter value is not kept (the
+# fake's counts start at 0: only `count` adds to them).
+_ATTRIBUTES = re.compile(r'\s+(?:(?:timeout|expires)\s+\S+|comment\s+"[^"]*"|counter\s+packets\s+\d+\s+bytes\s+\d+)')
 
 
 def _jump_targets(rule: str) -> list[str]:
@@ -429,6 +442,7 @@ class _Transaction:
                     raise _Refused(f"{ENOENT} (no element {key} in {name})")
                 del target.elements[key]
                 target.timeouts.pop(key, None)
+                target.packets.pop(key, None)  # a re-added element starts counting from 0
         else:
             raise _Refused(f"{EINVAL} (the fake does not know `{verb} element`)")
 
@@ -497,6 +511,13 @@ class FakeNftables:
     def table(self, family: str, name: str) -> FakeTable | None:
         return self.tables.get((family, name))
 
+    def count(self, family: str, table: str, name: str, key: str, packets: int = 1) -> None:
+        """What the datapath does to a counted element a packet looks up (tests' traffic)."""
+        s = self.tables[(family, table)].sets[name]
+        if not s.counted or key not in s.elements:
+            raise KeyError(f"{name} has no counted element {key}")
+        s.packets[key] = s.packets.get(key, 0) + packets
+
     def listing(self, family: str, name: str, terse: bool = False) -> str:
         """`nft [-t] -y list table FAMILY NAME` (KeyError for a missing table)."""
         table = self.tables[(family, name)]
@@ -518,6 +539,8 @@ class FakeNftables:
             k: Any = _json_atom(key)
             if key in s.timeouts:
                 k = {"elem": {"val": k, "timeout": _seconds(s.timeouts[key])}}
+            elif s.counted:
+                k = {"elem": {"val": k, "counter": {"packets": s.packets.get(key, 0), "bytes": 0}}}
             elem.append([k, _json_value(value)] if s.is_map and value is not None else k)
         decl: dict[str, Any] = {"family": family, "name": name, "table": table, "handle": 0}
         if elem:
@@ -532,6 +555,8 @@ def _list_set(s: FakeSet, terse: bool) -> list[str]:
         items = []
         for key, value in s.elements.items():
             shown = f"{key} timeout {s.timeouts[key]}" if key in s.timeouts else key
+            if s.counted:  # nft 1.0.6 prints the element's counter between key and value
+                shown += f" counter packets {s.packets.get(key, 0)} bytes 0"
             items.append(shown if value is None else f"{shown} : {value}")
         lines.append("\t\telements = { " + ",\n\t\t\t     ".join(items) + " }")
     return [*lines, "\t}"]

@@ -26,12 +26,12 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
 
-from rich.bar import Bar
 from rich.console import Console
 from rich.table import Table
 
 from kproxy_nft.model import ClusterState, IPFamily, NodeContext
 from kproxy_nft.sources.manifests import Manifests, read_manifests
+from kproxy_nft.top.view import share_chart
 
 if TYPE_CHECKING:
     from kproxy_nft.lab import Lab, ProbeResult
@@ -124,14 +124,61 @@ def _answer_table(pods: list[Pod], results: dict[Target, ProbeResult], count: in
 
 def _share_chart(pods: list[Pod], results: dict[Target, ProbeResult], count: int) -> Table:
     """A bar per pod and service port: the share of connections it answered (ideal: 1/N)."""
-    chart = Table.grid(padding=(0, 1))
-    for target, result in results.items():
-        counts = result.counts()
-        chart.add_row(f"[bold]{target.ip}:{target.port}[/]", "", "")
-        for pod in pods:
-            share = counts.get(pod.short, 0) / count
-            chart.add_row(f"  {pod.name}", Bar(1.0, 0, share, width=30), f"{share:4.0%}")
-    return chart
+    return share_chart(
+        (f"[bold]{target.ip}:{target.port}[/]", [(pod.name, result.counts().get(pod.short, 0) / count) for pod in pods])
+        for target, result in results.items()
+    )
+
+
+# The seed's first service port: the packet the demo traces and whose counters it shows.
+TRACED = ("10.101.181.214", 8080)
+
+
+def _trace_text(lab: Lab, mode: str, state: ClusterState, node: NodeContext, source: str, target: Target) -> str:
+    """`kproxy-nft trace --live` of one packet from `source` to `target`, on the lab's node."""
+    from kproxy_nft.kernel.addresses import local_addresses
+    from kproxy_nft.kernel.iptables import open_host, read_state
+    from kproxy_nft.trace import iptables_program, nftables_program, node_addresses, parse_packet, trace
+    from kproxy_nft.trace.reasons import explain
+    from kproxy_nft.trace.text import render_text
+
+    packet = parse_packet(source, f"{target.ip}:{target.port}")
+    local = node_addresses(node, local_addresses(lab.node_ns))
+    if mode == "nftables":
+        listing = lab.run_in(lab.node_ns, ["nft", "-y", "list", "table", "ip", "kproxy-nft"]).stdout
+        program = nftables_program(listing, IPFamily.V4, local)
+    else:
+        program = iptables_program(read_state(open_host(None, netns=lab.node_ns), IPFamily.V4, ("nat", "filter")),
+                                   local)
+    if program is None:
+        raise DemoError(f"no {mode} rules to trace in {lab.node_ns}")
+    return render_text(packet, trace(program, packet, local, explain(state, node, packet, local)))
+
+
+def _counters_table(mode: str, lab: Lab, pods: list[Pod], target: Target, tally: dict[str, int]) -> tuple[Table, int]:
+    """The kernel's per-endpoint counters for `target` beside the demo's own tally of who
+    answered (`tally`: pod short name → GETs); and how many endpoints disagree."""
+    from kproxy_nft.kernel.counters import read_counters
+    from kproxy_nft.top import sample_of
+
+    sample = sample_of(mode, read_counters(mode, lab.node_ns, (IPFamily.V4,)), 0.0)
+    frontend = f"{target.ip}:{target.port}/tcp"
+    counted: dict[str, int] = {}
+    for svc in sample.services:
+        if svc.frontend == frontend:
+            for ep in svc.endpoints:
+                ip = ep.address.rsplit(":", 1)[0]
+                counted[ip] = counted.get(ip, 0) + ep.connections
+    table = Table(title=f"new connections to {target.ip}:{target.port} the kernel counted ({mode} "
+                  + ("backend map element counters" if mode == "nftables" else "KUBE-SEP- DNAT rule counters") + ")")
+    for column in ("pod", "endpoint", "kernel counted", "pods answered"):
+        table.add_column(column, justify="left" if column in ("pod", "endpoint") else "right")
+    disagree = 0
+    for pod in pods:
+        kernel, answered = counted.get(pod.ip, 0), tally.get(pod.short, 0)
+        disagree += kernel != answered
+        table.add_row(pod.name, pod.ip, str(kernel), str(answered), style=None if kernel == answered else "red")
+    return table, disagree
 
 
 @contextmanager
@@ -200,11 +247,13 @@ def run_demo(
     count: int,
     console: Console,
     rule_tools: Sequence[str],
+    mode: str = "iptables",
 ) -> int:
     """Build the lab, apply the rules with `apply_rules(node_namespace, state)`, probe, report.
 
-    `apply_rules` returns a one-line description of what it did. Returns the number of failed
-    connections and lookups (0 is a clean run).
+    `apply_rules` returns a one-line description of what it did (`mode`'s rules). Returns the
+    number of failed connections and lookups, and of endpoints whose kernel counter disagrees
+    with the pods' answers (0 is a clean run).
     """
     from kproxy_nft.lab import Addressing, ClientSpec, Lab, PodSpec
     from kproxy_nft.lab.dns_launch import start_dns_server_in
@@ -239,6 +288,7 @@ def run_demo(
             failures += len(results[target].failures)
         console.print(_answer_table(pods, results, count, testpod_ip))
         console.print(_share_chart(pods, results, count))
+        failures += _trace_and_count(lab, mode, state, node, testpod_ip, pods, results, console)
         first = targets[0]
         inside = lab.probe("testpod", first.ip, first.port, count=5)
         outside = lab.probe("outside", first.ip, first.port, count=5)
@@ -253,6 +303,21 @@ def run_demo(
             failures += _dns_lookups(lab, str(resolv_conf), targets, console)
     console.print(f"[bold]done[/]: namespaces of lab {lab.run_id} removed; {failures} failures")
     return failures
+
+
+def _trace_and_count(lab: Lab, mode: str, state: ClusterState, node: NodeContext, source: str, pods: list[Pod],
+                     results: dict[Target, ProbeResult], console: Console) -> int:
+    """Right after the curl spread: where one packet from testpod to the seed's first service
+    port goes (the live trace), and the connections the kernel counted per endpoint, which must
+    equal who answered. Returns the endpoints whose counts disagree."""
+    target = next((t for t in results if (t.ip, t.port) == TRACED), next(iter(results)))
+    table, disagree = _counters_table(mode, lab, pods, target, results[target].counts())
+    console.print(f"[bold]trace[/] (kproxy-nft trace --live --src {source} --dst {target.ip}:{target.port}):")
+    console.print(_trace_text(lab, mode, state, node, source, target), highlight=False)
+    console.print(table)
+    console.print("the kernel's counters agree with the pods' answers" if not disagree
+                  else f"[red]{disagree} endpoints: the kernel's counters differ from the pods' answers[/]")
+    return disagree
 
 
 def _dns_lookups(lab: Lab, resolv_conf: str, targets: list[Target], console: Console) -> int:
