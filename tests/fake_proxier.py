@@ -8,14 +8,16 @@ overrides `sync` or `clean_conntrack`.
 from __future__ import annotations
 
 from kproxy_nft.kernel.conntrack import CleanupResult
+from kproxy_nft.kernel.nftables_events import Interest
 from kproxy_nft.model import ClusterState, IPFamily, NodeContext, ServicePortName
-from kproxy_nft.proxier import ProxierPlan
+from kproxy_nft.proxier import DriftCheck, ProxierPlan
 
 
 class FakeProxier:
     mode = "nftables"
     tools: tuple[str, ...] = ()
     families = (IPFamily.V4,)
+    netns: str | None = None
 
     def __init__(self, node: NodeContext | None = None) -> None:
         self.node = node or NodeContext(hostname="node1")
@@ -28,6 +30,18 @@ class FakeProxier:
 
     def drift(self) -> int:
         return 0
+
+    def check_drift(self, chains: frozenset[str] | None = None) -> DriftCheck:
+        return DriftCheck()
+
+    def repair(self, check: DriftCheck) -> bool:
+        return True
+
+    def probe(self) -> tuple[str, ...]:
+        return ()
+
+    def drift_interest(self) -> Interest | None:
+        return None
 
     def clean_conntrack(self, state: ClusterState,
                         changed: frozenset[ServicePortName] | None = None) -> CleanupResult:

@@ -18,6 +18,7 @@ import contextlib
 import ctypes
 import dataclasses
 import logging
+import math
 import queue
 import threading
 import time
@@ -26,10 +27,11 @@ from datetime import datetime
 
 from kproxy_nft.agent.changes import ChangeTracker, Snapshot
 from kproxy_nft.agent.metrics import Metrics
-from kproxy_nft.agent.scheduler import SyncScheduler
+from kproxy_nft.agent.scheduler import FULL_SYNC_PERIOD, CheckResult, SyncOutcome, SyncScheduler
 from kproxy_nft.convert import InvalidObject, convert_node, convert_service_cidr
+from kproxy_nft.kernel.nft_monitor import NftMonitor
 from kproxy_nft.model import ClusterState, NodeContext, ServicePortName
-from kproxy_nft.proxier import Proxier
+from kproxy_nft.proxier import DriftCheck, Proxier
 from kproxy_nft.sources.events import Change, Event, Rejection, Replace
 
 log = logging.getLogger("kproxy_nft.agent")
@@ -51,6 +53,44 @@ def release_free_memory() -> None:
         trim(0)
 
 
+class _WakingStop(threading.Event):
+    """`Agent.stop`: setting it also wakes the loop, which sleeps on its queue until work is due."""
+
+    def __init__(self, wake: Callable[[], None]) -> None:
+        super().__init__()
+        self._wake = wake
+
+    def set(self) -> None:
+        super().set()
+        self._wake()
+
+
+@dataclasses.dataclass(frozen=True)
+class _Wake:
+    """Queued only to end the loop's wait."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _DriftNotice:
+    """The kernel announced a foreign change to these tables of ours (from `nft_monitor`'s thread),
+    to the rules of these chains only (None: more than that)."""
+
+    tables: frozenset[str]
+    chains: frozenset[str] | None
+
+
+@dataclasses.dataclass(frozen=True)
+class _CheckDone:
+    """A drift check finished on its thread: its result, or why it failed."""
+
+    noticed_by: str
+    check: DriftCheck | None
+    error: str = ""
+
+
+_Item = Event | _Wake | _DriftNotice | _CheckDone
+
+
 def _trigger_times(item: Replace | Change) -> list[float]:
     """EndpointSlice last-change-trigger-time annotations (for network programming latency)."""
     objs = item.items if isinstance(item, Replace) else (item.obj,)
@@ -66,12 +106,12 @@ def _trigger_times(item: Replace | Change) -> list[float]:
 
 class Agent:
     def __init__(self, proxier: Proxier, metrics: Metrics, min_sync_period: float, sync_period: float,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, full_sync_period: float = FULL_SYNC_PERIOD) -> None:
         self.proxier = proxier
         self.metrics = metrics
-        self.events: queue.Queue[Event] = queue.Queue()
+        self.events: queue.Queue[_Item] = queue.Queue()
         self.tracker = ChangeTracker()
-        self.stop = threading.Event()
+        self.stop: threading.Event = _WakingStop(lambda: self.events.put(_Wake()))
         self.listed: set[str] = set()
         # Node fields given by flags, which the Node and ServiceCIDR objects must not override.
         self.fixed_node_fields: frozenset[str] = frozenset()
@@ -81,7 +121,12 @@ class Agent:
         self._pending_triggers: list[float] = []
         self.syncs = 0
         self._snapshot: Snapshot | None = None
-        self.scheduler = SyncScheduler(self._sync, clock, min_sync_period, sync_period)
+        self.scheduler = SyncScheduler(self._sync, clock, min_sync_period, sync_period,
+                                       full_sync_period=full_sync_period, check=self._start_check)
+        self._monitor: NftMonitor | None = None
+        self._watch_drift = False  # `run` watches from its first sync on; tests that step by hand don't
+        self._noticed: frozenset[str] = frozenset()  # tables named by notifications since the last check
+        self._noticed_chains: frozenset[str] | None = frozenset()  # their chains (None: compare all)
         # Called with the state just synced, after the kernel took it (health-check servers).
         self.after_sync: list[Callable[[ClusterState], None]] = []
         # First, stale UDP/SCTP conntrack flows go (kproxy_nft.conntrack).
@@ -90,7 +135,18 @@ class Agent:
 
     # -- events -------------------------------------------------------------------------------
 
-    def _apply_event(self, item: Event) -> None:
+    def _apply_event(self, item: _Item) -> None:
+        if isinstance(item, _Wake):
+            return
+        if isinstance(item, _DriftNotice):
+            self._noticed |= item.tables
+            if self._noticed_chains is not None:
+                self._noticed_chains = None if item.chains is None else self._noticed_chains | item.chains
+            self.scheduler.request_check("netlink")
+            return
+        if isinstance(item, _CheckDone):
+            self._finish_check(item)
+            return
         if isinstance(item, Rejection):  # a source could not use an object: nothing changes
             self._report(item)
             return
@@ -182,9 +238,10 @@ class Agent:
         self.tracker.mark_all_changed()
         self.scheduler.request()
 
-    def _drain(self, timeout: float) -> None:
+    def _drain(self, timeout: float | None) -> None:
+        """Apply the queued events, waiting up to `timeout` seconds for the first (None: until one comes)."""
         try:
-            item = self.events.get(timeout=max(timeout, 0.0))
+            item = self.events.get(timeout=None if timeout is None or timeout == math.inf else max(timeout, 0.0))
         except queue.Empty:
             return
         self._apply_event(item)
@@ -209,23 +266,27 @@ class Agent:
         for conflict in self.tracker.take_conflicts():
             log.warning("conflict: %s", conflict)
         started = time.perf_counter()
+        repaired_before = self.proxier.drift()
         try:
             summary = self.proxier.sync(snapshot.state, full, None if snapshot.full else snapshot.changed_ports)
         except Exception as e:
             self.metrics.sync_failures[self.proxier.mode].inc()
+            if not full and self.proxier.mode == "iptables":  # kube-proxy: a partial restore failed (retried full)
+                self.metrics.iptables_partial_restore_failures.inc()
             log.error("sync mode=%s kind=%s services_changed=%d duration=%.3fs result=error error=%r",
                       self.proxier.mode, "full" if full else "partial", len(snapshot.changed),
                       time.perf_counter() - started, str(e).splitlines()[0] if str(e) else type(e).__name__)
             raise
         duration = time.perf_counter() - started
+        if self.syncs == 0 and self._watch_drift:
+            self.watch_drift()
         self.syncs += 1
         m = self.metrics
         m.sync_duration.observe(duration)
         (m.sync_full_duration if full else m.sync_partial_duration).observe(duration)
         m.last_sync_timestamp.set(self._clock())
-        drift = self.proxier.drift()
-        if drift > m.drift_repairs._value.get():  # noqa: SLF001 - counters only go up; catch up
-            m.drift_repairs.inc(drift - m.drift_repairs._value.get())  # noqa: SLF001
+        if full and self.proxier.drift() > repaired_before:
+            self._count_repair((self.proxier.mode,), "full-sync")
         now = self._clock()
         for trigger in self._pending_triggers:
             m.network_programming.observe(max(now - trigger, 0.0))
@@ -252,13 +313,121 @@ class Agent:
         elif result.filters:
             log.info("conntrack cleanup: filters=%d deleted=%d", len(result.filters), result.deleted)
 
+    # -- drift ---------------------------------------------------------------------------------
+
+    def watch_drift(self) -> None:
+        """Listen to the kernel's nf_tables notifications where the mode's rules send them; else
+        (iptables-legacy, or no netlink socket) probe canaries once per sync period."""
+        interest = self.proxier.drift_interest()
+        if interest is not None:
+            try:
+                self._monitor = NftMonitor(self.proxier.netns, interest,
+                                           lambda tables, chains: self.events.put(_DriftNotice(tables, chains)),
+                                           ).start()
+                return
+            except OSError as e:
+                log.warning("no nf_tables notifications (%s): probing canaries every %.0fs instead",
+                            e, self.scheduler.sync_period)
+                self.metrics.drift_monitor_unavailable.set(1)
+        self.scheduler.probe = self._probe
+
+    def _probe(self) -> None:
+        try:
+            missing = self.proxier.probe()
+        except Exception as e:  # noqa: BLE001 - a probe that cannot look is a reason to check
+            log.error("canary probe failed: %s", e)
+            self.scheduler.request_check("canary")
+            return
+        if missing:
+            self._count_repair(("canary",), "canary", ", ".join(missing))
+            self.scheduler.request_check("canary")
+
+    def _start_check(self, noticed_by: str) -> None:
+        """Read back and compare on a thread of its own: the loop goes on syncing meanwhile.
+        Only notifications name the chains to compare; every other check compares everything."""
+        chains, self._noticed_chains = self._noticed_chains, frozenset()
+        focus = chains if noticed_by == "netlink" else None
+        threading.Thread(target=self._check_in_background, args=(noticed_by, focus), name="drift-check",
+                         daemon=True).start()
+
+    def _check_in_background(self, noticed_by: str, chains: frozenset[str] | None) -> None:
+        try:
+            check = self.proxier.check_drift(chains)
+        except Exception as e:  # noqa: BLE001 - reported to the loop, which retries like a failed sync
+            self.events.put(_CheckDone(noticed_by, None, f"{type(e).__name__}: {e}"))
+            return
+        self.events.put(_CheckDone(noticed_by, check))
+
+    def _finish_check(self, done: _CheckDone) -> None:
+        """On the loop's thread: repair what the check found, unless a sync of ours overtook it."""
+        noticed, self._noticed = self._noticed, frozenset()
+        check = done.check
+        if check is None:
+            log.error("drift check failed: %s", done.error)
+            self.scheduler.check_done(None)
+            return
+        if not check.known:
+            self.scheduler.check_done(CheckResult.UNKNOWN)
+            return
+        if check.stale:
+            self._noticed, self._noticed_chains = noticed, None  # to be answered by the next check, whole
+            self.scheduler.check_done(CheckResult.STALE)
+            return
+        if not check.differs:
+            log.debug("drift check (%s): the kernel holds what we applied", done.noticed_by)
+            self.scheduler.check_done(CheckResult.CLEAN)
+            return
+        try:
+            repaired = self.proxier.repair(check)
+        except Exception as e:  # noqa: BLE001 - a failed repair is a failed sync: full sync, backoff
+            self.metrics.sync_failures[self.proxier.mode].inc()
+            log.error("repair of %s failed: %s", ", ".join(check.differs), e)
+            self.scheduler.check_done(None)
+            return
+        if not repaired:
+            self._noticed = noticed  # still to be answered by the check that follows,
+            self._noticed_chains = None  # which compares everything: the named chains are spent
+            self.scheduler.check_done(CheckResult.STALE)
+            return
+        self._count_repair(check.differs, done.noticed_by, ", ".join(sorted(noticed)))
+        self.scheduler.check_done(CheckResult.REPAIRED)
+
+    def _count_repair(self, what: tuple[str, ...], noticed_by: str, detail: str = "") -> None:
+        """One count and one log line per repair."""
+        label = ",".join(what)
+        self.metrics.drift_repairs.labels(what=label, noticed_by=noticed_by).inc()
+        log.warning("drift repaired: what=%s noticed_by=%s%s", label, noticed_by,
+                    f" ({detail})" if detail else "")
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    def step(self, max_wait: float | None = None) -> SyncOutcome | None:
+        """One turn of the loop: wait for events until work is due (at most `max_wait` seconds),
+        apply them, then do the work that is due. At rest the wait lasts until the next probe
+        or safety-net check: nothing is read, compiled or planned meanwhile."""
+        wait = self.scheduler.next_due() - self._clock() if self.ready() else None
+        if max_wait is not None:
+            wait = max_wait if wait is None else min(wait, max_wait)
+        self._drain(wait)
+        if not self.ready() or self.stop.is_set():
+            return None
+        outcome = self.scheduler.run_due()
+        if outcome is not None and not outcome.ok:
+            log.warning("%s failed; retrying with a full sync at %.1f", outcome.work, self.scheduler.next_due())
+        return outcome
+
     def run(self) -> None:
-        """Until `stop` is set: take events, sync when due. Rules stay in place on exit."""
-        while not self.stop.is_set():
-            wait = self.scheduler.next_due() - self._clock() if self.ready() else 0.5
-            self._drain(min(max(wait, 0.0), 0.5))
-            if self.ready():
-                outcome = self.scheduler.run_due()
-                if outcome is not None and not outcome.ok:
-                    log.warning("sync failed; retrying with a full sync at %.1f", self.scheduler.next_due())
+        """Until `stop` is set: take events, sync when due. Rules stay in place on exit.
+
+        Drift is watched from the end of the first sync on (`watch_drift`): that sync read the
+        kernel, and the notifications of its own commits (hundreds of thousands of objects at
+        10,000 services) would overrun the socket, then cost a needless check.
+        """
+        self._watch_drift = True
+        try:
+            while not self.stop.is_set():
+                self.step()
+        finally:
+            if self._monitor is not None:
+                self._monitor.stop()
         log.info("stopping; the rules stay in place")

@@ -1,7 +1,8 @@
 """`kproxy-nft run`: build the agent from settings, start sources and listeners, run until a signal.
 
 The wiring only: which backend, which source (the API through reflectors, or `--manifests`),
-the metrics and health listeners, and SIGTERM/SIGINT → a clean stop that leaves the rules.
+the metrics and health listeners, and SIGTERM/SIGINT → a stop within about a second that
+leaves the rules (`run_until_stopped`).
 """
 
 from __future__ import annotations
@@ -10,56 +11,76 @@ import logging
 import signal
 import threading
 import time
+from collections.abc import Callable
 from types import FrameType
 
 from kproxy_nft.agent.healthcheck import HealthCheckServers
-from kproxy_nft.agent.http import Listener, health_route, metrics_route
+from kproxy_nft.agent.http import Listener, ProxyHealth, json_route, metrics_route, text_route
 from kproxy_nft.agent.main import Agent
-from kproxy_nft.agent.metrics import new_metrics
-from kproxy_nft.config import ProxySettings
+from kproxy_nft.agent.metrics import new_metrics, record_no_local_endpoints
+from kproxy_nft.agent.scheduler import FULL_SYNC_PERIOD
+from kproxy_nft.config import ProxySettings, configz
 from kproxy_nft.proxier import make_proxier, with_local_addresses
+from kproxy_nft.sources.events import Event
 from kproxy_nft.sources.manifest_watch import ManifestSource
 
 log = logging.getLogger("kproxy_nft.agent")
+# After SIGTERM: seconds a running sync gets to finish, then seconds to close the listeners;
+# together with the interpreter's exit, well within the 2 s we promise.
+STOP_GRACE = 0.8
+CLOSE_BUDGET = 0.6
 
 
 def run_agent(settings: ProxySettings, *, kubeconfig: str | None, manifest_paths: list[str],
               iptables_backend: str | None, netns: str | None, min_sync_period: float, sync_period: float,
-              metrics_address: str, healthz_address: str, health_check_host: str | None = None) -> None:
+              metrics_address: str, healthz_address: str, health_check_host: str | None = None,
+              full_sync_period: float = FULL_SYNC_PERIOD) -> None:
     """`health_check_host`: where the per-Service healthCheckNodePort servers listen (None: every
     address of the node; with `netns`, inside that namespace)."""
-    metrics = new_metrics()
     settings = with_local_addresses(settings, netns)
-    agent = Agent(make_proxier(settings, netns=netns, iptables_backend=iptables_backend), metrics,
-                  min_sync_period, sync_period)
+    proxier = make_proxier(settings, netns=netns, iptables_backend=iptables_backend)
+    metrics = new_metrics(proxier.families)  # the ip_family label's values
+    agent = Agent(proxier, metrics, min_sync_period, sync_period, full_sync_period=full_sync_period)
 
     def proxy_healthy() -> bool:  # one notion of health for /healthz and the service health checks
         return agent.scheduler.healthy(time.time())
 
     health_checks = HealthCheckServers(settings.node, proxy_healthy, health_check_host, netns=netns)
     agent.after_sync.append(health_checks.sync)
+    agent.after_sync.append(lambda state: record_no_local_endpoints(metrics, state, proxier.node, proxier.families))
 
+    health = ProxyHealth(proxy_healthy, lambda: agent.scheduler.last_success, time.time,
+                         metrics.healthz_requests, metrics.livez_requests)
+
+    def emit(event: Event) -> None:
+        health.observe(event)  # this node's Node: /healthz drains a node being deleted (KEP-3836)
+        agent.events.put(event)
+
+    # Flags win over the Node object (kube-proxy: --node-ip over the Node's addresses).
+    given = {"node_ips": settings.node.node_ips, "zone": settings.node.zone,
+             "service_cidrs": settings.node.service_cidrs}
+    agent.fixed_node_fields = frozenset(name for name, value in given.items() if value)
     threads: list[threading.Thread] = []
     if manifest_paths:
-        source = ManifestSource(manifest_paths, agent.events.put, agent.stop)
+        source = ManifestSource(manifest_paths, emit, agent.stop, node_name=settings.node.hostname)
         threads.append(threading.Thread(target=source.run, name="manifests", daemon=True))
     else:
         from kproxy_nft.sources.kube import Reflector, api_client, list_functions
 
         api = api_client(kubeconfig)
-        # Flags win over the Node object (kube-proxy: --node-ip over the Node's addresses).
-        given = {"node_ips": settings.node.node_ips, "zone": settings.node.zone,
-                 "service_cidrs": settings.node.service_cidrs}
-        agent.fixed_node_fields = frozenset(name for name, value in given.items() if value)
         for resource, list_fn in list_functions(api, settings.node.hostname).items():
-            reflector = Reflector(resource, list_fn, agent.events.put, agent.stop)
+            reflector = Reflector(resource, list_fn, emit, agent.stop)
             threads.append(threading.Thread(target=reflector.run, name=resource, daemon=True))
 
+    effective = configz(settings, kubeconfig=kubeconfig, metrics_bind_address=metrics_address,
+                        healthz_bind_address=healthz_address, sync_period=sync_period,
+                        min_sync_period=min_sync_period)
     listeners = [
-        Listener(metrics_address, 10249, {"/metrics": metrics_route(metrics.registry)}).start(),
+        Listener(metrics_address, 10249, {"/metrics": metrics_route(metrics.registry),
+                                          "/configz": json_route(lambda: effective),
+                                          "/proxyMode": text_route(settings.mode)}).start(),
     ]
-    health = health_route(proxy_healthy, lambda: agent.scheduler.last_success, time.time)
-    listeners.append(Listener(healthz_address, 10256, {"/healthz": health, "/livez": health}).start())
+    listeners.append(Listener(healthz_address, 10256, {"/healthz": health.healthz, "/livez": health.livez}).start())
 
     def stop(signum: int, _frame: FrameType | None) -> None:
         log.info("signal %s received", signal.Signals(signum).name)
@@ -73,8 +94,37 @@ def run_agent(settings: ProxySettings, *, kubeconfig: str | None, manifest_paths
     for thread in threads:
         thread.start()
     try:
-        agent.run()
+        run_until_stopped(agent)
     finally:
-        for listener in listeners:
-            listener.stop()
-        health_checks.stop()
+        close_side_by_side([listener.stop for listener in listeners] + [health_checks.stop], CLOSE_BUDGET)
+
+
+def run_until_stopped(agent: Agent, grace: float = STOP_GRACE) -> None:
+    """Run the agent's loop on a thread of its own until `agent.stop`, then give it `grace`
+    seconds to finish what it is doing, and return (the process then exits) whatever it does.
+
+    The loop may be in a sync that takes many seconds at 10,000 services (compiling, planning,
+    an iptables-restore): waiting for it made SIGTERM take up to 12 s. Leaving it is safe: a
+    transaction is either not sent yet, or sent whole (libnftables: one netlink batch, committed
+    by the kernel within the call; iptables-restore: started with its whole input as a file,
+    so it commits on its own), and the rules stay in place. The main thread only waits, so
+    the signal handler runs at once.
+    """
+    loop = threading.Thread(target=agent.run, name="agent-loop", daemon=True)
+    loop.start()
+    while loop.is_alive() and not agent.stop.wait(1.0):
+        pass
+    loop.join(timeout=grace)
+    if loop.is_alive():
+        log.info("leaving the sync in progress (the rules stay in place)")
+
+
+def close_side_by_side(closers: list[Callable[[], None]], budget: float) -> None:
+    """Run the closers at once and wait at most `budget` seconds for them: each HTTP server
+    takes up to its 0.5 s poll interval to stop, and one after the other they added up."""
+    threads = [threading.Thread(target=close, daemon=True) for close in closers]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + budget
+    for thread in threads:
+        thread.join(max(deadline - time.monotonic(), 0.0))

@@ -167,6 +167,25 @@ class NftablesBackend:
         kernel = {r.nft_family: read_table(self.transport, r.nft_family) for r in rulesets}
         return self._plan(plan_full(kernel, rulesets, self._applied), rulesets)
 
+    def check(self, reader: Transport) -> Plan | None:
+        """Read the kernel back through `reader` and plan what makes it equal to what we last
+        applied (empty: nothing drifted); None when we know of nothing applied.
+
+        Made for another thread than the syncing one: `reader` is its own connection, and the
+        record is taken once, before the read, with its generation. A sync that commits during
+        the read raises StalePlanError (the read may show our own change as a difference); one
+        that commits after it makes the plan stale (`apply` refuses it).
+        """
+        generation, applied = self._generation, self._applied
+        if applied is None:
+            return None
+        rulesets = tuple(a.ruleset for a in applied.values())
+        kernel = {r.nft_family: read_table(reader, r.nft_family) for r in rulesets}
+        if self._generation != generation:
+            raise StalePlanError("a sync committed while the kernel was read")  # not worth planning
+        step = plan_full(kernel, rulesets, applied)
+        return Plan(step.text, step.summary, rulesets, step.next_state, generation, step.followup)
+
     def apply(self, plan: Plan) -> None:
         """Run the plan's transaction; on failure raise NftablesError and change nothing.
 

@@ -8,7 +8,10 @@ argument lists, never shell strings. `netns.exec_argv` wraps a command for a nam
 
 from __future__ import annotations
 
+import collections
+import os
 import subprocess
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,20 +32,56 @@ class Runner(Protocol):
         ...
 
 
+# The pids of the commands started here, newest last: their nf_tables commits are ours
+# (`nft_monitor` tells them from other processes' by the committing pid). Bounded: a pid is
+# only looked up while its command runs, and the kernel reuses pids.
+_started: collections.deque[int] = collections.deque(maxlen=256)
+
+
+def own_pids() -> frozenset[int]:
+    """This process's threads and the commands it started recently (see `_started`).
+
+    Threads, because the kernel names a committer by its thread id (nf_tables'
+    NFTA_GEN_PROC_PID is `task_pid_nr(current)`), and libnftables commits from the agent's loop.
+    """
+    try:
+        threads = [int(tid) for tid in os.listdir("/proc/self/task")]
+    except OSError:
+        threads = [os.getpid()]
+    return frozenset((*threads, *_started))
+
+
 @dataclass(frozen=True)
 class SubprocessRunner:
-    """Runs commands for real. A missing binary is reported as exit status 127, like a shell."""
+    """Runs commands for real. A missing binary is reported as exit status 127, like a shell.
+
+    `input` is handed over as a file, not a pipe: once the command is started it has all of it,
+    so an agent stopping meanwhile leaves a restore either not started or complete (never cut
+    short after its first table's COMMIT).
+    """
 
     timeout: float | None = 600.0  # a full restore of 10,000 services takes tens of seconds
 
     def run(self, argv: Sequence[str], input: str | None = None) -> Completed:
-        try:
-            proc = subprocess.run(  # noqa: S603 (an argument list built by this package, no shell)
-                list(argv), input=input, capture_output=True, text=True, check=False, timeout=self.timeout
-            )
-        except FileNotFoundError as e:
-            return Completed(127, "", f"{argv[0]}: {e.strerror}")
-        return Completed(proc.returncode, proc.stdout, proc.stderr)
+        with tempfile.TemporaryFile() as stdin:
+            if input is not None:
+                stdin.write(input.encode())
+                stdin.seek(0)
+            try:
+                proc = subprocess.Popen(  # noqa: S603 (an argument list built by this package, no shell)
+                    list(argv), stdin=stdin if input is not None else subprocess.DEVNULL,
+                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                )
+            except FileNotFoundError as e:
+                return Completed(127, "", f"{argv[0]}: {e.strerror}")
+            _started.append(proc.pid)
+            try:
+                stdout, stderr = proc.communicate(timeout=self.timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                stdout, stderr = proc.communicate()
+                raise
+        return Completed(proc.returncode, stdout, stderr)
 
 
 def kernel_has_ipv6() -> bool:

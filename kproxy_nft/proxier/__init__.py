@@ -28,6 +28,7 @@ from typing import Protocol
 
 from kproxy_nft.config import PROXY_MODES, ProxySettings
 from kproxy_nft.kernel.conntrack import CleanupResult, ConntrackCleaner
+from kproxy_nft.kernel.nftables_events import Interest
 from kproxy_nft.model import ClusterState, IPFamily, NodeContext, ServicePortName, node_families
 
 # mode → module:class: the only table of modes.
@@ -54,6 +55,23 @@ class ProxierPlan:
     detail: object
 
 
+@dataclass(frozen=True)
+class DriftCheck:
+    """The kernel read back and compared with what a proxier last applied (`Proxier.check_drift`).
+
+    `differs`: what holds something else ("ip kproxy-nft", "IPv4 nat"; empty: all as applied);
+    `repair`: the implementation's plan that puts it back, which `Proxier.repair` takes back;
+    `known`: False when nothing is known to compare with (no sync yet, or the last one failed);
+    `stale`: a sync of ours committed while the kernel was read, so the read may show our own
+    change as a difference: nothing was compared (check again).
+    """
+
+    differs: tuple[str, ...] = ()
+    repair: object = None
+    known: bool = True
+    stale: bool = False
+
+
 class Proxier(Protocol):
     """Makes the kernel hold the rules of a `ClusterState` for one node, in one mode."""
 
@@ -72,6 +90,11 @@ class Proxier(Protocol):
     @property
     def families(self) -> tuple[IPFamily, ...]:
         """The IP families this proxier programs."""
+        ...
+
+    @property
+    def netns(self) -> str | None:
+        """The network namespace it programs (None: the caller's)."""
         ...
 
     def set_node(self, node: NodeContext) -> None:
@@ -106,7 +129,31 @@ class Proxier(Protocol):
         ...
 
     def drift(self) -> int:
-        """Kernel differences repaired so far (full syncs that found someone else's changes)."""
+        """Kernel differences repaired so far by full syncs (`sync(full=True)`)."""
+        ...
+
+    def check_drift(self, chains: frozenset[str] | None = None) -> DriftCheck:
+        """Read the kernel back and compare it with what the last sync applied; change nothing.
+
+        Runs on another thread while `sync` goes on (its own kernel connection, a consistent
+        copy of the record), so an expensive read never holds up a partial sync. `chains`: the
+        only per-service chains that can differ (a kernel notification named them; the shared
+        ones are compared anyway), for an implementation whose comparison is costly per chain.
+        """
+        ...
+
+    def repair(self, check: DriftCheck) -> bool:
+        """Send `check`'s repair (on the sync thread); False when a sync since made it stale."""
+        ...
+
+    def probe(self) -> tuple[str, ...]:
+        """One cheap look for wholesale loss (kube-proxy's canary chains; our tables): what is
+        missing. For modes or hosts where the kernel does not notify us (`drift_interest`)."""
+        ...
+
+    def drift_interest(self) -> Interest | None:
+        """Which nf_tables objects are ours, for `kernel.nft_monitor` (None: this mode's rules
+        send no notifications, iptables-legacy)."""
         ...
 
     def clean_conntrack(self, state: ClusterState,
@@ -140,6 +187,10 @@ class ProxierBase:
     @property
     def node(self) -> NodeContext:
         return self._node
+
+    @property
+    def netns(self) -> str | None:
+        return self._netns
 
     def set_node(self, node: NodeContext) -> None:
         self._node = node

@@ -2,8 +2,11 @@
 
 One `kernel.iptables.Syncer` per family keeps what it applied, so a partial sync neither reads
 `iptables-save` nor recompiles unchanged service ports (`compile.iptables.update_fragments`,
-`iptables_plan.Focus`: O(changed) up to the restore itself). A full sync reads the kernel back,
-and counts a repair when what it finds needs another payload than what was applied.
+`iptables_plan.Focus`: O(changed) up to the restore itself). A full sync reads the kernel back
+and plans once against it.
+`check_drift` reads and plans against what was last applied off the sync thread (iptables-save
+is a process of its own); `repair` sends that plan unless a sync overtook it. The canary chains
+(`kernel.iptables.CANARY`) are how iptables-legacy, which sends no notifications, is watched.
 
 `plan`/`apply` (the CLI's `apply`) plan every family first, then apply them all or nothing:
 IPv4 is reverted when IPv6 then fails (`kernel.iptables.apply_families`).
@@ -11,18 +14,23 @@ IPv4 is reverted when IPv6 then fails (`kernel.iptables.apply_families`).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from kproxy_nft.compile import iptables as compiler
 from kproxy_nft.compile.memo import FragmentMemo
 from kproxy_nft.kernel import iptables as kernel
-from kproxy_nft.kernel.iptables_plan import Plan, focus_of
-from kproxy_nft.kernel.iptables_text import render_save
+from kproxy_nft.kernel.iptables_plan import MANAGED_TABLES, Focus, Plan, focus_of, is_owned
+from kproxy_nft.kernel.iptables_text import KernelState, KernelTable, render_save
+from kproxy_nft.kernel.nftables_events import Interest
 from kproxy_nft.model import ClusterState, IPFamily, NodeContext, ServicePortName
-from kproxy_nft.proxier import ProxierBase, ProxierPlan
+from kproxy_nft.proxier import DriftCheck, ProxierBase, ProxierPlan
 
 if TYPE_CHECKING:
-    from kproxy_nft.compile.iptables import Fragments
+    from kproxy_nft.compile.iptables import Fragments, Ruleset
+
+
+# A notification naming more chains than this (a table flushed) is checked by reading it whole.
+TARGETED_READ_LIMIT = 64
 
 
 class IptablesProxier(ProxierBase):
@@ -37,6 +45,11 @@ class IptablesProxier(ProxierBase):
         self._host: kernel.Host | None = None
         self._syncers: dict[IPFamily, kernel.Syncer] = {}
         self._drift = 0
+        # What the last sync applied, per family (None: unknown), and a count of syncs and
+        # repairs that tells a drift check whether one ran while it read the kernel.
+        self._record: dict[IPFamily, tuple[Ruleset, KernelState]] | None = None  # desired, and the state after
+        self._generation = 0
+        self._probed_sizes: dict[tuple[IPFamily, str], tuple[int, int] | None] = {}  # legacy: see `probe`
         # The last synced fragments per family, and the node they were compiled for.
         self._fragments: tuple[dict[IPFamily, Fragments], NodeContext] | None = None
         self._memo: FragmentMemo[compiler.ServiceRules] = FragmentMemo()  # across syncs: unchanged ports reused
@@ -112,36 +125,146 @@ class IptablesProxier(ProxierBase):
     def sync(self, state: ClusterState, full: bool, changed: frozenset[ServicePortName] | None = None) -> str:
         parts = []
         previous, self._fragments = self._fragments, None  # None again if this sync fails
+        self._record = None  # likewise
         partial = not full and changed is not None and previous is not None and previous[1] is self._node
-        synced = {}
-        for family in self.families:
-            syncer = self._syncer(family)
-            focus = None
-            if partial and previous is not None and changed is not None:
-                # Only the changed service ports are recompiled and compared: O(changed), plus
-                # assembling the shared chains. The kernel's cost is another matter (see README).
-                old = previous[0][family]
-                fragments = compiler.update_fragments(old, state, self._node, family, changed, self._memo)
-                focus = focus_of(old, fragments, changed)
-            else:
-                fragments = compiler.compile_fragments(state, self._node, family, self._memo)
-            desired = compiler.assemble_ruleset(fragments.values(), self._node, family)
-            if full and syncer.state is not None:
-                # A full sync reads the kernel back; if what it finds needs a different payload
-                # than what we believe we applied, someone changed our chains: count the repair.
-                kernel_state = kernel.read_state(self.host, family)
-                expected = kernel.plan(desired, syncer.state).payload
-                if kernel.plan(desired, kernel_state).payload != expected:
-                    self._drift += 1
-                syncer.state = kernel_state
-            step = syncer.sync(desired, full=full and syncer.state is None, focus=focus)
-            synced[family] = fragments
-            parts.append(f"v{int(family)} chains={len(step.chains)} jumps={len(step.jumps)}")
-        self._fragments = (synced, self._node)
+        synced, desired_by_family = {}, {}
+        try:
+            for family in self.families:
+                syncer = self._syncer(family)
+                focus = None
+                if partial and previous is not None and changed is not None:
+                    # Only the changed service ports are recompiled and compared: O(changed), plus
+                    # assembling the shared chains. The kernel's cost is another matter (see README).
+                    old = previous[0][family]
+                    fragments = compiler.update_fragments(old, state, self._node, family, changed)
+                    focus = focus_of(old, fragments, changed)
+                else:
+                    fragments = compiler.compile_fragments(state, self._node, family)
+                desired = compiler.assemble_ruleset(fragments.values(), self._node, family)
+                if full:
+                    self._read_back(syncer, desired)
+                step = syncer.sync(desired, focus=focus)  # planned once, against what was read or applied
+                synced[family], desired_by_family[family] = fragments, (desired, step.after)
+                parts.append(f"v{int(family)} chains={len(step.chains)} jumps={len(step.jumps)}")
+            if full:
+                for family in self.families:
+                    kernel.ensure_canaries(self.host, family)
+            self._fragments = (synced, self._node)
+            self._record = desired_by_family
+        finally:
+            self._generation += 1  # after the record: a drift check that read meanwhile is stale
         return " ".join(parts)
+
+    def _read_back(self, syncer: kernel.Syncer, desired: Ruleset) -> None:
+        """A full sync's read: the kernel's state becomes what the sync plans against, once.
+
+        No repair is counted here: a blocking full sync runs when what we applied is unknown
+        (start, after a failure) or when checks kept being overtaken by syncs, and telling our
+        pending changes from someone else's would take a second plan (canonicalising every
+        rule: seconds at 10,000 services). Drift is counted by the checks (`check_drift`).
+        """
+        syncer.state = kernel.read_state(self.host, syncer.family)
+        if kernel.wants_route_localnet(desired):
+            kernel.enable_route_localnet(self.host)
 
     def drift(self) -> int:
         return self._drift
+
+    # -- drift: checked off the sync thread; canaries; notifications ------------------------
+
+    def check_drift(self, chains: frozenset[str] | None = None) -> DriftCheck:
+        # iptables-save runs as its own process: nothing shared with the sync thread but the
+        # record, taken once with its generation (read first: see `sync`'s finally).
+        generation, record = self._generation, self._record
+        if record is None:
+            return DriftCheck(known=False)
+        # Comparing costs per rule (each is canonicalised): with the chains a notification
+        # named, only those and the shared chains are, as in a partial sync.
+        focus = Focus(chains, frozenset()) if chains is not None else None
+        read = {family: self._read_for_check(family, applied, chains) for family, (_, applied) in record.items()}
+        if self._generation != generation:
+            return DriftCheck(stale=True)  # before planning: that is the expensive part
+        plans = []
+        for family, (desired, _) in record.items():
+            p = kernel.plan(desired, read[family], focus)
+            if not p.is_empty:
+                plans.append(p)
+        if not plans:
+            return DriftCheck()
+        return DriftCheck(tuple(f"IPv{int(p.family)} {table}" for p in plans for table in p.tables),
+                          (generation, tuple(plans)))
+
+    def _read_for_check(self, family: IPFamily, applied: KernelState, chains: frozenset[str] | None) -> KernelState:
+        """The kernel's state for a check: read whole, or, when a notification named a few
+        chains, those read afresh (`read_chains`) over what we applied (O(named), not O(cluster))."""
+        if chains is None or len(chains) > TARGETED_READ_LIMIT:
+            return kernel.read_state(self.host, family)
+        state = applied
+        for table in MANAGED_TABLES:
+            current = applied.table(table)
+            names = sorted(c for c in chains if c in current.chains or is_owned(table, c))
+            merged = dict(current.chains)
+            for name, chain in kernel.read_chains(self.host, family, table, names).items():
+                if chain is None:
+                    merged.pop(name, None)
+                else:
+                    merged[name] = chain
+            state = state.replace_table(KernelTable(table, merged))
+        return state
+
+    def repair(self, check: DriftCheck) -> bool:
+        generation, plans = cast("tuple[int, tuple[Plan, ...]]", check.repair)
+        if generation != self._generation:
+            return False
+        try:
+            kernel.apply_families(self.host, plans)
+            record = dict(self._record or {})
+            for p in plans:
+                self._syncer(p.family).state = p.after
+                record[p.family] = (record[p.family][0], p.after)
+                kernel.ensure_canaries(self.host, p.family)
+            self._record = record
+        except Exception:
+            for p in plans:
+                self._syncer(p.family).state = None  # trust only the kernel next time
+            self._record = None
+            raise
+        finally:
+            self._generation += 1
+        return True
+
+    def probe(self) -> tuple[str, ...]:
+        """kube-proxy's canaries: the tables whose canary is gone, put back at once (so a flush is
+        reported once); the caller then checks the rules. With iptables-legacy a table whose
+        size has not changed since the last probe is not looked at (`legacy_table_size`)."""
+        missing = []
+        for family in self.families:
+            gone = kernel.missing_canaries(self.host, family, self._tables_to_probe(family))
+            if gone:
+                kernel.ensure_canaries(self.host, family)
+                missing += [f"IPv{int(family)} {table}" for table in gone]
+        return tuple(missing)
+
+    def _tables_to_probe(self, family: IPFamily) -> tuple[str, ...]:
+        if self.host.backend is not kernel.IptablesBackend.LEGACY:
+            return kernel.CANARY_TABLES
+        tables = []
+        for table in kernel.CANARY_TABLES:
+            size = kernel.legacy_table_size(self._netns, family, table)
+            if size is None or self._probed_sizes.get((family, table)) != size:
+                tables.append(table)
+            # Recorded before the canary is put back: that changes it, so the next probe looks
+            # once more and finds the canary there, then rests.
+            self._probed_sizes[(family, table)] = size
+        return tuple(tables)
+
+    def drift_interest(self) -> Interest | None:
+        """iptables-nft writes nf_tables tables others share: our `KUBE-*` chains and the rules
+        jumping to them are ours. iptables-legacy sends no notifications."""
+        if self.host.backend is not kernel.IptablesBackend.NFT:
+            return None
+        nft_families = [("ip" if family is IPFamily.V4 else "ip6") for family in self.families]
+        return Interest(shared_tables=frozenset((f, table) for f in nft_families for table in kernel.CANARY_TABLES))
 
     def close(self) -> None:
         """Nothing to release: every iptables call is its own process."""

@@ -3,16 +3,20 @@
 The table of a family the node does not program is never touched (not even deleted). A partial
 sync recompiles only the changed service ports (`compile.nftables.update_ruleset`) and the
 backend compares only those (O(changed)); a full sync reads the tables back and repairs them.
+`check_drift` does that read and comparison against what was last applied on another thread
+(its own libnftables context), and `repair` sends the result if no sync overtook it.
 """
 
 from __future__ import annotations
 
 from kproxy_nft.compile import nftables as compiler
 from kproxy_nft.compile.memo import FragmentMemo
-from kproxy_nft.kernel.nftables import NftablesBackend, Plan
+from kproxy_nft.kernel.nftables import NftablesBackend, Plan, StalePlanError
+from kproxy_nft.kernel.nftables_events import Interest
+from kproxy_nft.kernel.nftables_transport import make_transport
 from kproxy_nft.kernel.runner import kernel_has_ipv6
 from kproxy_nft.model import ClusterState, IPFamily, NodeContext, ServicePortName
-from kproxy_nft.proxier import ProxierBase, ProxierPlan
+from kproxy_nft.proxier import DriftCheck, ProxierBase, ProxierPlan
 
 FOLLOWUP_HEADER = "--- then, as a second transaction (backend indexes no longer reachable) ---\n"
 
@@ -87,6 +91,45 @@ class NftablesProxier(ProxierBase):
 
     def drift(self) -> int:
         return int(self.backend.repairs_total)
+
+    # -- drift: checked off the sync thread, noticed by the kernel ----------------------------
+
+    def check_drift(self, chains: frozenset[str] | None = None) -> DriftCheck:
+        del chains  # reading the table is the cost here, and it is read whole either way
+        # Its own libnftables context: the sync thread's is not to be shared.
+        reader = make_transport(self._netns)
+        try:
+            plan = self.backend.check(reader)
+        except StalePlanError:
+            return DriftCheck(stale=True)
+        finally:
+            reader.close()
+        if plan is None:
+            return DriftCheck(known=False)
+        if plan.is_empty:
+            return DriftCheck()
+        # Every command names its table: `… ip kproxy-nft …` (the leading space keeps ip6 apart).
+        differs = tuple(f"{f} {compiler.TABLE}" for f in ("ip", "ip6")
+                        if f" {f} {compiler.TABLE}" in plan.text + plan.followup)
+        return DriftCheck(differs or ("kproxy-nft",), plan)
+
+    def repair(self, check: DriftCheck) -> bool:
+        plan = check.repair
+        assert isinstance(plan, Plan)
+        try:
+            self.backend.apply(plan)
+        except StalePlanError:
+            return False
+        return True
+
+    def probe(self) -> tuple[str, ...]:
+        """Our tables, by name only (`list tables` reads no rules: cheap at any size)."""
+        listed = set(self.backend.transport.run("list tables").stdout.splitlines())
+        wanted = (f"{compiler.nft_family(f)} {compiler.TABLE}" for f in self.families)
+        return tuple(table for table in wanted if f"table {table}" not in listed)
+
+    def drift_interest(self) -> Interest:
+        return Interest(tables=frozenset((compiler.nft_family(f), compiler.TABLE) for f in self.families))
 
     def close(self) -> None:
         if self._backend is not None:

@@ -66,12 +66,12 @@ def test_iptables_agent_follows_the_api_and_repairs_drift(api: FakeAPIServer, ne
         wait_for(lambda: "--to-destination 10.1.0.2:8080" in nat(netns))
         api.apply("endpointslices", endpoint_slice("web-1", "web", ["10.1.0.1", "10.1.0.3"]))
         wait_for(lambda: "10.1.0.3:8080" in nat(netns) and "10.1.0.2:8080" not in nat(netns))
-        syncs = running.agent.syncs
-        # Someone flushes our chain: the next periodic full sync puts it back and counts it.
+        # Someone flushes our chain: the kernel's notification starts a check that puts it back.
         run_in(netns, ["iptables-nft", "-t", "nat", "-F", "KUBE-SERVICES"])
         wait_for(lambda: "-A KUBE-SERVICES" in nat(netns), timeout=5)
-        wait_for(lambda: running.agent.syncs > syncs)  # the sync that repaired it finished (IPv6 too)
-        wait_for(lambda: running.agent.metrics.drift_repairs._value.get() >= 1)  # noqa: SLF001
+        wait_for(lambda: running.agent.metrics.registry.get_sample_value(
+            "kproxy_nft_drift_repairs_total", {"what": "IPv4 nat", "noticed_by": "netlink"}) == 1.0)
+        wait_for(lambda: not running.agent.scheduler.checking)  # the repair finished (IPv6 too)
     finally:
         running.stop()
     # Stopped: the rules stay; a restarted agent adopts them without changing anything.
