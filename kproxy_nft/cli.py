@@ -404,13 +404,16 @@ Examples:
 @click.option("--full-sync-period", type=float, default=3600.0, show_default=True,
               help="Seconds between safety-net read-backs of the whole kernel (kube-proxy: hourly).")
 @click.option("--metrics-bind-address", default="127.0.0.1:10249", show_default=True)
+@click.option("--metrics-per-endpoint", is_flag=True,
+              help="Serve kproxy_nft_endpoint_new_connections_total, one series per endpoint, read from the "
+              "kernel's counters on each scrape (off by default: its cardinality; docs/TOP.md).")
 @click.option("--healthz-bind-address", default="127.0.0.1:10256", show_default=True,
               help="kube-proxy listens on 0.0.0.0:10256; ours stays on loopback unless told (see deploy/).")
 @click.option("--netns", default=None, hidden=True, help="Program this network namespace (tests, demos).")
 @click.option("-v", "--verbose", count=True)
 def run(kubeconfig: str | None, manifest_paths: tuple[str, ...], iptables_backend: str, min_sync_period: float,
-        sync_period: float, full_sync_period: float, metrics_bind_address: str, healthz_bind_address: str,
-        netns: str | None, verbose: int, init_only: bool, write_config_to: str | None,
+        sync_period: float, full_sync_period: float, metrics_bind_address: str, metrics_per_endpoint: bool,
+        healthz_bind_address: str, netns: str | None, verbose: int, init_only: bool, write_config_to: str | None,
         **flags: Any) -> None:
     """Run the node agent: watch Services and EndpointSlices, keep the kernel reconciled.
 
@@ -438,7 +441,8 @@ def run(kubeconfig: str | None, manifest_paths: tuple[str, ...], iptables_backen
         run_agent(settings, kubeconfig=kubeconfig, manifest_paths=list(manifest_paths),
                   iptables_backend=None if iptables_backend == "auto" else iptables_backend, netns=netns,
                   min_sync_period=min_sync_period, sync_period=sync_period, full_sync_period=full_sync_period,
-                  metrics_address=metrics_bind_address, healthz_address=healthz_bind_address)
+                  metrics_address=metrics_bind_address, healthz_address=healthz_bind_address,
+                  metrics_per_endpoint=metrics_per_endpoint)
     except Exception as e:  # noqa: BLE001 - a startup failure: one line, exit 2
         fail(f"{type(e).__name__}: {e}")
 

@@ -15,6 +15,7 @@ from kproxy_nft.proxier import DriftCheck, ProxierPlan
 
 class FakeProxier:
     mode = "nftables"
+    counts_partial_failures = False
     tools: tuple[str, ...] = ()
     families = (IPFamily.V4,)
     netns: str | None = None
@@ -27,6 +28,9 @@ class FakeProxier:
 
     def sync(self, state: ClusterState, full: bool, changed: frozenset[ServicePortName] | None = None) -> str:
         return "ok"
+
+    def rule_counts(self) -> dict[tuple[IPFamily, str], tuple[int, int]]:
+        return {}
 
     def drift(self) -> int:
         return 0

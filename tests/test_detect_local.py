@@ -167,10 +167,9 @@ def test_each_detector_in_the_rules(tmp_path: Path, detect_mode: str, proxy_mode
 # -- the agent: NodeCIDR from the API's (or --manifests') Node --------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="Agent._node_event does not copy NodeInfo.pod_cidrs yet (agent/main.py)")
 def test_the_agent_takes_pod_cidrs_from_its_node_object() -> None:
     """The agent's Node events (API or `run --manifests`) give NodeCIDR its CIDRs; every
-    service is recompiled when they change. Remove the xfail once agent/main.py copies them."""
+    service is recompiled when they change."""
     from kubernetes.client import V1Node
 
     from kproxy_nft.agent.main import Agent

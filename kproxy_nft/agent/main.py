@@ -194,6 +194,7 @@ class Agent:
             current,
             node_ips=current.node_ips if "node_ips" in self.fixed_node_fields else info.ips,
             zone=current.zone if "zone" in self.fixed_node_fields else info.zone,
+            pod_cidrs=info.pod_cidrs,  # --detect-local-mode NodeCIDR
         ))
 
     def _service_cidr_event(self, item: Replace | Change) -> None:
@@ -271,7 +272,7 @@ class Agent:
             summary = self.proxier.sync(snapshot.state, full, None if snapshot.full else snapshot.changed_ports)
         except Exception as e:
             self.metrics.sync_failures[self.proxier.mode].inc()
-            if not full and self.proxier.mode == "iptables":  # kube-proxy: a partial restore failed (retried full)
+            if not full and self.proxier.counts_partial_failures:  # kube-proxy: a partial restore failed
                 self.metrics.iptables_partial_restore_failures.inc()
             log.error("sync mode=%s kind=%s services_changed=%d duration=%.3fs result=error error=%r",
                       self.proxier.mode, "full" if full else "partial", len(snapshot.changed),
@@ -285,6 +286,9 @@ class Agent:
         m.sync_duration.observe(duration)
         (m.sync_full_duration if full else m.sync_partial_duration).observe(duration)
         m.last_sync_timestamp.set(self._clock())
+        for (family, table), (total, written) in self.proxier.rule_counts().items():
+            m.iptables_rules_total.family(family, table=table).set(total)
+            m.iptables_rules_last.family(family, table=table).set(written)
         if full and self.proxier.drift() > repaired_before:
             self._count_repair((self.proxier.mode,), "full-sync")
         now = self._clock()
@@ -307,6 +311,9 @@ class Agent:
     def _clean_conntrack(self, state: ClusterState) -> None:
         """Never fails the sync: errors are logged and counted, and retried by the next sync."""
         result = self.proxier.clean_conntrack(state, self._synced_changes)
+        for reconciled in result.reconciled:  # a whole-table pass (start, full syncs, retries)
+            self.metrics.conntrack_reconcile_duration.family(reconciled.family).observe(reconciled.seconds)
+            self.metrics.conntrack_reconcile_deleted.family(reconciled.family).inc(reconciled.deleted)
         if result.errors:
             self.metrics.conntrack_cleanup_errors.inc(len(result.errors))
             log.error("conntrack cleanup: deleted=%d errors=%s", result.deleted, "; ".join(result.errors))

@@ -18,9 +18,11 @@ from kproxy_nft.agent.healthcheck import HealthCheckServers
 from kproxy_nft.agent.http import Listener, ProxyHealth, json_route, metrics_route, text_route
 from kproxy_nft.agent.main import Agent
 from kproxy_nft.agent.metrics import new_metrics, record_no_local_endpoints
+from kproxy_nft.agent.node_setup import setup_node
 from kproxy_nft.agent.scheduler import FULL_SYNC_PERIOD
 from kproxy_nft.config import ProxySettings, configz
 from kproxy_nft.proxier import make_proxier, with_local_addresses
+from kproxy_nft.proxier.handover import RemoveOtherModes
 from kproxy_nft.sources.events import Event
 from kproxy_nft.sources.manifest_watch import ManifestSource
 
@@ -34,12 +36,18 @@ CLOSE_BUDGET = 0.6
 def run_agent(settings: ProxySettings, *, kubeconfig: str | None, manifest_paths: list[str],
               iptables_backend: str | None, netns: str | None, min_sync_period: float, sync_period: float,
               metrics_address: str, healthz_address: str, health_check_host: str | None = None,
-              full_sync_period: float = FULL_SYNC_PERIOD) -> None:
+              full_sync_period: float = FULL_SYNC_PERIOD, metrics_per_endpoint: bool = False) -> None:
     """`health_check_host`: where the per-Service healthCheckNodePort servers listen (None: every
-    address of the node; with `netns`, inside that namespace)."""
+    address of the node; with `netns`, inside that namespace). `metrics_per_endpoint`: serve one
+    connection counter per endpoint, read from the kernel on each scrape (docs/TOP.md)."""
     settings = with_local_addresses(settings, netns)
     proxier = make_proxier(settings, netns=netns, iptables_backend=iptables_backend)
     metrics = new_metrics(proxier.families)  # the ip_family label's values
+    setup_node(settings.conntrack, metrics, netns)  # kube-proxy's conntrack sysctls, before the first sync
+    if metrics_per_endpoint:  # opt-in: one series per endpoint (docs/TOP.md)
+        from kproxy_nft.agent.endpoint_metrics import register_endpoint_metrics
+
+        register_endpoint_metrics(metrics.registry, proxier.mode, netns, proxier.families)
     agent = Agent(proxier, metrics, min_sync_period, sync_period, full_sync_period=full_sync_period)
 
     def proxy_healthy() -> bool:  # one notion of health for /healthz and the service health checks
@@ -47,6 +55,8 @@ def run_agent(settings: ProxySettings, *, kubeconfig: str | None, manifest_paths
 
     health_checks = HealthCheckServers(settings.node, proxy_healthy, health_check_host, netns=netns)
     agent.after_sync.append(health_checks.sync)
+    # kube-proxy removes the other modes' rules at start-up; we wait until our first sync is in (no gap).
+    agent.after_sync.append(RemoveOtherModes(proxier))
     agent.after_sync.append(lambda state: record_no_local_endpoints(metrics, state, proxier.node, proxier.families))
 
     health = ProxyHealth(proxy_healthy, lambda: agent.scheduler.last_success, time.time,

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -130,6 +130,15 @@ class Proxier(Protocol):
 
     def drift(self) -> int:
         """Kernel differences repaired so far by full syncs (`sync(full=True)`)."""
+        ...
+
+    # kube-proxy counts a failed partial iptables-restore
+    # (sync_proxy_rules_iptables_partial_restore_failures_total); its nftables mode has no such count.
+    counts_partial_failures: bool
+
+    def rule_counts(self) -> Mapping[tuple[IPFamily, str], tuple[int, int]]:
+        """(rules in the table, rules the last sync wrote) per family and table, as kube-proxy's
+        sync_proxy_rules_iptables_total / _last report them; empty where it reports none."""
         ...
 
     def check_drift(self, chains: frozenset[str] | None = None) -> DriftCheck:

@@ -14,6 +14,7 @@ IPv4 is reverted when IPv6 then fails (`kernel.iptables.apply_families`).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, cast
 
 from kproxy_nft.compile import iptables as compiler
@@ -37,6 +38,7 @@ class IptablesProxier(ProxierBase):
     """The iptables mode for one node: a `Syncer` per family (see the module docstring)."""
 
     mode = "iptables"
+    counts_partial_failures = True
 
     def __init__(self, node: NodeContext, *, netns: str | None = None, iptables_backend: str | None = None,
                  families: tuple[IPFamily, ...] | None = None) -> None:
@@ -53,6 +55,7 @@ class IptablesProxier(ProxierBase):
         # The last synced fragments per family, and the node they were compiled for.
         self._fragments: tuple[dict[IPFamily, Fragments], NodeContext] | None = None
         self._memo: FragmentMemo[compiler.ServiceRules] = FragmentMemo()  # across syncs: unchanged ports reused
+        self._rule_counts: dict[tuple[IPFamily, str], tuple[int, int]] = {}  # see rule_counts
 
     # -- the kernel side, opened on first use -----------------------------------------------
 
@@ -136,16 +139,17 @@ class IptablesProxier(ProxierBase):
                     # Only the changed service ports are recompiled and compared: O(changed), plus
                     # assembling the shared chains. The kernel's cost is another matter (see README).
                     old = previous[0][family]
-                    fragments = compiler.update_fragments(old, state, self._node, family, changed)
+                    fragments = compiler.update_fragments(old, state, self._node, family, changed, self._memo)
                     focus = focus_of(old, fragments, changed)
                 else:
-                    fragments = compiler.compile_fragments(state, self._node, family)
+                    fragments = compiler.compile_fragments(state, self._node, family, self._memo)
                 desired = compiler.assemble_ruleset(fragments.values(), self._node, family)
                 if full:
                     self._read_back(syncer, desired)
                 step = syncer.sync(desired, focus=focus)  # planned once, against what was read or applied
                 synced[family], desired_by_family[family] = fragments, (desired, step.after)
                 parts.append(f"v{int(family)} chains={len(step.chains)} jumps={len(step.jumps)}")
+                self._rule_counts.update(_rule_counts(desired, step))
             if full:
                 for family in self.families:
                     kernel.ensure_canaries(self.host, family)
@@ -166,6 +170,9 @@ class IptablesProxier(ProxierBase):
         syncer.state = kernel.read_state(self.host, syncer.family)
         if kernel.wants_route_localnet(desired):
             kernel.enable_route_localnet(self.host)
+
+    def rule_counts(self) -> Mapping[tuple[IPFamily, str], tuple[int, int]]:
+        return dict(self._rule_counts)
 
     def drift(self) -> int:
         return self._drift
@@ -280,3 +287,15 @@ def _describe(p: Plan) -> list[str]:
         lines.append(f"  {who}: {'; '.join(parts)}")
     lines += [f"  {jump.kind} jump in {jump.table}/{jump.chain}: {jump.rule}" for jump in p.jumps]
     return lines
+
+
+def _rule_counts(desired: Ruleset, step: Plan) -> dict[tuple[IPFamily, str], tuple[int, int]]:
+    """Per table: the rules we own after the sync (our chains' rules and our jumps from built-in
+    chains) and the rule lines the sync wrote (kube-proxy's iptablesRulesTotal / LastSync)."""
+    written = {edit.table: sum(line.startswith(("-A ", "-I ")) for line in edit.lines) for edit in step.edits}
+    counts = {}
+    for table in desired.tables:
+        owned = sum(len(chain.rules) for chain in table.chains)
+        owned += sum(1 for jump in desired.jumps if jump.table == table.name)
+        counts[(desired.family, table.name)] = (owned, written.get(table.name, 0))
+    return counts

@@ -9,6 +9,8 @@ backend compares only those (O(changed)); a full sync reads the tables back and 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from kproxy_nft.compile import nftables as compiler
 from kproxy_nft.compile.memo import FragmentMemo
 from kproxy_nft.kernel.nftables import NftablesBackend, Plan, StalePlanError
@@ -25,6 +27,7 @@ class NftablesProxier(ProxierBase):
     """The nftables mode for one node (see the module docstring)."""
 
     mode = "nftables"
+    counts_partial_failures = False
     tools = ("nft",)
 
     def __init__(self, node: NodeContext, *, netns: str | None = None, iptables_backend: str | None = None,
@@ -88,6 +91,9 @@ class NftablesProxier(ProxierBase):
         p = self.backend.full_sync(desired) if full else self.backend.sync(desired, hint)
         self._desired = (desired, self._node)
         return str(p.summary)
+
+    def rule_counts(self) -> Mapping[tuple[IPFamily, str], tuple[int, int]]:
+        return {}  # kube-proxy's rule counts are iptables-mode metrics
 
     def drift(self) -> int:
         return int(self.backend.repairs_total)
