@@ -22,6 +22,7 @@ from kproxy_nft.model import MASQUERADE_BIT_DEFAULT, ConntrackSettings, LocalMod
 
 CONFIG_API_VERSIONS = ("kubeproxy.config.k8s.io/v1alpha1",)
 PROXY_MODES = ("iptables", "nftables")
+DEFAULT_MODE = "iptables"  # kube-proxy's default on Linux
 
 
 class ConfigError(ValueError):
@@ -229,7 +230,7 @@ def resolve(file_config: dict[str, Any] | None, flags: Overrides, default_hostna
     if not isinstance(iptables_cfg, dict) or not isinstance(nftables_cfg, dict):
         raise ConfigError(f"{source}: iptables/nftables: expected a mapping")
 
-    mode = flags.mode or cfg.get("mode") or "iptables"
+    mode = flags.mode or cfg.get("mode") or DEFAULT_MODE
     if mode not in PROXY_MODES:
         raise ConfigError(f"{source}: mode: unsupported proxy mode {mode!r} ({' or '.join(PROXY_MODES)})")
 

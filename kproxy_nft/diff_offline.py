@@ -23,9 +23,7 @@ from kproxy_nft.kernel.nftables import NftablesBackend
 from kproxy_nft.kernel.nftables_fake import FakeNftables, FakeTransport
 from kproxy_nft.kernel.runner import Completed
 from kproxy_nft.model import ClusterState, IPFamily, NodeContext, node_families
-from kproxy_nft.proxier import Proxier
-from kproxy_nft.proxier.iptables import IptablesProxier
-from kproxy_nft.proxier.nftables import NftablesProxier
+from kproxy_nft.proxier import KernelSides, Proxier, make_proxier
 
 
 def offline_families(node: NodeContext) -> tuple[IPFamily, ...]:
@@ -35,8 +33,8 @@ def offline_families(node: NodeContext) -> tuple[IPFamily, ...]:
 
 
 # The proxiers reach the kernel only through their lazily opened `host` (iptables) and `backend`
-# (nftables) properties, so those are the one seam overridden here; were a proxier to reach the
-# kernel another way, the run as nobody in tests/test_diff.py would fail.
+# (nftables), so those are the one seam handed in here (`make_proxier(sides=…)`); were a proxier
+# to reach the kernel another way, the run as nobody in tests/test_diff.py would fail.
 
 
 @dataclass
@@ -52,30 +50,6 @@ class _SysctlAccepted:
         return self.iptables.run(argv, input)
 
 
-class _InMemoryIptables(IptablesProxier):
-    """The iptables proxier, its iptables-save/-restore answered by `FakeIptables`."""
-
-    def __init__(self, node: NodeContext, families: tuple[IPFamily, ...], host: Host) -> None:
-        super().__init__(node, iptables_backend=host.backend.value, families=families)
-        self._in_memory_host = host
-
-    @property
-    def host(self) -> Host:
-        return self._in_memory_host
-
-
-class _InMemoryNftables(NftablesProxier):
-    """The nftables proxier, its transactions and listings answered by `FakeNftables`."""
-
-    def __init__(self, node: NodeContext, families: tuple[IPFamily, ...], backend: NftablesBackend) -> None:
-        super().__init__(node, families=families)
-        self._in_memory_backend = backend
-
-    @property
-    def backend(self) -> NftablesBackend:
-        return self._in_memory_backend
-
-
 @dataclass
 class _InMemoryNode:
     """One node's kernel rules in memory, for both modes; each `proxier` is a fresh one, as each
@@ -86,11 +60,9 @@ class _InMemoryNode:
     nftables: FakeNftables = field(default_factory=FakeNftables)
 
     def proxier(self, settings: ProxySettings) -> Proxier:
-        families = offline_families(settings.node)
-        if settings.mode == "nftables":
-            return _InMemoryNftables(settings.node, families, NftablesBackend(transport=FakeTransport(self.nftables)))
-        host = Host(self.iptables_backend, None, _SysctlAccepted(self.iptables))
-        return _InMemoryIptables(settings.node, families, host)
+        sides = KernelSides(iptables=Host(self.iptables_backend, None, _SysctlAccepted(self.iptables)),
+                            nftables=NftablesBackend(transport=FakeTransport(self.nftables)))
+        return make_proxier(settings, families=offline_families(settings.node), sides=sides)
 
 
 def offline_rules(old: ClusterState, old_settings: ProxySettings, new: ClusterState, new_settings: ProxySettings,

@@ -14,11 +14,12 @@ import time
 
 import click
 
-from kproxy_nft.kernel.counters import CounterReadError, read_counters
+from kproxy_nft.config import DEFAULT_MODE, PROXY_MODES, ProxySettings
+from kproxy_nft.kernel.counters import CounterReadError
+from kproxy_nft.model import NodeContext
+from kproxy_nft.proxier import make_proxier
 from kproxy_nft.report import fail
-from kproxy_nft.top import Sample, sample_of, with_rates
-
-MODES = ("iptables", "nftables")
+from kproxy_nft.top import Sample, with_rates
 
 EPILOG = """\b
 Examples:
@@ -28,19 +29,25 @@ Examples:
 
 
 def read_sample(mode: str | None, netns: str | None) -> Sample:
-    """One sample (exit 2 with one line when the counters cannot be read).
+    """One sample, by the proxier of `mode` (exit 2 with one line when the counters cannot be read).
 
-    Without a mode: nftables when our tables hold backend maps, else iptables.
+    Without a mode: the first other mode whose counters are on the node (`Proxier.connection_counts`),
+    else the default mode's.
     """
+    modes = (mode,) if mode else (*(m for m in PROXY_MODES if m != DEFAULT_MODE), DEFAULT_MODE)
+    node = NodeContext(hostname=os.uname().nodename)  # the counters do not depend on it
     try:
-        if mode is None:
-            listings = read_counters("nftables", netns)
-            mode = "nftables" if listings else "iptables"
-            if listings:
-                return sample_of(mode, listings, time.time())
-        return sample_of(mode, read_counters(mode, netns), time.time())
+        for candidate in modes:
+            proxier = make_proxier(ProxySettings(candidate, node), netns=netns)
+            try:
+                sample = proxier.connection_counts()
+            finally:
+                proxier.close()
+            if sample is not None:
+                return sample
     except CounterReadError as e:
         fail(f"top: cannot read the {mode or 'kernel'} counters: {e}")
+    return Sample(modes[-1], time.time(), ())  # no counters of that mode on the node
 
 
 def _live(mode: str | None, netns: str | None, interval: float, limit: int) -> None:
@@ -66,7 +73,7 @@ def top_command() -> click.Command:
     """The `top` command."""
 
     @click.command("top", epilog=EPILOG)
-    @click.option("--proxy-mode", type=click.Choice(MODES), default=None,
+    @click.option("--proxy-mode", type=click.Choice(PROXY_MODES), default=None,
                   help="Whose counters to read (default: nftables if its tables are there, else iptables).")
     @click.option("--once", is_flag=True, help="Print one sample and exit (counts since each counter began).")
     @click.option("-o", "--output", type=click.Choice(["text", "json"]), default="text", show_default=True,

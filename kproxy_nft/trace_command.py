@@ -16,19 +16,17 @@ import click
 
 from kproxy_nft.config import ProxySettings
 from kproxy_nft.model import ClusterState, IPFamily
+from kproxy_nft.proxier import Proxier, make_proxier
 from kproxy_nft.report import fail
 from kproxy_nft.sources.manifests import Manifests
 from kproxy_nft.trace import (
     Packet,
     Program,
     TraceInputError,
-    compiled_program,
-    iptables_program,
     node_addresses,
     parse_packet,
     trace,
 )
-from kproxy_nft.trace.nftables import NftablesProgram, table_from_kernel
 from kproxy_nft.trace.reasons import explain
 from kproxy_nft.trace.text import render_text
 
@@ -53,29 +51,19 @@ def _proxy_mode_ips(manifests: Manifests) -> dict[str, str]:
     return found
 
 
-def _live_program(mode: str, family: IPFamily, netns: str | None, local: frozenset[str]) -> Program:
+def _live_program(proxier: Proxier, family: IPFamily, local: frozenset[str]) -> Program:
     """The rules the kernel holds now, only read (exit 2 with one line when they cannot be)."""
-    from kproxy_nft.compile.nftables import nft_family
-    from kproxy_nft.kernel import iptables as iptables_kernel
-    from kproxy_nft.kernel.nftables import NftablesError, read_table
-    from kproxy_nft.kernel.nftables_transport import make_transport
+    from kproxy_nft.kernel.iptables import IptablesError
+    from kproxy_nft.kernel.nftables import NftablesError
 
     try:
-        if mode == "iptables":
-            host = iptables_kernel.open_host(None, netns=netns)
-            return iptables_program(iptables_kernel.read_state(host, family, ("nat", "filter")), local)
-        # The nft command, not libnftables: its errors come back to us for the one line, while
-        # libnftables prints its own on stderr first.
-        transport = make_transport(netns, use_libnftables=False)
-        try:
-            table = read_table(transport, nft_family(family))
-        finally:
-            transport.close()
-    except (OSError, NftablesError, iptables_kernel.IptablesError) as e:
-        fail(f"--live: cannot read the {mode} rules (root needed?): {type(e).__name__}: {e}")
-    if table is None:
-        fail(f"--live: no {nft_family(family)} kproxy-nft table on this node (is the nftables mode running?)")
-    return NftablesProgram(table_from_kernel(table), local)
+        program = proxier.live_trace_program(family, local)
+    except (OSError, NftablesError, IptablesError) as e:
+        fail(f"--live: cannot read the {proxier.mode} rules (root needed?): {type(e).__name__}: {e}")
+    if program is None:
+        fail(f"--live: no IPv{int(family)} rules of the {proxier.mode} mode on this node "
+             f"(is the {proxier.mode} mode running?)")
+    return program
 
 
 def run_trace(manifests: Manifests, settings: ProxySettings, packet: Packet, live: bool, netns: str | None,
@@ -89,10 +77,14 @@ def run_trace(manifests: Manifests, settings: ProxySettings, packet: Packet, liv
 
         extra = local_addresses(netns)
     local = node_addresses(node, extra)
-    if live:
-        program = _live_program(settings.mode, packet.family, netns, local)
-    else:
-        program = compiled_program(settings.mode, state, node, packet.family, local)
+    proxier = make_proxier(settings, netns=netns)
+    try:
+        if live:
+            program = _live_program(proxier, packet.family, local)
+        else:
+            program = proxier.trace_program(state, packet.family, local)
+    finally:
+        proxier.close()
     reasons = explain(state, node, packet, local, _proxy_mode_ips(manifests))
     result = trace(program, packet, local, reasons)
     if output == "json":

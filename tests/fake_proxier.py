@@ -7,15 +7,21 @@ overrides `sync` or `clean_conntrack`.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from kproxy_nft.kernel.conntrack import CleanupResult
+from kproxy_nft.kernel.iptables_text import KernelState
 from kproxy_nft.kernel.nftables_events import Interest
 from kproxy_nft.model import ClusterState, IPFamily, NodeContext, ServicePortName
-from kproxy_nft.proxier import DriftCheck, ProxierPlan
+from kproxy_nft.proxier import DriftCheck, Proxier, ProxierPlan
+from kproxy_nft.top import Sample
+from kproxy_nft.trace import Program, iptables_program
 
 
 class FakeProxier:
     mode = "nftables"
     counts_partial_failures = False
+    counters_kept = "no counters"
     tools: tuple[str, ...] = ()
     families = (IPFamily.V4,)
     netns: str | None = None
@@ -64,6 +70,22 @@ class FakeProxier:
         return ""
 
     def cleanup(self) -> tuple[str, ...]:
+        return ()
+
+    def trace_program(self, state: ClusterState, family: IPFamily, local: frozenset[str]) -> Program:
+        """Nothing compiled: a walk of it finds no rules."""
+        return iptables_program(KernelState(family), local)
+
+    def live_trace_program(self, family: IPFamily, local: frozenset[str]) -> Program | None:
+        """No rules in the kernel."""
+        return None
+
+    def connection_counts(self, families: Iterable[IPFamily] = (IPFamily.V4, IPFamily.V6)) -> Sample | None:
+        """No counters on the node."""
+        return None
+
+    def remove_leftovers(self, running: Proxier) -> tuple[str, ...]:
+        """Nothing left to remove."""
         return ()
 
     def close(self) -> None:

@@ -5,15 +5,13 @@ The reader is replaced by the listings tests/counters_recorded/ holds (see tests
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from kproxy_nft.agent.endpoint_metrics import EndpointConnections
 from kproxy_nft.kernel.counters import CounterReadError
-from kproxy_nft.model import IPFamily
+from kproxy_nft.top import Sample, from_iptables, from_nftables
 from tests.test_top import IPTABLES_COUNTS, SEED_COUNTS, recorded
 
 
@@ -35,11 +33,12 @@ def test_each_endpoint_is_a_series_with_the_kernel_count(mode: str, prefix: str,
                                                          expected: dict[str, int]) -> None:
     reads = []
 
-    def read(m: str, netns: str | None, families: Iterable[IPFamily]) -> list[str]:
-        reads.append((m, netns, tuple(families)))
-        return recorded(prefix)
+    def read() -> Sample:
+        reads.append(mode)
+        listings = recorded(prefix)
+        return Sample(mode, 0.0, from_nftables(listings) if mode == "nftables" else from_iptables(listings))
 
-    collector = EndpointConnections(mode, "kpn-x", (IPFamily.V4,), read)
+    collector = EndpointConnections(mode, read)
     registry = CollectorRegistry()
     registry.register(collector)
     assert reads == []  # registering reads nothing; only a scrape does
@@ -49,14 +48,14 @@ def test_each_endpoint_is_a_series_with_the_kernel_count(mode: str, prefix: str,
     assert seed == expected
     assert {dict(labels)["service_port"] for labels, _ in series.items()
             if dict(labels)["frontend"] == "10.101.181.214:8080/tcp"} == {service}
-    assert reads == [(mode, "kpn-x", (IPFamily.V4,))]
+    assert reads == [mode]
 
 
 def test_a_failed_read_is_up_0_and_no_series(caplog: pytest.LogCaptureFixture) -> None:
-    def read(m: str, netns: str | None, families: Iterable[IPFamily]) -> list[str]:
+    def read() -> Sample:
         raise CounterReadError("nft: Operation not permitted")
 
-    collector = EndpointConnections("nftables", None, (IPFamily.V4,), read)
+    collector = EndpointConnections("nftables", read)
     got = scrape(collector)
     assert got["kproxy_nft_endpoint_counters_up"] == {(): 0.0}
     assert "kproxy_nft_endpoint_new_connections_total" not in got

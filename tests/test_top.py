@@ -18,7 +18,7 @@ from kproxy_nft.kernel.nftables_fake import FakeNftables
 from kproxy_nft.kernel.nftables_plan import Applied, plan_full
 from kproxy_nft.kernel.nftables_text import parse_counted_listing, table_from_listing
 from kproxy_nft.model import ClusterState, Endpoint, NodeContext, Protocol, ServicePort, ServicePortName
-from kproxy_nft.top import EndpointCount, Sample, ServicePortCount, from_iptables, from_nftables, sample_of, with_rates
+from kproxy_nft.top import EndpointCount, Sample, ServicePortCount, from_iptables, from_nftables, with_rates
 from tests.helpers import ROOT
 
 RECORDED = ROOT / "tests" / "counters_recorded"
@@ -82,7 +82,7 @@ def test_rates_between_two_samples_restart_a_counter_that_went_down() -> None:
 
 
 def test_the_json_sample_is_the_documented_schema() -> None:
-    sample = sample_of("nftables", recorded("nftables-nft"), 1700000000.0)
+    sample = Sample("nftables", 1700000000.0, from_nftables(recorded("nftables-nft")))
     doc = json.loads(json.dumps(sample.as_dict()))
     assert set(doc) == {"mode", "time", "interval", "services"}
     (seed,) = [s for s in doc["services"] if s["frontend"] == SEED]
@@ -128,8 +128,8 @@ def test_the_live_view_draws_a_bar_per_endpoint_busiest_first() -> None:
     # Two seconds later: one more connection to 10.1.0.47, and 10.1.0.48's rule recreated (4 since).
     later = save.replace("[13:780] -A KUBE-SEP-P3XROEENKRGGIBLH", "[14:840] -A KUBE-SEP-P3XROEENKRGGIBLH").replace(
         "[15:900] -A KUBE-SEP-PBPEDKAQGZGBR6PZ", "[4:240] -A KUBE-SEP-PBPEDKAQGZGBR6PZ")
-    before = sample_of("iptables", [save], 100.0)
-    after = with_rates(before, sample_of("iptables", [later], 102.0))
+    before = Sample("iptables", 100.0, from_iptables([save]))
+    after = with_rates(before, Sample("iptables", 102.0, from_iptables([later])))
     console = Console(width=140, record=True)
     console.print(sample_view(after, limit=2))
     text = console.export_text()
@@ -168,7 +168,17 @@ def test_the_live_view_redraws_with_rates_until_ctrl_c(monkeypatch: pytest.Monke
             raise KeyboardInterrupt  # the second redraw is not waited for: Ctrl-C
 
     monkeypatch.setattr("kproxy_nft.top_command.os.geteuid", lambda: 0)
-    monkeypatch.setattr("kproxy_nft.top_command.read_counters", lambda mode, netns: next(reads))
+
+    class Counted:  # the iptables proxier's counters, without a kernel
+        def connection_counts(self) -> Sample:
+            import time
+
+            return Sample("iptables", time.time(), from_iptables(next(reads)))
+
+        def close(self) -> None:
+            pass
+
+    monkeypatch.setattr("kproxy_nft.top_command.make_proxier", lambda settings, netns: Counted())
     monkeypatch.setattr("kproxy_nft.top_command.time.time", lambda: next(clock))
     monkeypatch.setattr("kproxy_nft.top_command.time.sleep", sleep)
     result = CliRunner().invoke(main, ["top", "--proxy-mode", "iptables", "--interval", "2"], terminal_width=140)

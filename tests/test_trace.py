@@ -22,11 +22,13 @@ from hypothesis import strategies as st
 
 from kproxy_nft.cli import main
 from kproxy_nft.compile.iptables import compile_ruleset, render_restore
+from kproxy_nft.config import ProxySettings
 from kproxy_nft.kernel.iptables_rule import canonical
 from kproxy_nft.kernel.iptables_text import KernelChain, KernelState, KernelTable
 from kproxy_nft.model import ClusterState, Endpoint, IPFamily, NodeContext, Protocol, ServicePort, ServicePortName
 from kproxy_nft.model import TrafficPolicy as Policy
-from kproxy_nft.trace import Trace, compiled_program, iptables_program, parse_packet, trace
+from kproxy_nft.proxier import make_proxier
+from kproxy_nft.trace import Trace, iptables_program, parse_packet, trace
 from kproxy_nft.trace.iptables import state_from_ruleset
 from kproxy_nft.trace.nftables import NotUnderstood, parse_nft_rule
 from kproxy_nft.trace.packet import is_local
@@ -219,7 +221,7 @@ def packets(draw: st.DrawFn, state: ClusterState) -> tuple[str, str, str]:
 
 def _traced(mode: str, state: ClusterState, node: NodeContext, src: str, dst: str, proto: str) -> Trace:
     packet = parse_packet(src, dst, proto)
-    return trace(compiled_program(mode, state, node, IPFamily.V4, LOCAL), packet, LOCAL)
+    return trace(make_proxier(ProxySettings(mode, node)).trace_program(state, IPFamily.V4, LOCAL), packet, LOCAL)
 
 
 def assert_agree(a: Trace, b: Trace, unknowable: frozenset[str] = frozenset()) -> None:

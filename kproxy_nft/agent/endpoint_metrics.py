@@ -19,27 +19,24 @@ each mode counts is in docs/TOP.md (nftables: cluster IP traffic only).
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from kproxy_nft.kernel.counters import CounterReadError, read_counters
-from kproxy_nft.model import IPFamily
-from kproxy_nft.top import sample_of
+from kproxy_nft.kernel.counters import CounterReadError
+from kproxy_nft.proxier import Proxier
+from kproxy_nft.top import Sample
 
 log = logging.getLogger(__name__)
 
-Reader = Callable[[str, str | None, Iterable[IPFamily]], list[str]]
-
-
 class EndpointConnections(Collector):
-    """Reads `mode`'s counters in `netns` on every scrape (`read`: injectable for tests)."""
+    """Reads the counters on every scrape: `read` is the proxier's `connection_counts` (a fake
+    in tests); `mode` only names them in log lines."""
 
-    def __init__(self, mode: str, netns: str | None, families: Sequence[IPFamily], read: Reader = read_counters):
-        self.mode, self.netns, self.families, self.read = mode, netns, tuple(families), read
+    def __init__(self, mode: str, read: Callable[[], Sample | None]):
+        self.mode, self.read = mode, read
         self.failing = False  # log a failure once, and the recovery
 
     def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
@@ -49,7 +46,7 @@ class EndpointConnections(Collector):
             labels=("service_port", "frontend", "endpoint"))
         up = 1
         try:
-            sample = sample_of(self.mode, self.read(self.mode, self.netns, self.families), time.time())
+            sample = self.read()
         except CounterReadError as e:
             up = 0
             if not self.failing:
@@ -59,7 +56,7 @@ class EndpointConnections(Collector):
             if self.failing:
                 log.info("--metrics-per-endpoint: the %s counters can be read again", self.mode)
             self.failing = False
-            for svc in sample.services:
+            for svc in sample.services if sample is not None else ():
                 for ep in svc.endpoints:
                     connections.add_metric((svc.service or "", svc.frontend or "", ep.address), ep.connections)
         yield connections
@@ -71,10 +68,9 @@ class EndpointConnections(Collector):
         return iter(())
 
 
-def register_endpoint_metrics(registry: CollectorRegistry, mode: str, netns: str | None,
-                              families: Sequence[IPFamily]) -> EndpointConnections:
-    """Serve the per-endpoint counters from `registry` (the agent's /metrics)."""
-    collector = EndpointConnections(mode, netns, families)
+def register_endpoint_metrics(registry: CollectorRegistry, proxier: Proxier) -> EndpointConnections:
+    """Serve the per-endpoint counters of `proxier`'s mode from `registry` (the agent's /metrics)."""
+    collector = EndpointConnections(proxier.mode, lambda: proxier.connection_counts(proxier.families))
     registry.register(collector)
     return collector
 

@@ -47,7 +47,7 @@ def run_agent(settings: ProxySettings, *, kubeconfig: str | None, manifest_paths
     if metrics_per_endpoint:  # opt-in: one series per endpoint (docs/TOP.md)
         from kproxy_nft.agent.endpoint_metrics import register_endpoint_metrics
 
-        register_endpoint_metrics(metrics.registry, proxier.mode, netns, proxier.families)
+        register_endpoint_metrics(metrics.registry, proxier)
     agent = Agent(proxier, metrics, min_sync_period, sync_period, full_sync_period=full_sync_period)
 
     def proxy_healthy() -> bool:  # one notion of health for /healthz and the service health checks

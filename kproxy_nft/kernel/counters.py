@@ -12,11 +12,12 @@ Thin on purpose: each function runs the listings and returns their text, unparse
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 from kproxy_nft.compile.nftables import PROTOCOLS, TABLE, backends_map, nft_family
 from kproxy_nft.kernel import libnftables
-from kproxy_nft.kernel.iptables import Host, IptablesError, open_host
+from kproxy_nft.kernel.iptables import Host, IptablesError
 from kproxy_nft.kernel.nftables_transport import Transport, make_transport
 from kproxy_nft.kernel.runner import kernel_has_ipv6
 from kproxy_nft.model import IPFamily, Protocol
@@ -58,25 +59,36 @@ def read_iptables_counters(
     return out
 
 
-def read_counters(
-    mode: str, netns: str | None = None, families: Iterable[IPFamily] = (IPFamily.V4, IPFamily.V6)
-) -> list[str]:
-    """The listings of `mode` (iptables | nftables) in `netns`, for `kproxy_nft.top.sample_of`
-    (IPv6 left out on a kernel booted without it)."""
-    if not kernel_has_ipv6():
-        families = [f for f in families if f is IPFamily.V4]
+def present_families(families: Iterable[IPFamily]) -> list[IPFamily]:
+    """`families`, IPv6 left out on a kernel booted without it."""
+    return [f for f in families if f is IPFamily.V4 or kernel_has_ipv6()]
+
+
+@contextmanager
+def reading() -> Iterator[None]:
+    """What goes wrong while the counters are read (OSError, IptablesError), as `CounterReadError`."""
     try:
-        if mode == "iptables":
-            return list(read_iptables_counters(open_host(None, netns=netns), families).values())
-        # The nft command, not libnftables: its errors come back to us, while libnftables
-        # prints its own on stderr first.
-        transport = make_transport(netns, use_libnftables=False)
-        try:
-            return list(read_nftables_counters(transport, families).values())
-        finally:
-            transport.close()
+        yield
     except (OSError, IptablesError) as e:
         raise CounterReadError(f"{type(e).__name__}: {e}") from e
 
 
-__all__ = ["CounterReadError", "read_counters", "read_iptables_counters", "read_nftables_counters"]
+def read_nftables_listings(netns: str | None, families: Iterable[IPFamily]) -> list[str]:
+    """The `nft list map` texts of our backend maps in `netns` (the maps there are), through the
+    nft command, not libnftables: its errors come back to us, while libnftables prints its own
+    on stderr first."""
+    transport = make_transport(netns, use_libnftables=False)
+    try:
+        return list(read_nftables_counters(transport, families).values())
+    finally:
+        transport.close()
+
+
+__all__ = [
+    "CounterReadError",
+    "present_families",
+    "read_iptables_counters",
+    "read_nftables_counters",
+    "read_nftables_listings",
+    "reading",
+]

@@ -35,6 +35,7 @@ from kproxy_nft.top.view import share_chart
 
 if TYPE_CHECKING:
     from kproxy_nft.lab import Lab, ProbeResult
+    from kproxy_nft.proxier import Proxier
 
 
 class DemoError(RuntimeError):
@@ -134,43 +135,35 @@ def _share_chart(pods: list[Pod], results: dict[Target, ProbeResult], count: int
 TRACED = ("10.101.181.214", 8080)
 
 
-def _trace_text(lab: Lab, mode: str, state: ClusterState, node: NodeContext, source: str, target: Target) -> str:
+def _trace_text(lab: Lab, proxier: Proxier, state: ClusterState, node: NodeContext, source: str,
+                target: Target) -> str:
     """`kproxy-nft trace --live` of one packet from `source` to `target`, on the lab's node."""
     from kproxy_nft.kernel.addresses import local_addresses
-    from kproxy_nft.kernel.iptables import open_host, read_state
-    from kproxy_nft.trace import iptables_program, nftables_program, node_addresses, parse_packet, trace
+    from kproxy_nft.trace import node_addresses, parse_packet, trace
     from kproxy_nft.trace.reasons import explain
     from kproxy_nft.trace.text import render_text
 
     packet = parse_packet(source, f"{target.ip}:{target.port}")
     local = node_addresses(node, local_addresses(lab.node_ns))
-    if mode == "nftables":
-        listing = lab.run_in(lab.node_ns, ["nft", "-y", "list", "table", "ip", "kproxy-nft"]).stdout
-        program = nftables_program(listing, IPFamily.V4, local)
-    else:
-        program = iptables_program(read_state(open_host(None, netns=lab.node_ns), IPFamily.V4, ("nat", "filter")),
-                                   local)
+    program = proxier.live_trace_program(IPFamily.V4, local)
     if program is None:
-        raise DemoError(f"no {mode} rules to trace in {lab.node_ns}")
+        raise DemoError(f"no {proxier.mode} rules to trace in {lab.node_ns}")
     return render_text(packet, trace(program, packet, local, explain(state, node, packet, local)))
 
 
-def _counters_table(mode: str, lab: Lab, pods: list[Pod], target: Target, tally: dict[str, int]) -> tuple[Table, int]:
+def _counters_table(proxier: Proxier, pods: list[Pod], target: Target, tally: dict[str, int]) -> tuple[Table, int]:
     """The kernel's per-endpoint counters for `target` beside the demo's own tally of who
     answered (`tally`: pod short name → GETs); and how many endpoints disagree."""
-    from kproxy_nft.kernel.counters import read_counters
-    from kproxy_nft.top import sample_of
-
-    sample = sample_of(mode, read_counters(mode, lab.node_ns, (IPFamily.V4,)), 0.0)
+    sample = proxier.connection_counts((IPFamily.V4,))
     frontend = f"{target.ip}:{target.port}/tcp"
     counted: dict[str, int] = {}
-    for svc in sample.services:
+    for svc in sample.services if sample is not None else ():
         if svc.frontend == frontend:
             for ep in svc.endpoints:
                 ip = ep.address.rsplit(":", 1)[0]
                 counted[ip] = counted.get(ip, 0) + ep.connections
-    table = Table(title=f"new connections to {target.ip}:{target.port} the kernel counted ({mode} "
-                  + ("backend map element counters" if mode == "nftables" else "KUBE-SEP- DNAT rule counters") + ")")
+    table = Table(title=f"new connections to {target.ip}:{target.port} the kernel counted ({proxier.mode} "
+                  f"{proxier.counters_kept})")
     for column in ("pod", "endpoint", "kernel counted", "pods answered"):
         table.add_column(column, justify="left" if column in ("pod", "endpoint") else "right")
     disagree = 0
@@ -310,10 +303,18 @@ def _trace_and_count(lab: Lab, mode: str, state: ClusterState, node: NodeContext
     """Right after the curl spread: where one packet from testpod to the seed's first service
     port goes (the live trace), and the connections the kernel counted per endpoint, which must
     equal who answered. Returns the endpoints whose counts disagree."""
+    from kproxy_nft.config import ProxySettings
+    from kproxy_nft.proxier import make_proxier
+
     target = next((t for t in results if (t.ip, t.port) == TRACED), next(iter(results)))
-    table, disagree = _counters_table(mode, lab, pods, target, results[target].counts())
-    console.print(f"[bold]trace[/] (kproxy-nft trace --live --src {source} --dst {target.ip}:{target.port}):")
-    console.print(_trace_text(lab, mode, state, node, source, target), highlight=False)
+    # Only reads: the mode's own proxier says where its rules and counters are.
+    proxier = make_proxier(ProxySettings(mode, node), netns=lab.node_ns, families=(IPFamily.V4,))
+    try:
+        table, disagree = _counters_table(proxier, pods, target, results[target].counts())
+        console.print(f"[bold]trace[/] (kproxy-nft trace --live --src {source} --dst {target.ip}:{target.port}):")
+        console.print(_trace_text(lab, proxier, state, node, source, target), highlight=False)
+    finally:
+        proxier.close()
     console.print(table)
     console.print("the kernel's counters agree with the pods' answers" if not disagree
                   else f"[red]{disagree} endpoints: the kernel's counters differ from the pods' answers[/]")

@@ -22,14 +22,20 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from kproxy_nft.config import PROXY_MODES, ProxySettings
 from kproxy_nft.kernel.conntrack import CleanupResult, ConntrackCleaner
 from kproxy_nft.kernel.nftables_events import Interest
 from kproxy_nft.model import ClusterState, IPFamily, NodeContext, ServicePortName, node_families
+
+if TYPE_CHECKING:
+    from kproxy_nft.kernel.iptables import Host
+    from kproxy_nft.kernel.nftables import NftablesBackend
+    from kproxy_nft.top import Sample
+    from kproxy_nft.trace import Program
 
 # mode → module:class: the only table of modes.
 _IMPLEMENTATIONS = {
@@ -70,6 +76,16 @@ class DriftCheck:
     repair: object = None
     known: bool = True
     stale: bool = False
+
+
+@dataclass(frozen=True)
+class KernelSides:
+    """Kernel sides a proxier takes instead of opening its own (`make_proxier(sides=…)`), each
+    mode its own: `iptables` (its `Host`) or `nftables` (its backend). `diff_offline` hands in
+    sides answered by the in-memory fakes."""
+
+    iptables: Host
+    nftables: NftablesBackend
 
 
 class Proxier(Protocol):
@@ -170,6 +186,32 @@ class Proxier(Protocol):
         """Delete the UDP/SCTP flows the last sync made stale. Never raises."""
         ...
 
+    def trace_program(self, state: ClusterState, family: IPFamily, local: frozenset[str]) -> Program:
+        """The rules this mode compiles for `state` on the node, for one family, ready to walk
+        (`kproxy-nft trace` offline: no kernel). `local`: the addresses the node owns."""
+        ...
+
+    def live_trace_program(self, family: IPFamily, local: frozenset[str]) -> Program | None:
+        """The rules of this mode the kernel holds now for `family`, ready to walk (`trace --live`);
+        only reads, never writes. None: this mode has no rules of `family` there. Raises OSError
+        or the kernel layer's errors when they cannot be read."""
+        ...
+
+    # What `connection_counts` counts, in a few words ("backend map element counters").
+    counters_kept: str
+
+    def connection_counts(self, families: Iterable[IPFamily] = (IPFamily.V4, IPFamily.V6)) -> Sample | None:
+        """New connections per service port and endpoint, from the counters this mode's rules keep
+        (`kproxy-nft top`, the demo), taken now; only reads. None: this mode's counters are not on
+        the node. IPv6 is left out on a kernel booted without it. Raises `CounterReadError`."""
+        ...
+
+    def remove_leftovers(self, running: Proxier) -> tuple[str, ...]:
+        """Take the node over from this mode (`proxier.handover`): remove what it left that
+        `running` (the proxier now programming the node, maybe this one) does not use; only what
+        is there is removed, nothing is created. One line per thing removed."""
+        ...
+
     def close(self) -> None:
         ...
 
@@ -214,17 +256,19 @@ class ProxierBase:
 
 
 def make_proxier(settings: ProxySettings, *, mode: str | None = None, netns: str | None = None,
-                 iptables_backend: str | None = None, families: Sequence[IPFamily] | None = None) -> Proxier:
+                 iptables_backend: str | None = None, families: Sequence[IPFamily] | None = None,
+                 sides: KernelSides | None = None) -> Proxier:
     """The proxier of `mode` (default: the settings' mode) for `settings.node`.
 
     `netns`: program that network namespace (tests, the demo's lab); `iptables_backend`: "nft"
-    or "legacy" (None: detect like kube-proxy); `families`: override `node_families`.
+    or "legacy" (None: detect like kube-proxy); `families`: override `node_families`; `sides`:
+    the kernel sides to use instead of opening them (`diff_offline`'s in-memory node).
     Opening the kernel side is lazy: a proxier used only to `render` touches nothing.
     """
     module_name, _, class_name = _IMPLEMENTATIONS[mode or settings.mode].partition(":")
     implementation = getattr(importlib.import_module(module_name), class_name)
     proxier: Proxier = implementation(settings.node, netns=netns, iptables_backend=iptables_backend,
-                                      families=tuple(families) if families is not None else None)
+                                      families=tuple(families) if families is not None else None, sides=sides)
     return proxier
 
 

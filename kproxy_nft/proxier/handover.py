@@ -29,33 +29,35 @@ from __future__ import annotations
 
 import logging
 
-from kproxy_nft.compile.nftables import TABLE as OUR_NFT_TABLE
-from kproxy_nft.kernel import iptables as kernel_iptables
-from kproxy_nft.kernel.iptables_plan import MANAGED_TABLES, is_owned
-from kproxy_nft.kernel.iptables_text import SaveFormatError, parse_save
-from kproxy_nft.kernel.nftables import NftablesBackend
+from kproxy_nft.config import ProxySettings
 from kproxy_nft.kernel.nftables_transport import check, make_transport
-from kproxy_nft.model import ClusterState, IPFamily
-from kproxy_nft.proxier import Proxier
-from kproxy_nft.proxier.iptables import IptablesProxier
+from kproxy_nft.model import ClusterState
+from kproxy_nft.proxier import MODES, Proxier, make_proxier
+from kproxy_nft.proxier.nftables import tables_present
 
 log = logging.getLogger("kproxy_nft.agent")
 
 # kube-proxy's nftables mode: one table per family (pkg/proxy/nftables/proxier.go, `kubeProxyTable`).
 KUBE_PROXY_NFT_TABLE = "kube-proxy"
-NFT_FAMILIES = ("ip", "ip6")
 
 
 def remove_other_modes(proxier: Proxier) -> tuple[str, ...]:
     """Remove every other mode's rules from `proxier`'s node (see the module docstring); one line
-    per thing removed. Call it only once `proxier` has synced: our rules must be in first."""
+    per thing removed. Call it only once `proxier` has synced: our rules must be in first.
+
+    Each mode removes its own leftovers (`Proxier.remove_leftovers`): the running one what it
+    does not use itself (the iptables mode: the other backend), every other mode all of them.
+    """
     removed: list[str] = []
-    running_backend = _iptables_backend_of(proxier)
-    for backend in kernel_iptables.IptablesBackend:
-        if backend is not running_backend:
-            removed += _remove_iptables_mode(kernel_iptables.Host(backend, proxier.netns))
-    if proxier.mode != "nftables":
-        removed += _remove_our_nftables_tables(proxier.netns)
+    for mode in MODES:
+        if mode == proxier.mode:
+            removed += proxier.remove_leftovers(proxier)
+            continue
+        other = make_proxier(ProxySettings(mode, proxier.node), netns=proxier.netns)
+        try:
+            removed += other.remove_leftovers(proxier)
+        finally:
+            other.close()
     removed += _remove_nft_tables(proxier.netns, KUBE_PROXY_NFT_TABLE)
     return tuple(removed)
 
@@ -78,57 +80,9 @@ class RemoveOtherModes:
         self.done = True
 
 
-def _iptables_backend_of(proxier: Proxier) -> kernel_iptables.IptablesBackend | None:
-    """The iptables backend the running mode writes to (None: it writes to none)."""
-    return proxier.host.backend if isinstance(proxier, IptablesProxier) else None
-
-
-def _remove_iptables_mode(host: kernel_iptables.Host) -> list[str]:
-    """kube-proxy's iptables-mode chains and canaries in one backend, both families."""
-    removed = []
-    for family in IPFamily:
-        # Without -t: only the tables that exist are listed, none is created.
-        saved = host.run(family, "save")
-        if saved.returncode != 0:
-            continue  # this backend's tool is missing or has no such family: nothing there
-        try:
-            state = parse_save(saved.stdout, family)
-        except SaveFormatError as e:
-            raise kernel_iptables.IptablesError(f"{host.backend.value} IPv{int(family)}: {e}") from e
-        where = f"iptables-{host.backend.value} IPv{int(family)}"
-        if any(is_owned(name, chain) for name in MANAGED_TABLES if name in state.tables
-               for chain in state.tables[name].chains):
-            plan = kernel_iptables.cleanup(host, family)
-            removed.append(f"{where}: removed {len(plan.chains)} chains, {len(plan.jumps)} jumps")
-        canaries = [name for name, table in state.tables.items() if kernel_iptables.CANARY in table.chains]
-        if canaries:
-            _remove_canaries(host, family, canaries)
-            removed.append(f"{where}: removed {kernel_iptables.CANARY} from {', '.join(canaries)}")
-    return removed
-
-
-def _remove_canaries(host: kernel_iptables.Host, family: IPFamily, tables: list[str]) -> None:
-    """kube-proxy's canary chains: nothing jumps to them, so each goes with a flush and a delete."""
-    canary = kernel_iptables.CANARY
-    payload = "".join(f"*{table}\n:{canary} - [0:0]\n-X {canary}\nCOMMIT\n" for table in tables)
-    result = host.run(family, "restore", "-w", "--noflush", input=payload)
-    if result.returncode != 0:
-        raise kernel_iptables.CommandError(host.argv(family, "restore", "-w", "--noflush"), result)
-
-
-def _remove_our_nftables_tables(netns: str | None) -> list[str]:
-    """Our nftables mode's tables, by its own cleanup (which deletes nothing else)."""
-    present = _nft_tables_present(netns, OUR_NFT_TABLE)
-    if not present:
-        return []
-    with NftablesBackend(netns=netns) as backend:
-        backend.cleanup()
-    return [f"nftables: removed {', '.join(present)}"]
-
-
 def _remove_nft_tables(netns: str | None, name: str) -> list[str]:
     """The tables called `name` in the ip and ip6 families, if present, in one transaction."""
-    present = _nft_tables_present(netns, name)
+    present = tables_present(netns, name)
     if not present:
         return []
     transport = make_transport(netns)
@@ -137,13 +91,3 @@ def _remove_nft_tables(netns: str | None, name: str) -> list[str]:
     finally:
         transport.close()
     return [f"nftables: removed {', '.join(present)}"]
-
-
-def _nft_tables_present(netns: str | None, name: str) -> list[str]:
-    """`ip NAME`, `ip6 NAME`: those that exist (`list tables` reads names only, not rules)."""
-    transport = make_transport(netns)
-    try:
-        listed = set(check(transport.run("list tables"), "list tables").splitlines())
-    finally:
-        transport.close()
-    return [f"{family} {name}" for family in NFT_FAMILIES if f"table {family} {name}" in listed]

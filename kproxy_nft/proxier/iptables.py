@@ -14,17 +14,21 @@ IPv4 is reverted when IPv6 then fails (`kernel.iptables.apply_families`).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import time
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, cast
 
 from kproxy_nft.compile import iptables as compiler
 from kproxy_nft.compile.memo import FragmentMemo
 from kproxy_nft.kernel import iptables as kernel
 from kproxy_nft.kernel.iptables_plan import MANAGED_TABLES, Focus, Plan, focus_of, is_owned
-from kproxy_nft.kernel.iptables_text import KernelState, KernelTable, render_save
+from kproxy_nft.kernel.iptables_text import KernelState, KernelTable, SaveFormatError, parse_save, render_save
 from kproxy_nft.kernel.nftables_events import Interest
 from kproxy_nft.model import ClusterState, IPFamily, NodeContext, ServicePortName
-from kproxy_nft.proxier import DriftCheck, ProxierBase, ProxierPlan
+from kproxy_nft.proxier import DriftCheck, KernelSides, Proxier, ProxierBase, ProxierPlan
+from kproxy_nft.top import Sample, from_iptables
+from kproxy_nft.trace import Program
+from kproxy_nft.trace.iptables import IptablesProgram, state_from_ruleset
 
 if TYPE_CHECKING:
     from kproxy_nft.compile.iptables import Fragments, Ruleset
@@ -39,12 +43,13 @@ class IptablesProxier(ProxierBase):
 
     mode = "iptables"
     counts_partial_failures = True
+    counters_kept = "KUBE-SEP- DNAT rule counters"
 
     def __init__(self, node: NodeContext, *, netns: str | None = None, iptables_backend: str | None = None,
-                 families: tuple[IPFamily, ...] | None = None) -> None:
+                 families: tuple[IPFamily, ...] | None = None, sides: KernelSides | None = None) -> None:
         super().__init__(node, netns, families)
-        self._backend = iptables_backend
-        self._host: kernel.Host | None = None
+        self._host: kernel.Host | None = sides.iptables if sides is not None else None
+        self._backend = self._host.backend.value if self._host is not None else iptables_backend
         self._syncers: dict[IPFamily, kernel.Syncer] = {}
         self._drift = 0
         # What the last sync applied, per family (None: unknown), and a count of syncs and
@@ -122,6 +127,41 @@ class IptablesProxier(ProxierBase):
 
     def read_back(self) -> str:
         return "".join(render_save(kernel.read_state(self.host, family)) for family in self.families)
+
+    # -- read only: trace, top; and taking a node over ----------------------------------------
+
+    def trace_program(self, state: ClusterState, family: IPFamily, local: frozenset[str]) -> Program:
+        """kube-proxy's chains as our compiler writes them for `family`, ready to walk."""
+        return IptablesProgram(state_from_ruleset(compiler.compile_ruleset(state, self._node, family)), local)
+
+    def live_trace_program(self, family: IPFamily, local: frozenset[str]) -> Program:
+        """`iptables-save` of the nat and filter tables of `family`, ready to walk (never None:
+        chains that are not there are simply not walked)."""
+        return IptablesProgram(kernel.read_state(self.host, family, ("nat", "filter")), local)
+
+    def connection_counts(self, families: Iterable[IPFamily] = (IPFamily.V4, IPFamily.V6)) -> Sample:
+        """The packet counters of the `KUBE-SEP-…` DNAT rules (`iptables-save -c -t nat`, which
+        does not reset them), every frontend of a service port. Never None."""
+        from kproxy_nft.kernel import counters  # with the nft side's readers: only loaded for `top`
+
+        with counters.reading():
+            listings = counters.read_iptables_counters(self.host, counters.present_families(families))
+        return Sample(self.mode, time.time(), from_iptables(listings.values()))
+
+    def remove_leftovers(self, running: Proxier) -> tuple[str, ...]:
+        """kube-proxy's iptables-mode chains (ours are the same ones) and its canary chains, both
+        families, in every iptables backend but the one `running` writes to when it is this proxier.
+
+        `cleanup` is not reused: it cleans one backend, and `iptables-legacy-save -t nat` would
+        create the legacy nat table on a node that never had one. Each backend is looked at
+        without `-t` first, and only the tables holding kube-proxy's chains are cleaned.
+        """
+        spared = self.host.backend if running is self else None
+        removed: list[str] = []
+        for backend in kernel.IptablesBackend:
+            if backend is not spared:
+                removed += _remove_iptables_mode(kernel.Host(backend, self._netns))
+        return tuple(removed)
 
     # -- the agent's syncs --------------------------------------------------------------------
 
@@ -275,6 +315,39 @@ class IptablesProxier(ProxierBase):
 
     def close(self) -> None:
         """Nothing to release: every iptables call is its own process."""
+
+
+def _remove_iptables_mode(host: kernel.Host) -> list[str]:
+    """kube-proxy's iptables-mode chains and canaries in one backend, both families."""
+    removed = []
+    for family in IPFamily:
+        # Without -t: only the tables that exist are listed, none is created.
+        saved = host.run(family, "save")
+        if saved.returncode != 0:
+            continue  # this backend's tool is missing or has no such family: nothing there
+        try:
+            state = parse_save(saved.stdout, family)
+        except SaveFormatError as e:
+            raise kernel.IptablesError(f"{host.backend.value} IPv{int(family)}: {e}") from e
+        where = f"iptables-{host.backend.value} IPv{int(family)}"
+        if any(is_owned(name, chain) for name in MANAGED_TABLES if name in state.tables
+               for chain in state.tables[name].chains):
+            plan = kernel.cleanup(host, family)
+            removed.append(f"{where}: removed {len(plan.chains)} chains, {len(plan.jumps)} jumps")
+        canaries = [name for name, table in state.tables.items() if kernel.CANARY in table.chains]
+        if canaries:
+            _remove_canaries(host, family, canaries)
+            removed.append(f"{where}: removed {kernel.CANARY} from {', '.join(canaries)}")
+    return removed
+
+
+def _remove_canaries(host: kernel.Host, family: IPFamily, tables: list[str]) -> None:
+    """kube-proxy's canary chains: nothing jumps to them, so each goes with a flush and a delete."""
+    canary = kernel.CANARY
+    payload = "".join(f"*{table}\n:{canary} - [0:0]\n-X {canary}\nCOMMIT\n" for table in tables)
+    result = host.run(family, "restore", "-w", "--noflush", input=payload)
+    if result.returncode != 0:
+        raise kernel.CommandError(host.argv(family, "restore", "-w", "--noflush"), result)
 
 
 def _describe(p: Plan) -> list[str]:

@@ -9,16 +9,23 @@ backend compares only those (O(changed)); a full sync reads the tables back and 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import time
+from collections.abc import Iterable, Mapping
 
 from kproxy_nft.compile import nftables as compiler
 from kproxy_nft.compile.memo import FragmentMemo
-from kproxy_nft.kernel.nftables import NftablesBackend, Plan, StalePlanError
+from kproxy_nft.kernel import counters
+from kproxy_nft.kernel.nftables import NftablesBackend, Plan, StalePlanError, read_table
 from kproxy_nft.kernel.nftables_events import Interest
-from kproxy_nft.kernel.nftables_transport import make_transport
+from kproxy_nft.kernel.nftables_transport import check, make_transport
 from kproxy_nft.kernel.runner import kernel_has_ipv6
 from kproxy_nft.model import ClusterState, IPFamily, NodeContext, ServicePortName
-from kproxy_nft.proxier import DriftCheck, ProxierBase, ProxierPlan
+from kproxy_nft.proxier import DriftCheck, KernelSides, Proxier, ProxierBase, ProxierPlan
+from kproxy_nft.top import Sample, from_nftables
+from kproxy_nft.trace import Program
+from kproxy_nft.trace.nftables import NftablesProgram, table_from_kernel, table_from_ruleset
+
+NFT_FAMILIES = ("ip", "ip6")
 
 FOLLOWUP_HEADER = "--- then, as a second transaction (backend indexes no longer reachable) ---\n"
 
@@ -28,13 +35,14 @@ class NftablesProxier(ProxierBase):
 
     mode = "nftables"
     counts_partial_failures = False
+    counters_kept = "backend map element counters"
     tools = ("nft",)
 
     def __init__(self, node: NodeContext, *, netns: str | None = None, iptables_backend: str | None = None,
-                 families: tuple[IPFamily, ...] | None = None) -> None:
+                 families: tuple[IPFamily, ...] | None = None, sides: KernelSides | None = None) -> None:
         del iptables_backend  # iptables only
         super().__init__(node, netns, families)
-        self._backend: NftablesBackend | None = None
+        self._backend: NftablesBackend | None = sides.nftables if sides is not None else None
         self._desired: tuple[tuple[compiler.Ruleset, ...], NodeContext] | None = None  # last synced, and its node
         self._memo: FragmentMemo[compiler.ServiceFragment] = FragmentMemo()  # across syncs: unchanged ports reused
 
@@ -75,6 +83,40 @@ class NftablesProxier(ProxierBase):
             result = self.backend.transport.run(f"list table {compiler.nft_family(family)} {compiler.TABLE}")
             out.append(result.stdout)
         return "".join(out)
+
+    # -- read only: trace, top; and taking a node over ----------------------------------------
+
+    def trace_program(self, state: ClusterState, family: IPFamily, local: frozenset[str]) -> Program:
+        """Our table of `family` as the compiler writes it, ready to walk."""
+        return NftablesProgram(table_from_ruleset(compiler.compile_ruleset(state, self._node, family)), local)
+
+    def live_trace_program(self, family: IPFamily, local: frozenset[str]) -> Program | None:
+        """Our table of `family` as the kernel holds it (None: not there), ready to walk."""
+        # The nft command, not libnftables: its errors come back to us for the one line, while
+        # libnftables prints its own on stderr first.
+        transport = make_transport(self._netns, use_libnftables=False)
+        try:
+            table = read_table(transport, compiler.nft_family(family))
+        finally:
+            transport.close()
+        return NftablesProgram(table_from_kernel(table), local) if table is not None else None
+
+    def connection_counts(self, families: Iterable[IPFamily] = (IPFamily.V4, IPFamily.V6)) -> Sample | None:
+        """The counters of our backend maps' elements (`nft list map … backends-<proto>`), one
+        endpoint of one cluster IP and port each: cluster IP traffic only. None: no such map."""
+        with counters.reading():
+            listings = counters.read_nftables_listings(self._netns, counters.present_families(families))
+        return Sample(self.mode, time.time(), from_nftables(listings)) if listings else None
+
+    def remove_leftovers(self, running: Proxier) -> tuple[str, ...]:
+        """Our tables (`cleanup`, which deletes nothing else), unless `running` is this proxier."""
+        if running is self:
+            return ()
+        present = tables_present(self._netns, compiler.TABLE)
+        if not present:
+            return ()
+        self.cleanup()
+        return (f"nftables: removed {', '.join(present)}",)
 
     # -- the agent's syncs --------------------------------------------------------------------
 
@@ -141,3 +183,13 @@ class NftablesProxier(ProxierBase):
         if self._backend is not None:
             self._backend.close()
             self._backend = None
+
+
+def tables_present(netns: str | None, name: str) -> list[str]:
+    """`ip NAME`, `ip6 NAME`: those that exist (`list tables` reads names only, not rules)."""
+    transport = make_transport(netns)
+    try:
+        listed = set(check(transport.run("list tables"), "list tables").splitlines())
+    finally:
+        transport.close()
+    return [f"{family} {name}" for family in NFT_FAMILIES if f"table {family} {name}" in listed]

@@ -154,11 +154,6 @@ def from_iptables(listings: Iterable[str]) -> tuple[ServicePortCount, ...]:
     return _grouped(rows)
 
 
-def sample_of(mode: str, listings: Iterable[str], time: float) -> Sample:
-    """The `Sample` of what `kernel.counters.read_counters(mode, …)` read at `time`."""
-    return Sample(mode, time, from_nftables(listings) if mode == "nftables" else from_iptables(listings))
-
-
 def with_rates(before: Sample | None, after: Sample) -> Sample:
     """`after` with each endpoint's connections per second since `before` (unchanged without one).
 
@@ -181,4 +176,4 @@ def with_rates(before: Sample | None, after: Sample) -> Sample:
     return replace(after, services=tuple(rated(svc) for svc in after.services), interval=interval)
 
 
-__all__ = ["EndpointCount", "Sample", "ServicePortCount", "from_iptables", "from_nftables", "sample_of", "with_rates"]
+__all__ = ["EndpointCount", "Sample", "ServicePortCount", "from_iptables", "from_nftables", "with_rates"]

@@ -9,16 +9,16 @@
 
 The same walk traces a live node (`--live`: the CLI reads the kernel and hands the text here)
 and the rules compiled from manifests, so offline and live answers come from one code path.
+Which layout a node has is its proxier's business (`Proxier.trace_program`,
+`Proxier.live_trace_program`): nothing here branches on the proxy mode.
 """
 
 from __future__ import annotations
 
-from kproxy_nft.compile import iptables as compile_iptables
-from kproxy_nft.compile import nftables as compile_nftables
 from kproxy_nft.kernel.iptables_text import KernelState
-from kproxy_nft.model import ClusterState, IPFamily, NodeContext
-from kproxy_nft.trace.iptables import IptablesProgram, state_from_ruleset
-from kproxy_nft.trace.nftables import NftablesProgram, NftTable, table_from_ruleset, tables_from_listing
+from kproxy_nft.model import IPFamily, NodeContext
+from kproxy_nft.trace.iptables import IptablesProgram
+from kproxy_nft.trace.nftables import NftablesProgram, NftTable, tables_from_listing
 from kproxy_nft.trace.packet import Packet, TraceInputError, parse_packet
 from kproxy_nft.trace.walk import EndpointChance, Program, Trace, summarize, walk
 
@@ -31,14 +31,6 @@ def node_addresses(node: NodeContext, extra: tuple[str, ...] = ()) -> frozenset[
 def trace(program: Program, packet: Packet, local: frozenset[str], reasons: tuple[str, ...] = ()) -> Trace:
     """Walk `packet` through `program`; `reasons` (from `reasons.explain`) come first in the trace."""
     return summarize(walk(program, packet, local), reasons)
-
-
-def compiled_program(mode: str, state: ClusterState, node: NodeContext, family: IPFamily,
-                     local: frozenset[str]) -> Program:
-    """The rules `mode` compiles for `state` on `node`, for one family, ready to walk."""
-    if mode == "nftables":
-        return NftablesProgram(table_from_ruleset(compile_nftables.compile_ruleset(state, node, family)), local)
-    return IptablesProgram(state_from_ruleset(compile_iptables.compile_ruleset(state, node, family)), local)
 
 
 def iptables_program(state: KernelState, local: frozenset[str]) -> Program:
@@ -58,7 +50,6 @@ __all__ = [
     "Program",
     "Trace",
     "TraceInputError",
-    "compiled_program",
     "iptables_program",
     "node_addresses",
     "nftables_program",

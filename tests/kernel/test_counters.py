@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 
 import pytest
@@ -19,12 +18,12 @@ from click.testing import CliRunner
 
 from kproxy_nft.cli import main
 from kproxy_nft.config import ProxySettings
-from kproxy_nft.kernel.counters import read_counters
+from kproxy_nft.kernel.counters import read_iptables_counters, read_nftables_listings
+from kproxy_nft.kernel.iptables import open_host
 from kproxy_nft.lab import ClientSpec, PodSpec
 from kproxy_nft.model import IPFamily, NodeContext
 from kproxy_nft.proxier import make_proxier
 from kproxy_nft.sources.manifests import read_manifests
-from kproxy_nft.top import sample_of
 from tests.helpers import EXAMPLES
 from tests.kernel.conftest import serving_lab
 
@@ -47,14 +46,14 @@ def test_counters_count_every_connection_per_endpoint(mode: str, backend: str | 
             proxier.sync(state, full=True)
             result = lab.probe("testpod", VIP, PORT, count=CONNECTIONS)
             assert not result.failures
-            listings = read_counters(mode, lab.node_ns, (IPFamily.V4,))
-            counted = sample_of(mode, listings, time.time())
+            counted = proxier.connection_counts((IPFamily.V4,))
+            _record(f"{mode}-{backend or 'nft'}", mode, lab.node_ns)
             proxier.sync(state, full=True)  # reads the kernel back: must see no drift, reset nothing
-            again = sample_of(mode, read_counters(mode, lab.node_ns, (IPFamily.V4,)), time.time())
+            again = proxier.connection_counts((IPFamily.V4,))
             shown = CliRunner().invoke(main, ["top", "--once", "-o", "json", "--netns", lab.node_ns])
         finally:
             proxier.close()
-    _record(f"{mode}-{backend or 'nft'}", listings)
+    assert counted is not None and again is not None
     (seed_port,) = [svc for svc in counted.services if svc.frontend == f"{VIP}:{PORT}/tcp"]
     assert {ep.address: ep.connections for ep in seed_port.endpoints} == {
         f"{PODS[pod]}:80": n for pod, n in result.counts().items()}
@@ -70,8 +69,14 @@ def test_counters_count_every_connection_per_endpoint(mode: str, backend: str | 
         ep.address: ep.connections for ep in seed_port.endpoints}
 
 
-def _record(name: str, listings: list[str]) -> None:
+def _record(name: str, mode: str, netns: str) -> None:
+    """With KPN_RECORD_COUNTERS=DIR, write the raw listings the counts were read from."""
     folder = os.environ.get("KPN_RECORD_COUNTERS")
-    if folder:
-        for i, text in enumerate(listings):
-            Path(folder, f"{name}-{i}.txt").write_text(text)
+    if not folder:
+        return
+    if mode == "nftables":
+        listings = read_nftables_listings(netns, (IPFamily.V4,))
+    else:
+        listings = list(read_iptables_counters(open_host(None, netns=netns), (IPFamily.V4,)).values())
+    for i, text in enumerate(listings):
+        Path(folder, f"{name}-{i}.txt").write_text(text)
