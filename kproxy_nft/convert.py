@@ -11,6 +11,7 @@ Pure: no I/O.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +27,7 @@ from kproxy_nft import validation as v
 from kproxy_nft.model import (
     ClusterState,
     Endpoint,
+    IPFamily,
     Protocol,
     ServicePort,
     ServicePortName,
@@ -72,11 +74,16 @@ def convert_service_cidr(obj: Any) -> tuple[str, ...]:
     return checked
 
 
+_PROTOCOLS = {protocol.value: protocol for protocol in Protocol}  # Protocol(value) is slow in Python 3.11
+
+
 def _protocol(value: str | None, field: str) -> Protocol:
     if value is None:
         return Protocol.TCP
-    check(value in Protocol.__members__, field, f"unsupported protocol {shown(value)} (TCP, UDP or SCTP)")
-    return Protocol(value)
+    protocol = _PROTOCOLS.get(value) if isinstance(value, str) else None
+    if protocol is None:
+        raise InvalidObject(field, f"unsupported protocol {shown(value)} (TCP, UDP or SCTP)")
+    return protocol
 
 
 def _target_port(value: int | str | None, port: int, field: str) -> int | str:
@@ -91,7 +98,12 @@ def _labels(obj: Any) -> Mapping[str, str]:
 
 def _namespace(obj: Any) -> str:
     namespace = obj.metadata.namespace or "default"
-    return v.name(namespace, "metadata.namespace", DNS1123_LABEL, "namespace name", 63)
+    return sys.intern(v.name(namespace, "metadata.namespace", DNS1123_LABEL, "namespace name", 63))
+
+
+def _interned(value: str | None) -> str | None:
+    """One string object for each of the few node names and zones 100,000 endpoints repeat."""
+    return None if value is None else sys.intern(value)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -306,20 +318,21 @@ def convert_endpoint_slice(eps: V1EndpointSlice) -> EndpointsByPort:
         return {}
 
     slice_endpoints = eps.endpoints or []
+    ipv6 = address_type == "IPv6"
     check(len(slice_endpoints) <= MAX_SLICE_ENDPOINTS, "endpoints", f"must have at most {MAX_SLICE_ENDPOINTS} items")
     # (ip, conditions and topology) of each endpoint; the port comes from the slice's ports.
     endpoints: list[tuple[str, bool, bool, bool, str | None, str | None, frozenset[str], frozenset[str]]] = []
     for i, ep in enumerate(slice_endpoints):
         field = f"endpoints[{i}]"
         check(bool(ep.addresses), f"{field}.addresses", "required value")
-        check(len(ep.addresses) <= MAX_ENDPOINT_ADDRESSES, f"{field}.addresses",
-              f"must have at most {MAX_ENDPOINT_ADDRESSES} items")
+        if len(ep.addresses) > MAX_ENDPOINT_ADDRESSES:
+            raise InvalidObject(f"{field}.addresses", f"must have at most {MAX_ENDPOINT_ADDRESSES} items")
         for j, address in enumerate(ep.addresses):
             v.non_special_ip(address, f"{field}.addresses[{j}]")
-            check(f"IPv{ip_family(address).value}" == address_type, f"{field}.addresses[{j}]",
-                  f"must be an {address_type} address")
-        node_name = v.optional_name(ep.node_name, f"{field}.nodeName", DNS1123_SUBDOMAIN, "node name", 253)
-        zone = v.label_value(ep.zone, f"{field}.zone")
+            if (ip_family(address) is IPFamily.V6) is not ipv6:
+                raise InvalidObject(f"{field}.addresses[{j}]", f"must be an {address_type} address")
+        node_name = _interned(v.optional_name(ep.node_name, f"{field}.nodeName", DNS1123_SUBDOMAIN, "node name", 253))
+        zone = _interned(v.label_value(ep.zone, f"{field}.zone"))
         v.optional_name(ep.hostname, f"{field}.hostname", DNS1123_LABEL, "hostname (DNS-1123 label)", 63)
         cond = ep.conditions
         ready = cond is None or cond.ready is None or bool(cond.ready)

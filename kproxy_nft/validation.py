@@ -39,6 +39,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Sequence
+from functools import lru_cache
 from typing import Any
 
 # apimachinery's patterns (IsDNS1123Label, IsDNS1035Label, IsDNS1123Subdomain, IsValidLabelValue).
@@ -84,6 +85,8 @@ def check(ok: bool, field: str, message: str) -> None:
 
 def name(value: object, field: str, pattern: re.Pattern[str], what: str, max_len: int) -> str:
     """A required name that must fully match `pattern` and be at most `max_len` characters."""
+    if type(value) is str and 0 < len(value) <= max_len and pattern.fullmatch(value) is not None:
+        return value  # the common case, without building the messages below (~1 µs each, millions per cluster)
     check(value not in (None, ""), field, "required value")
     check(isinstance(value, str), field, f"must be a string, got {shown(value)}")
     assert isinstance(value, str)
@@ -175,8 +178,39 @@ def _is_link_local_multicast(ip: IPAddress) -> bool:
     return ip.packed[0] == 0xFF and ip.packed[1] & 0x0F == 0x02
 
 
+# A canonical dotted quad (no leading zeros): `ipaddress` parses exactly these to themselves.
+_OCTET = r"(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+_CANONICAL_IPV4 = re.compile(rf"{_OCTET}\.{_OCTET}\.{_OCTET}\.{_OCTET}")
+# First octets of the special ranges: 0.0.0.0, 127/8 (loopback), 169.254/16 (link-local) and
+# 224 and up (multicast, with 224.0.0/24 link-local multicast; 255.255.255.255): looked at closely.
+_PLAIN_FIRST_OCTETS = frozenset(range(1, 224)) - {127, 169}
+
+
+def _plain_ipv4(value: object) -> bool:
+    """An ordinary IPv4 address spelled canonically: every address rule holds without `ipaddress`.
+
+    At 100,000 endpoints `ipaddress.ip_address` was most of the reading time (issue 14).
+    """
+    if type(value) is not str:
+        return False
+    match = _CANONICAL_IPV4.fullmatch(value)
+    return match is not None and int(match.group(1)) in _PLAIN_FIRST_OCTETS
+
+
 def non_special_ip(value: object, field: str) -> str:
     """`ValidateNonSpecialIP`: endpoint addresses and externalIPs."""
+    if _plain_ipv4(value):
+        assert isinstance(value, str)
+        return value
+    if type(value) is not str:
+        return _non_special_ip(value, field)
+    try:
+        return _non_special_ip_text(value)
+    except InvalidObject as e:
+        raise InvalidObject(field, e.message) from None
+
+
+def _non_special_ip(value: object, field: str) -> str:
     ip = parse_ip(value, field)
     check(not ip.is_unspecified, field, f"may not be unspecified ({ip})")
     check(not ip.is_loopback, field, "may not be in the loopback range (127.0.0.0/8, ::1/128)")
@@ -186,8 +220,16 @@ def non_special_ip(value: object, field: str) -> str:
     return str(ip)
 
 
+# Other addresses (IPv6, special ranges) are parsed once per distinct text; only valid ones are
+# kept (lru_cache does not cache a raised InvalidObject), with the field put back by the caller.
+_non_special_ip_text = lru_cache(maxsize=65536)(lambda value: _non_special_ip(value, ""))
+
+
 def service_ip(value: object, field: str) -> str:
     """A cluster IP or load-balancer ingress IP: non-special, and no multicast or broadcast."""
+    if _plain_ipv4(value):
+        assert isinstance(value, str)
+        return value
     non_special_ip(value, field)
     ip = ipaddress.ip_address(str(value))
     check(not ip.is_multicast, field, "may not be a multicast address")

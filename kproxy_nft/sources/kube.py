@@ -5,7 +5,10 @@ A `Reflector` per resource runs in its own thread, as client-go's reflector does
 watches from that resourceVersion with bookmarks on, handing on each event. When the watch
 ends it resumes from the last resourceVersion seen; on `410 Gone` (the version is too old) it
 lists again at once; on any other failure (a dropped connection, an API error) it lists again
-after a jittered, doubling backoff. Objects arrive as the official client's typed models.
+after a jittered, doubling backoff. A list's raw body is decoded straight into slim Structs
+(`slim.api_list`: the client's attribute names, checked against its schema in C), and so is
+each watch event's object (`_SlimWatch`); the official client keeps the connection, auth and
+the watch protocol.
 
 Events are not applied here: they are put on a queue that the agent's loop drains into the
 change tracker, so all state lives in one thread.
@@ -23,6 +26,7 @@ from typing import Any
 from kubernetes import client, config, watch
 from kubernetes.client.exceptions import ApiException
 
+from kproxy_nft.sources import slim
 from kproxy_nft.sources.events import Change, Replace
 
 log = logging.getLogger(__name__)
@@ -31,6 +35,14 @@ HTTP_GONE = 410
 
 
 Emit = Callable[[Replace | Change], None]
+
+# The kind of each listed resource's items (the API's lists leave it off the items).
+RESOURCE_KINDS: dict[str, tuple[str, str]] = {
+    "services": ("v1", "Service"),
+    "endpointslices": ("discovery.k8s.io/v1", "EndpointSlice"),
+    "servicecidrs": ("networking.k8s.io/v1", "ServiceCIDR"),
+    "nodes": ("v1", "Node"),
+}
 
 
 def api_client(kubeconfig: str | None = None) -> client.ApiClient:
@@ -59,6 +71,24 @@ def list_functions(api: client.ApiClient, node_name: str | None = None) -> dict[
         functions["nodes"] = functools.partial(client.CoreV1Api(api).list_node,
                                                field_selector=f"metadata.name={node_name}")
     return functions
+
+
+class _SlimWatch(watch.Watch):
+    """The client's watch (its 410 handling, bookmarks, resourceVersion), with the object of each
+    ADDED/MODIFIED/DELETED event decoded straight into a slim Struct (`slim.watch_event`)."""
+
+    def __init__(self, kind: tuple[str, str] | None) -> None:
+        super().__init__()
+        self._kind = kind
+
+    def unmarshal_event(self, data: Any, return_type: Any) -> Any:
+        event = slim.watch_event(self._kind, data) if self._kind and data and not data.isspace() else None
+        if event is None:  # BOOKMARK, ERROR, garbage: the client's own reading
+            return super().unmarshal_event(data, return_type)
+        kind, obj = event
+        if obj.metadata is not None and obj.metadata.resource_version:
+            self.resource_version = obj.metadata.resource_version
+        return {"type": kind, "object": obj}
 
 
 class Reflector:
@@ -109,17 +139,28 @@ class Reflector:
         return min(backoff * 2, self._max_backoff)
 
     def _list_all(self) -> str:
-        result = self._list()
+        kind = RESOURCE_KINDS.get(self.resource)
+        if kind is None:  # a resource without a slim Struct: the client's typed objects
+            result = self._list()
+            items, version = list(result.items or ()), result.metadata.resource_version
+        else:
+            # The raw body decoded straight into slim Structs (`slim.api_list`): the client's
+            # typed objects of a 10,000-Service list were most of the agent's first-list peak.
+            response = self._list(_preload_content=False)
+            try:
+                items, version = slim.api_list(kind, response.data)
+            finally:
+                response.release_conn()
         self.relists += 1
-        self._emit(Replace(self.resource, tuple(result.items or ())))
+        self._emit(Replace(self.resource, tuple(items)))
+        del items
         self.synced.set()
-        version: str = result.metadata.resource_version
-        return version
+        return str(version)
 
     def _watch_from(self, version: str) -> None:
         """Watch until the server ends the stream, resuming from the last version seen."""
         while not self._stop.is_set():
-            w = watch.Watch()
+            w = _SlimWatch(RESOURCE_KINDS.get(self.resource))
             stream = w.stream(self._list, resource_version=version, allow_watch_bookmarks=True,
                               timeout_seconds=self._watch_timeout)
             for event in stream:

@@ -23,6 +23,7 @@ from typing import Any
 
 from kubernetes.client import V1EndpointSlice, V1Node, V1ObjectMeta, V1Service
 
+from kproxy_nft.sources import slim
 from kproxy_nft.sources.events import Change, Event, Rejection, Replace
 from kproxy_nft.sources.manifests import ManifestError, expand_paths, read_manifests
 
@@ -36,9 +37,11 @@ Stamp = tuple[int, int]  # (mtime in ns, size)
 # stamp: such a file is read again on the next poll, and parsed only if its text differs.
 RACY_NS = 2_000_000_000
 
-_RESOURCES: dict[type[V1Service | V1EndpointSlice | V1Node], str] = {
+_RESOURCES: dict[type[Any], str] = {
     V1Service: "services", V1EndpointSlice: "endpointslices", V1Node: "nodes",
 }
+# The manifest reader hands on slim Structs (the client's models only where msgspec cannot judge).
+_RESOURCES.update({slim.STRUCTS[model]: resource for model, resource in list(_RESOURCES.items())})
 
 
 def _identity(obj: Any) -> Identity:

@@ -15,7 +15,15 @@ and 65535, inclusive, got 70000`. Names and values from the input are quoted and
 
 By default the first problem is raised and nothing half-read is ever returned (`dump`,
 `apply`: all or nothing). With `on_error` (the agent's `--manifests`), each bad document or
-unreadable file is reported there and skipped, and the rest is returned.
+unreadable file is reported there and skipped, and the rest is returned. An object bigger than
+the API server can store (`MAX_OBJECT_BYTES`) is refused as such.
+
+The reading is fast at cluster scale (issue 14): msgspec decodes JSON, libyaml's events are
+built straight into objects (`slim.lean_yaml_load`), and each object becomes a slotted msgspec
+Struct checked against the client's schema in C (`slim.to_struct`), converted to the model once
+(`Manifests.converted_*`). Where msgspec cannot judge an object, the client's pydantic model
+does, so acceptance and messages are the old path's; `fast=False` is that old path, kept for
+tests/test_ingest_equivalence.py, which proves both read alike.
 """
 
 from __future__ import annotations
@@ -23,13 +31,14 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+import msgspec
 import pydantic
 import yaml
-from kubernetes.client import V1Endpoints, V1EndpointSlice, V1Node, V1Service, V1ServiceCIDR
+from kubernetes.client import V1EndpointSlice, V1Node, V1Service
 
 from kproxy_nft.conflicts import resolve
 from kproxy_nft.convert import (
@@ -45,6 +54,7 @@ from kproxy_nft.convert import (
 )
 from kproxy_nft.model import ClusterState
 from kproxy_nft.report import one_line
+from kproxy_nft.sources import slim
 from kproxy_nft.validation import shown
 
 try:  # libyaml's C loader is ~10x faster on large clusters; fall back where it is missing.
@@ -54,15 +64,14 @@ except ImportError:  # pragma: no cover - depends on how PyYAML was built
 
 MANIFEST_SUFFIXES = (".yaml", ".yml", ".json")
 MAX_YAML_ALIASES = 100
+# No object the API server stores is bigger: etcd refuses a request above its default
+# --max-request-bytes of 1.5 MiB (etcd.io/docs, dev-guide/limit; the API server itself takes
+# request bodies up to 3 MiB, `MaxRequestBodyBytes` in k8s.io/apiserver, to allow for JSON
+# over protobuf). Measured as compact JSON, so a manifest's indentation does not count.
+MAX_OBJECT_BYTES = 1536 * 1024
 
 # (apiVersion, kind) → the client's model class; anything else is skipped with a notice.
-_KINDS: dict[tuple[str, str], Any] = {
-    ("v1", "Service"): V1Service,
-    ("discovery.k8s.io/v1", "EndpointSlice"): V1EndpointSlice,
-    ("v1", "Endpoints"): V1Endpoints,
-    ("networking.k8s.io/v1", "ServiceCIDR"): V1ServiceCIDR,
-    ("v1", "Node"): V1Node,
-}
+_KINDS = slim.KINDS
 _CLUSTER_SCOPED = ("Node", "ServiceCIDR")  # named without a namespace in messages
 
 
@@ -117,13 +126,20 @@ def _plain(value: object) -> str:
 
 @dataclass(frozen=True)
 class Manifests:
-    """What a set of manifest paths holds: typed objects plus notices about skipped ones."""
+    """What a set of manifest paths holds: typed objects plus notices about skipped ones.
+
+    The objects are the slim Structs of `slim` (the client's attribute names), or the client's
+    models where msgspec could not judge one; `converted_*` are their models, converted once
+    while reading (None: convert on demand).
+    """
 
     services: tuple[V1Service, ...]
     endpoint_slices: tuple[V1EndpointSlice, ...]
     notices: tuple[str, ...]
     service_cidrs: tuple[str, ...] = ()  # of every ServiceCIDR, in reading order, no duplicates
     nodes: tuple[V1Node, ...] = ()
+    converted_services: tuple[ServiceInfo, ...] | None = field(default=None, compare=False, repr=False)
+    converted_slices: tuple[EndpointsByPort, ...] | None = field(default=None, compare=False, repr=False)
 
     def node(self, name: str) -> V1Node | None:
         """The Node object named `name` (this node's), the last one read if several are."""
@@ -140,9 +156,13 @@ class Manifests:
         return state
 
     def service_infos(self) -> tuple[ServiceInfo, ...]:
+        if self.converted_services is not None:
+            return self.converted_services
         return tuple(convert_service(s) for s in self.services)
 
     def slice_endpoints(self) -> tuple[EndpointsByPort, ...]:
+        if self.converted_slices is not None:
+            return self.converted_slices
         return tuple(convert_endpoint_slice(s) for s in self.endpoint_slices)
 
 
@@ -205,14 +225,28 @@ def _check_aliases(text: str, source: str) -> None:
                             "aliases can expand a small file into millions of objects)", source)
 
 
-def parse_documents(text: str, source: str) -> Iterator[Document]:
-    """The objects in one file's text; `kind: List` items become documents of their own."""
+def _decode_json(text: str, fast: bool) -> Any:
+    """msgspec's decoder gives what `json.loads` gives, 3x faster; where it refuses (NaN, a lone
+    surrogate, a syntax error) `json.loads` decides, so acceptance and messages stay the stdlib's."""
+    if fast:
+        try:
+            return msgspec.json.decode(text)
+        except (msgspec.DecodeError, RecursionError, ValueError):
+            pass
+    return json.loads(text)
+
+
+def parse_documents(text: str, source: str, fast: bool = True) -> Iterator[Document]:
+    """The objects in one file's text; `kind: List` items become documents of their own.
+
+    `fast`: msgspec for JSON and `slim.lean_yaml_load` for YAML (the same objects, faster).
+    """
     try:
         if source.endswith(".json"):
-            raw: Iterable[Any] = [json.loads(text)]
+            raw: Iterable[Any] = [_decode_json(text, fast)]
         else:
             _check_aliases(text, source)
-            raw = list(yaml.load_all(text, Loader=YamlLoader))
+            raw = slim.lean_yaml_load(text) if fast else list(yaml.load_all(text, Loader=YamlLoader))
     except ManifestError:
         raise
     except (yaml.YAMLError, ValueError, RecursionError) as e:
@@ -229,16 +263,22 @@ def parse_documents(text: str, source: str) -> Iterator[Document]:
             if not isinstance(items, list):
                 raise ManifestError(f"{source}: document {index}: items: expected a list", source)
             for item_no, item in enumerate(items):
-                if not isinstance(item, dict):
-                    raise ManifestError(f"{source}: document {index}: items[{item_no}]: expected a mapping", source)
-                # kubectl's typed lists (ServiceList) omit kind/apiVersion on items.
-                item = dict(item)
-                if "kind" not in item and kind != "List":
-                    item["kind"] = kind[: -len("List")]
-                    item.setdefault("apiVersion", obj.get("apiVersion"))
-                yield Document(source, index, item)
+                yield _list_item(source, index, obj, item_no, item)
+                items[item_no] = None  # read: free it (a cluster's decoded items are most of the peak)
         else:
             yield Document(source, index, obj)
+
+
+def _list_item(source: str, index: int, listing: dict[str, Any], item_no: int, item: Any) -> Document:
+    """Item `item_no` of the list `listing` (document `index`) as a document of its own."""
+    if not isinstance(item, dict):
+        raise ManifestError(f"{source}: document {index}: items[{item_no}]: expected a mapping", source)
+    item = dict(item)
+    kind = listing["kind"]
+    if "kind" not in item and kind != "List":  # kubectl's typed lists (ServiceList) omit kind/apiVersion on items
+        item["kind"] = kind[: -len("List")]
+        item.setdefault("apiVersion", listing.get("apiVersion"))
+    return Document(source, index, item)
 
 
 def _pydantic_field(loc: tuple[int | str, ...]) -> str:
@@ -255,52 +295,166 @@ def _pydantic_field(loc: tuple[int | str, ...]) -> str:
     return out or "(document)"
 
 
-def load_document(doc: Document) -> Any | None:
-    """The typed client model of a document, or None for a kind we skip."""
+# What one kept document gives: its object, and its model (ServiceInfo, EndpointsByPort or the
+# ServiceCIDR's CIDRs; for a Node, the object alone: which node is ours is decided later).
+Loaded = tuple[Any, Any]
+
+
+def _kind_key(doc: Document) -> tuple[str, str] | None:
+    """(apiVersion, kind) of a document we keep, or None for one we skip."""
     api_version, kind = doc.obj.get("apiVersion"), doc.obj.get("kind")
-    for field, value in (("apiVersion", api_version), ("kind", kind)):
+    for name, value in (("apiVersion", api_version), ("kind", kind)):
         if value is not None and not isinstance(value, str):
-            raise doc.error(f"{field}: must be a string, got a {type(value).__name__}")
-    cls = _KINDS.get((api_version, kind))  # type: ignore[arg-type]
-    if cls is None:
-        return None
+            raise doc.error(f"{name}: must be a string, got a {type(value).__name__}")
+    key = (api_version, kind)
+    return key if key in _KINDS else None
+
+
+def _client_model(doc: Document, key: tuple[str, str]) -> Any:
+    """The old way: the client's pydantic model, whose messages `read_manifests` reports."""
     try:
-        obj = cls.model_validate(doc.obj)
+        return _KINDS[key].model_validate(doc.obj)
     except pydantic.ValidationError as e:
         err = e.errors()[0]
         raise doc.error(f"{_pydantic_field(err['loc'])}: {err['msg']}") from None
     except RecursionError:
         raise doc.error("nested too deeply") from None
+
+
+def _check_size(doc: Document) -> None:
+    """Refuse an object the API server could not hold (`MAX_OBJECT_BYTES`), on both paths."""
     try:
-        if kind == "Service":
-            convert_service(obj)
-        elif kind == "EndpointSlice":
-            convert_endpoint_slice(obj)
-        elif kind == "ServiceCIDR":
-            convert_service_cidr(obj)
-        elif kind == "Node":
-            convert_node(obj, strict=True)
-        else:
-            obj = endpoints_to_slice(obj)
-            convert_endpoint_slice(obj)
+        size = len(msgspec.json.encode(doc.obj))
+    except (msgspec.EncodeError, TypeError, ValueError, OverflowError, RecursionError):
+        return  # not JSON at all (a YAML set, a key that is a number): the schema refuses it
+    if size > MAX_OBJECT_BYTES:
+        raise doc.error(f"{size / 2**20:.1f} MiB as JSON, above the 1.5 MiB the API server can store "
+                        "(etcd's --max-request-bytes): refused")
+
+
+def _slim_or_client_model(doc: Document, key: tuple[str, str]) -> Any:
+    """The slim Struct; where msgspec cannot judge (`slim.Unsure`), the client's model decides,
+    from the very same decoded document (the fast decoders give what the old ones gave)."""
+    try:
+        return slim.to_struct(key, doc.obj)
+    except slim.Unsure:
+        return _client_model(doc, key)
+
+
+def load_document(doc: Document, fast: bool = False) -> Loaded | None:
+    """The typed object of a document and its model, or None for a kind we skip.
+
+    `fast`: the slim Struct (`slim.to_struct`), or the client's model where only it can tell;
+    else the client's model. Either is converted the same way.
+    """
+    key = _kind_key(doc)
+    if key is None:
+        return None
+    _check_size(doc)
+    obj = _slim_or_client_model(doc, key) if fast else _client_model(doc, key)
+    try:
+        return _converted(obj, key[1])
     except InvalidObject as e:
         raise doc.error(str(e)) from None
-    return obj
+
+
+def _converted(obj: Any, kind: str) -> Loaded:
+    """A typed object of a kind we keep, and its model (raises InvalidObject)."""
+    if kind == "Service":
+        return obj, convert_service(obj)
+    if kind == "ServiceCIDR":
+        return obj, convert_service_cidr(obj)
+    if kind == "Node":
+        convert_node(obj, strict=True)
+        return obj, None
+    if kind == "Endpoints":
+        obj = endpoints_to_slice(obj)
+    return obj, convert_endpoint_slice(obj)
+
+
+# One file's outcome, in document order: a kept document (its kind and what it gave), a notice,
+# or a problem. Not the Document: its decoded dict is let go once read.
+Outcome = tuple[str, Loaded] | str | ManifestError
+
+
+def _document_outcomes(doc: Document, fast: bool) -> list[Outcome]:
+    """What one document gives: itself read (and notices about it), a notice, or a problem."""
+    try:
+        loaded = load_document(doc, fast)
+    except ManifestError as e:
+        return [e]
+    if loaded is None:
+        kind = f"{_plain(doc.obj.get('apiVersion'))}/{_plain(doc.obj.get('kind'))}"
+        hint = " (pass it with --config)" if doc.kind == "KubeProxyConfiguration" else ""
+        return [f"{doc.describe()}: skipped: kind {kind} is not used here{hint}"]
+    return [(doc.kind, loaded), *(
+        f"{doc.describe()}: ports[{i}]: ignored: no name (kube-proxy skips it; write name: \"\" for an unnamed "
+        "Service port)" for i in _unnamed_ports(doc.kind, loaded[0]))]
+
+
+def _unnamed_ports(kind: str, obj: Any) -> list[int]:
+    """The slice ports kube-proxy ignores for want of a name (the reader says so)."""
+    if kind not in ("EndpointSlice", "Endpoints"):
+        return []
+    return [i for i, port in enumerate(obj.ports or []) if port.name is None]
+
+
+class _NotPlain(Exception):
+    """A JSON `List` item msgspec cannot decode: the file is decoded whole instead."""
+
+
+def _json_item_outcomes(item: msgspec.Raw, item_no: int, source: str) -> list[Outcome]:
+    """`_document_outcomes` of one JSON `List` item, straight from its text to its Struct.
+
+    Anything but a plain valid object of a kind we keep (a skipped kind, an object msgspec or
+    the rules refuse, a slice port without a name) is decoded to a dict and read as a document,
+    so every message and notice is the document path's.
+    """
+    key = slim.json_kind(item)
+    try:
+        # Compact JSON is never longer than this text, so a short one passes `_check_size`.
+        if key is not None and len(item) <= MAX_OBJECT_BYTES:
+            try:
+                loaded = _converted(slim.struct_from_json(key, item), key[1])
+                if not _unnamed_ports(key[1], loaded[0]):
+                    return [(key[1], loaded)]
+            except (slim.Unsure, InvalidObject):
+                pass  # the document path below: the client's model decides, the message names the object
+        obj = msgspec.json.decode(item)
+    except (msgspec.DecodeError, RecursionError):
+        raise _NotPlain from None
+    return _document_outcomes(_list_item(source, 1, {"kind": "List"}, item_no, obj), fast=True)
+
+
+def read_file(text: str, source: str, fast: bool = True) -> list[Outcome]:
+    """Every document of one file's text, read (raises ManifestError when the file cannot be parsed).
+
+    `fast` reads a JSON `List` item by item, from text to Struct (`slim.json_list_items`).
+    """
+    items = slim.json_list_items(text) if fast and source.endswith(".json") else None
+    if items is not None:
+        try:
+            return [outcome for item_no, item in enumerate(items)
+                    for outcome in _json_item_outcomes(item, item_no, source)]
+        except _NotPlain:
+            pass
+    return [outcome for doc in parse_documents(text, source, fast) for outcome in _document_outcomes(doc, fast)]
 
 
 def read_manifests(
-    paths: Sequence[str], stdin: IO[str] | None = None, *, on_error: Callable[[ManifestError], None] | None = None
+    paths: Sequence[str], stdin: IO[str] | None = None, *,
+    on_error: Callable[[ManifestError], None] | None = None, fast: bool = True,
 ) -> Manifests:
     """Read and validate every manifest under `paths`.
 
     Without `on_error`, the first problem raises ManifestError. With it, each problem is passed
     to `on_error` instead and skipped: a bad document alone, or a whole file that cannot be
-    read or parsed (none of its documents is returned then).
+    read or parsed (none of its documents is returned then). `fast=False` reads the old way,
+    through the client's pydantic models (for the equivalence tests).
     """
-    services: list[V1Service] = []
-    slices: list[V1EndpointSlice] = []
+    kept: dict[str, list[Any]] = {"Service": [], "EndpointSlice": [], "Node": []}
+    models: dict[str, list[Any]] = {"Service": [], "EndpointSlice": []}
     cidrs: list[str] = []
-    nodes: list[V1Node] = []
     notices: list[str] = []
 
     def problem(error: ManifestError) -> None:
@@ -311,31 +465,26 @@ def read_manifests(
     for path in expand_paths(paths):
         source = "<stdin>" if path == "-" else path
         try:
-            documents = list(parse_documents(_read_text(path, stdin or sys.stdin), source))
+            outcomes = read_file(_read_text(path, stdin or sys.stdin), source, fast)
         except ManifestError as e:
             problem(e)
             continue
-        for doc in documents:
-            try:
-                obj = load_document(doc)
-            except ManifestError as e:
-                problem(e)
-                continue
-            if obj is None:
-                kind = f"{_plain(doc.obj.get('apiVersion'))}/{_plain(doc.obj.get('kind'))}"
-                hint = " (pass it with --config)" if doc.kind == "KubeProxyConfiguration" else ""
-                notices.append(f"{doc.describe()}: skipped: kind {kind} is not used here{hint}")
-                continue
-            if isinstance(obj, V1EndpointSlice):
-                notices.extend(f"{doc.describe()}: ports[{i}]: ignored: no name (kube-proxy skips it; "
-                               'write name: "" for an unnamed Service port)'
-                               for i, port in enumerate(obj.ports or []) if port.name is None)
-            if isinstance(obj, V1Service):
-                services.append(obj)
-            elif isinstance(obj, V1ServiceCIDR):
-                cidrs.extend(convert_service_cidr(obj))
-            elif isinstance(obj, V1Node):
-                nodes.append(obj)
+        for outcome in outcomes:
+            if isinstance(outcome, ManifestError):
+                problem(outcome)
+            elif isinstance(outcome, str):
+                notices.append(outcome)
             else:
-                slices.append(obj)
-    return Manifests(tuple(services), tuple(slices), tuple(notices), tuple(dict.fromkeys(cidrs)), tuple(nodes))
+                kind, (obj, model) = outcome
+                kind = "EndpointSlice" if kind == "Endpoints" else kind
+                if kind == "ServiceCIDR":
+                    cidrs.extend(model)
+                    continue
+                kept[kind].append(obj)
+                if kind in models:
+                    models[kind].append(model)
+    return Manifests(
+        tuple(kept["Service"]), tuple(kept["EndpointSlice"]), tuple(notices), tuple(dict.fromkeys(cidrs)),
+        tuple(kept["Node"]), converted_services=tuple(models["Service"]),
+        converted_slices=tuple(models["EndpointSlice"]),
+    )
