@@ -38,6 +38,9 @@ class FakeProxier:
     def rule_counts(self) -> dict[tuple[IPFamily, str], tuple[int, int]]:
         return {}
 
+    def cleanup_failures(self) -> int:
+        return 0
+
     def drift(self) -> int:
         return 0
 

@@ -113,6 +113,7 @@ class Agent:
         self.tracker = ChangeTracker()
         self.stop: threading.Event = _WakingStop(lambda: self.events.put(_Wake()))
         self.listed: set[str] = set()
+        self._cleanup_failures_seen = 0  # the proxier's count already exported
         # Node fields given by flags, which the Node and ServiceCIDR objects must not override.
         self.fixed_node_fields: frozenset[str] = frozenset()
         self._service_cidrs: dict[str, tuple[str, ...]] = {}  # ServiceCIDR name → its CIDRs
@@ -271,6 +272,7 @@ class Agent:
         try:
             summary = self.proxier.sync(snapshot.state, full, None if snapshot.full else snapshot.changed_ports)
         except Exception as e:
+            self._count_cleanup_failures()
             self.metrics.sync_failures[self.proxier.mode].inc()
             if not full and self.proxier.counts_partial_failures:  # kube-proxy: a partial restore failed
                 self.metrics.iptables_partial_restore_failures.inc()
@@ -286,6 +288,7 @@ class Agent:
         m.sync_duration.observe(duration)
         (m.sync_full_duration if full else m.sync_partial_duration).observe(duration)
         m.last_sync_timestamp.set(self._clock())
+        self._count_cleanup_failures()
         for (family, table), (total, written) in self.proxier.rule_counts().items():
             m.iptables_rules_total.family(family, table=table).set(total)
             m.iptables_rules_last.family(family, table=table).set(written)
@@ -307,6 +310,13 @@ class Agent:
                 hook(snapshot.state)
             except Exception:  # the rules are in; a hook's failure must not turn into a retried sync
                 log.exception("after-sync hook %r failed", hook)
+
+    def _count_cleanup_failures(self) -> None:
+        """The proxier's cumulative count, as increments of kube-proxy's counter."""
+        failures = self.proxier.cleanup_failures()
+        if failures > self._cleanup_failures_seen:
+            self.metrics.nftables_cleanup_failures.inc(failures - self._cleanup_failures_seen)
+            self._cleanup_failures_seen = failures
 
     def _clean_conntrack(self, state: ClusterState) -> None:
         """Never fails the sync: errors are logged and counted, and retried by the next sync."""

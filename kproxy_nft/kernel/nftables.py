@@ -61,6 +61,12 @@ from kproxy_nft.model import IPFamily, ServicePortName
 FAMILIES = {"ip": IPFamily.V4, "ip6": IPFamily.V6}
 
 
+class FollowupFailed(NftablesError):
+    """The second transaction of a sync (deletions of what nothing reaches any more) failed:
+    the rules are in, leftovers linger until the next full sync (kube-proxy counts these in
+    sync_proxy_rules_nftables_cleanup_failures_total)."""
+
+
 class StalePlanError(RuntimeError):
     """A plan computed against an older state of the backend was applied."""
 
@@ -209,7 +215,7 @@ class NftablesBackend:
                 # The rules are in; only unreachable elements linger. Reading the kernel back
                 # (the full sync that follows a failed sync) finds and deletes them.
                 self._applied = None
-                raise NftablesError(f"nft follow-up transaction failed: {result.stderr.strip()}")
+                raise FollowupFailed(f"nft follow-up transaction failed: {result.stderr.strip()}")
 
     def sync(self, desired: Ruleset | Sequence[Ruleset], changed: Collection[ServicePortName] | None = None) -> Plan:
         """Plan and apply (incremental when possible); returns the applied plan."""

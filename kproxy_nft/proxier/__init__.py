@@ -157,6 +157,11 @@ class Proxier(Protocol):
         sync_proxy_rules_iptables_total / _last report them; empty where it reports none."""
         ...
 
+    def cleanup_failures(self) -> int:
+        """Deferred cleanup transactions that failed so far (kube-proxy's
+        sync_proxy_rules_nftables_cleanup_failures_total); always 0 where there are none."""
+        ...
+
     def check_drift(self, chains: frozenset[str] | None = None) -> DriftCheck:
         """Read the kernel back and compare it with what the last sync applied; change nothing.
 

@@ -214,6 +214,9 @@ class IptablesProxier(ProxierBase):
     def rule_counts(self) -> Mapping[tuple[IPFamily, str], tuple[int, int]]:
         return dict(self._rule_counts)
 
+    def cleanup_failures(self) -> int:
+        return 0  # one restore per family: nothing is deferred to a second transaction
+
     def drift(self) -> int:
         return self._drift
 

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping
 from kproxy_nft.compile import nftables as compiler
 from kproxy_nft.compile.memo import FragmentMemo
 from kproxy_nft.kernel import counters
-from kproxy_nft.kernel.nftables import NftablesBackend, Plan, StalePlanError, read_table
+from kproxy_nft.kernel.nftables import FollowupFailed, NftablesBackend, Plan, StalePlanError, read_table
 from kproxy_nft.kernel.nftables_events import Interest
 from kproxy_nft.kernel.nftables_transport import check, make_transport
 from kproxy_nft.kernel.runner import kernel_has_ipv6
@@ -45,6 +45,7 @@ class NftablesProxier(ProxierBase):
         self._backend: NftablesBackend | None = sides.nftables if sides is not None else None
         self._desired: tuple[tuple[compiler.Ruleset, ...], NodeContext] | None = None  # last synced, and its node
         self._memo: FragmentMemo[compiler.ServiceFragment] = FragmentMemo()  # across syncs: unchanged ports reused
+        self._cleanup_failures = 0  # see cleanup_failures
 
     @property
     def backend(self) -> NftablesBackend:
@@ -130,12 +131,19 @@ class NftablesProxier(ProxierBase):
             desired = tuple(compiler.update_ruleset(ruleset, state, self._node, changed, self._memo)
                             for ruleset in previous[0])
             hint = changed
-        p = self.backend.full_sync(desired) if full else self.backend.sync(desired, hint)
+        try:
+            p = self.backend.full_sync(desired) if full else self.backend.sync(desired, hint)
+        except FollowupFailed:
+            self._cleanup_failures += 1
+            raise
         self._desired = (desired, self._node)
         return str(p.summary)
 
     def rule_counts(self) -> Mapping[tuple[IPFamily, str], tuple[int, int]]:
         return {}  # kube-proxy's rule counts are iptables-mode metrics
+
+    def cleanup_failures(self) -> int:
+        return self._cleanup_failures
 
     def drift(self) -> int:
         return int(self.backend.repairs_total)
