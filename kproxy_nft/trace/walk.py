@@ -159,6 +159,15 @@ class EndpointChance:
 
 
 @dataclass(frozen=True)
+class Route:
+    """One way the packet can go: the endpoint it ends at (None: no DNAT), how likely, and its steps."""
+
+    endpoint: str | None
+    probability: float
+    path: tuple[Step, ...]
+
+
+@dataclass(frozen=True)
 class Trace:
     """Where one packet goes and why: the JSON contract of `kproxy-nft trace -o json` (docs/TRACE.md).
 
@@ -172,6 +181,8 @@ class Trace:
     path: tuple[Step, ...]
     reasons: tuple[str, ...]
     masqueraded_endpoints: frozenset[str] = frozenset()
+    # Each branch of the walk (not in the JSON): its endpoint (None: no DNAT), chance and steps.
+    routes: tuple[Route, ...] = ()
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -209,7 +220,8 @@ def summarize(outcomes: Sequence[Outcome], reasons: Sequence[str] = ()) -> Trace
         extra.append(f"masqueraded only when the endpoint chosen is {', '.join(sorted(masqueraded))} "
                      "(hairpin: the client reached itself)")
     endpoints = tuple(EndpointChance(a, chances[a]) for a in sorted(chances, key=_address_order))
-    return Trace(verdict, endpoints, masquerade, tuple(path), (*reasons, *extra), frozenset(masqueraded))
+    routes = tuple(Route(flow.endpoint if v == "dnat" else None, p, tuple(flow.path)) for p, flow, v in outcomes)
+    return Trace(verdict, endpoints, masquerade, tuple(path), (*reasons, *extra), frozenset(masqueraded), routes)
 
 
 def _address_order(address: str) -> tuple[int, str]:
