@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import logging
+import os
 import socket
 import sys
 from collections.abc import Callable, Sequence
@@ -445,6 +446,12 @@ def run(kubeconfig: str | None, manifest_paths: tuple[str, ...], iptables_backen
                   metrics_per_endpoint=metrics_per_endpoint)
     except Exception as e:  # noqa: BLE001 - a startup failure: one line, exit 2
         fail(f"{type(e).__name__}: {e}")
+    # Stopped (SIGTERM/SIGINT): leave without the interpreter's teardown of the heap, which at
+    # 10,000 services takes most of a second of the 2 s an agent gets to exit.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _write_config(path: str, document: dict[str, Any]) -> None:

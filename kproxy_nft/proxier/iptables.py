@@ -241,8 +241,11 @@ class IptablesProxier(ProxierBase):
                 plans.append(p)
         if not plans:
             return DriftCheck()
+        # Canaries are put back only where they may be gone: a notification that named no
+        # canary did not touch one (sparing `ensure_canaries`, 0.3 s at 10,000 services).
+        canaries = chains is None or kernel.CANARY in chains
         return DriftCheck(tuple(f"IPv{int(p.family)} {table}" for p in plans for table in p.tables),
-                          (generation, tuple(plans)))
+                          (generation, tuple(plans), canaries))
 
     def _read_for_check(self, family: IPFamily, applied: KernelState, chains: frozenset[str] | None) -> KernelState:
         """The kernel's state for a check: read whole, or, when a notification named a few
@@ -263,7 +266,7 @@ class IptablesProxier(ProxierBase):
         return state
 
     def repair(self, check: DriftCheck) -> bool:
-        generation, plans = cast("tuple[int, tuple[Plan, ...]]", check.repair)
+        generation, plans, canaries = cast("tuple[int, tuple[Plan, ...], bool]", check.repair)
         if generation != self._generation:
             return False
         try:
@@ -272,7 +275,8 @@ class IptablesProxier(ProxierBase):
             for p in plans:
                 self._syncer(p.family).state = p.after
                 record[p.family] = (record[p.family][0], p.after)
-                kernel.ensure_canaries(self.host, p.family)
+                if canaries:
+                    kernel.ensure_canaries(self.host, p.family)
             self._record = record
         except Exception:
             for p in plans:
@@ -333,24 +337,16 @@ def _remove_iptables_mode(host: kernel.Host) -> list[str]:
         except SaveFormatError as e:
             raise kernel.IptablesError(f"{host.backend.value} IPv{int(family)}: {e}") from e
         where = f"iptables-{host.backend.value} IPv{int(family)}"
+        canaries = [name for name, table in state.tables.items() if kernel.CANARY in table.chains]
         if any(is_owned(name, chain) for name in MANAGED_TABLES if name in state.tables
                for chain in state.tables[name].chains):
-            plan = kernel.cleanup(host, family)
+            plan = kernel.cleanup(host, family)  # the canaries go with it
             removed.append(f"{where}: removed {len(plan.chains)} chains, {len(plan.jumps)} jumps")
-        canaries = [name for name, table in state.tables.items() if kernel.CANARY in table.chains]
+        elif canaries:
+            kernel.remove_canaries(host, family, canaries)
         if canaries:
-            _remove_canaries(host, family, canaries)
             removed.append(f"{where}: removed {kernel.CANARY} from {', '.join(canaries)}")
     return removed
-
-
-def _remove_canaries(host: kernel.Host, family: IPFamily, tables: list[str]) -> None:
-    """kube-proxy's canary chains: nothing jumps to them, so each goes with a flush and a delete."""
-    canary = kernel.CANARY
-    payload = "".join(f"*{table}\n:{canary} - [0:0]\n-X {canary}\nCOMMIT\n" for table in tables)
-    result = host.run(family, "restore", "-w", "--noflush", input=payload)
-    if result.returncode != 0:
-        raise kernel.CommandError(host.argv(family, "restore", "-w", "--noflush"), result)
 
 
 def _describe(p: Plan) -> list[str]:

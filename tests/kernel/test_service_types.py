@@ -263,7 +263,7 @@ def test_localhost_nodeports_when_enabled(lab: Lab, mode: Mode) -> None:
     state = cluster((NODEPORT, NODEPORT_EPS))
     with sysctl(lab, ROUTE_LOCALNET, "0" if mode.iptables else "1"):
         mode.load(state, dataclasses.replace(NODE_A, localhost_nodeports=True))
-        res = mode.probe(lab, NODE, "127.0.0.1", 30080, count=15)
+        res = mode.probe(lab, NODE, "127.0.0.1", 30080, count=30)
         if mode.iptables:
             assert_reaches(mode, res, set(POD_IPS), masqueraded(lab))
             assert lab.run_in(NODE, ["sysctl", "-n", ROUTE_LOCALNET]).stdout.strip() == "1"
