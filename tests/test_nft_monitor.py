@@ -69,12 +69,12 @@ def test_interest_iptables_nft_owns_kube_chains_and_jumps_to_them_in_shared_tabl
     assert IPTABLES_NFT.touched(ObjectChange("new", "table", "ip", "nat", "nat")) is None
 
 
-def test_the_chains_touched_narrow_a_check_only_when_nothing_but_rules_changed() -> None:
+def test_the_objects_touched_narrow_a_check_only_when_nothing_but_rules_and_elements_changed() -> None:
     found = commits()
     assert IPTABLES_NFT.chains_touched_by(found[3]) == {"PREROUTING"}  # our jump, in a built-in chain
     assert IPTABLES_NFT.chains_touched_by(found[0]) == frozenset()  # nothing of ours
     assert NFTABLES.chains_touched_by(found[0]) is None  # a table, a set: compare everything
-    assert NFTABLES.chains_touched_by(found[1]) is None  # an element
+    assert NFTABLES.chains_touched_by(found[1]) == {"@service-ips"}  # an element: that set
 
 
 def test_objects_wait_for_their_generation_across_datagrams() -> None:

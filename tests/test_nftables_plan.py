@@ -26,7 +26,7 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from kproxy_nft.compile.nftables import TABLE, Ruleset, compile_all, render_script, update_ruleset
-from kproxy_nft.kernel.nftables import NftablesBackend
+from kproxy_nft.kernel.nftables import MAX_NAMED_SETS, NftablesBackend
 from kproxy_nft.kernel.nftables_fake import FakeNftables, FakeNftablesError, FakeTransport
 from kproxy_nft.kernel.nftables_plan import Applied, advance, plan_full, plan_incremental
 from kproxy_nft.kernel.nftables_text import is_dynamic, parse_listing, table_from_listing
@@ -375,6 +375,56 @@ def test_a_full_sync_repairs_what_was_tampered_with(
     assert without_unused_chains(fake, b) == rendered(b)
     assert_only_chain_deletions_left(backend, b)
     assert view(fake) == rendered(b)
+
+
+# What a notification names narrowly: elements (`@set`) and the rules of chains.
+NAMED_TAMPERING = st.lists(
+    st.tuples(
+        st.sampled_from(FAMILIES),
+        st.sampled_from(["delete element", "change element", "add element", "flush chain", "add rule"]),
+        st.integers(0, 10_000),
+    ),
+    min_size=1,
+    max_size=3,
+)  # fmt: skip
+
+
+def _named(text: str) -> set[str]:
+    """The objects a notification of `text` names: `@set` for elements, else the chain."""
+    out = set()
+    for words in (line.split() for line in text.splitlines()):
+        out.add(f"@{words[4]}" if words[1] == "element" else words[4])
+    return out
+
+
+@PROPERTY
+@given(cluster_states(), NAMED_TAMPERING)
+def test_a_repair_of_the_named_objects_reads_only_them_and_undoes_the_tampering(
+    state: ClusterState, tampering: list[tuple[str, str, int]]
+) -> None:
+    a = compile_all(state, NODE)
+    fake, backend = holding(a)
+    before = view(fake)
+    named: set[str] = set()
+    for family, kind, pick in tampering:
+        for text in _tamper_commands(fake, family, kind, pick):
+            with contextlib.suppress(FakeNftablesError):
+                fake.apply(text)
+                named |= _named(text)
+    reader = FakeTransport(fake)
+    plan = backend.check(reader, frozenset(named))
+    assert plan is not None
+    sets = {name for name in named if name.startswith("@")}
+    whole = not named or len(sets) > MAX_NAMED_SETS
+    event(f"tables read whole: {whole}")
+    assert any(command.startswith("list table") for command, _ in reader.calls) == whole
+    if not whole:
+        listed = {command.split()[-1] for command, _ in reader.calls}
+        assert listed == {name[1:] for name in sets}
+        assert plan.is_empty == (not named)
+    backend.apply(plan)
+    assert view(fake) == before
+    assert backend.plan_full(a).is_empty  # and the record is still true
 
 
 Entry = tuple[str, str, str, str, ServicePortName, str]  # family, map, key, endpoint, service port, suffix

@@ -73,7 +73,7 @@ class _Wake:
 @dataclasses.dataclass(frozen=True)
 class _DriftNotice:
     """The kernel announced a foreign change to these tables of ours (from `nft_monitor`'s thread),
-    to the rules of these chains only (None: more than that)."""
+    to the rules of these chains and the elements of these `@sets` only (None: more than that)."""
 
     tables: frozenset[str]
     chains: frozenset[str] | None
@@ -361,7 +361,7 @@ class Agent:
 
     def _start_check(self, noticed_by: str) -> None:
         """Read back and compare on a thread of its own: the loop goes on syncing meanwhile.
-        Only notifications name the chains to compare; every other check compares everything."""
+        Only notifications name the chains (and sets) to compare; every other check compares everything."""
         chains, self._noticed_chains = self._noticed_chains, frozenset()
         focus = chains if noticed_by == "netlink" else None
         threading.Thread(target=self._check_in_background, args=(noticed_by, focus), name="drift-check",

@@ -3,7 +3,7 @@
 `NftMonitor` opens a NETLINK_NETFILTER socket joined to the NFNLGRP_NFTABLES multicast group
 (inside `netns`: a socket belongs to the namespace it was created in) and hands every commit
 by *another* process that touched one of our tables (`nftables_events.Interest`) to a callback
-with the tables it touched (and the chains, when only rules changed). Our own commits are
+with the tables it touched (and the chains and `@sets`, when only rules and elements changed). Our own commits are
 recognised by the committing pid: this process (libnftables runs in it) or one of the commands
 it started (`runner.own_pids`: iptables-restore, nft). Other programs' changes to other tables
 cost one parse of their messages.
@@ -60,7 +60,8 @@ def open_socket(netns: str | None) -> socket.socket:
 
 
 # on_drift(tables, chains): the tables of ours a foreign commit touched, and the chains in them
-# whose rules it changed (None: more than rules, or unknown: compare everything).
+# whose rules it changed and the `@sets` whose elements it changed (None: more than that, or
+# unknown: compare everything).
 DriftCallback = Callable[[frozenset[str], frozenset[str] | None], None]
 
 

@@ -205,13 +205,17 @@ class Interest:
         return frozenset(filter(None, (self.touched(change) for change in commit.changes)))
 
     def chains_touched_by(self, commit: Commit) -> frozenset[str] | None:
-        """The chains of ours whose rules the commit changed; None when it touched more than
-        rules and chains (a table, a set): then only a comparison of everything will do."""
+        """The chains of ours whose rules the commit changed, and as `@name` the sets whose
+        elements it changed (nft's spelling of a set reference); None when it touched more (a
+        table, a set's declaration): then only a comparison of everything will do."""
         chains = set()
         for change in commit.changes:
             if self.touched(change) is None:
                 continue
-            if change.kind not in ("chain", "rule"):
+            if change.kind == "setelem":
+                chains.add(f"@{change.name}")
+            elif change.kind in ("chain", "rule"):
+                chains.add(change.name)
+            else:
                 return None
-            chains.add(change.name)
         return frozenset(chains)

@@ -531,6 +531,11 @@ class FakeNftables:
         lines.append("}")
         return "\n".join(lines) + "\n"
 
+    def set_listing(self, family: str, table: str, name: str, terse: bool = False) -> str:
+        """`nft [-t] list set|map FAMILY TABLE NAME` (KeyError for a missing set)."""
+        block = _list_set(self.tables[(family, table)].sets[name], terse)
+        return "\n".join([f"table {family} {table} {{", *block, "}"]) + "\n"
+
     def json_elements(self, family: str, table: str, name: str) -> str:
         """`nft -j list set|map FAMILY TABLE NAME` (KeyError for a missing set)."""
         s = self.tables[(family, table)].sets[name]
@@ -621,6 +626,8 @@ class FakeTransport:
                 return Completed(0, self.fake.listing(m[1], m[2], terse=output.terse), "")
             if (m := _LIST_SET.fullmatch(command)) and output.json:
                 return Completed(0, self.fake.json_elements(m[1], m[2], m[3]), "")
+            if m := _LIST_SET.fullmatch(command):
+                return Completed(0, self.fake.set_listing(m[1], m[2], m[3], terse=output.terse), "")
         except KeyError:
             return Completed(1, "", f"Error: {ENOENT}\n{command}\n")
         return Completed(1, "", f"Error: the fake does not list `{command}` with {output}\n")

@@ -151,11 +151,12 @@ class NftablesProxier(ProxierBase):
     # -- drift: checked off the sync thread, noticed by the kernel ----------------------------
 
     def check_drift(self, chains: frozenset[str] | None = None) -> DriftCheck:
-        del chains  # reading the table is the cost here, and it is read whole either way
+        # `chains`: what a notification named, chains and `@sets`; only those are read and put
+        # back (the table whole when they cannot do: `NftablesBackend.check`).
         # Its own libnftables context: the sync thread's is not to be shared.
         reader = make_transport(self._netns)
         try:
-            plan = self.backend.check(reader)
+            plan = self.backend.check(reader, chains)
         except StalePlanError:
             return DriftCheck(stale=True)
         finally:

@@ -18,6 +18,9 @@ from kubernetes.client import V1EndpointSlice, V1Service
 
 from kproxy_nft.agent.main import Agent
 from kproxy_nft.agent.metrics import new_metrics
+from kproxy_nft.kernel import libnftables
+from kproxy_nft.kernel.nftables_transport import Transport, make_transport
+from kproxy_nft.kernel.runner import Completed
 from kproxy_nft.model import IPFamily, NodeContext
 from kproxy_nft.proxier import DriftCheck, Proxier
 from kproxy_nft.proxier.iptables import IptablesProxier
@@ -86,6 +89,47 @@ def test_nftables_repairs_what_someone_else_changed(netns: str, breakage: str) -
         run(netns, *NFT_BREAKAGES[breakage])
         assert_repaired(agent, ours, before, "netlink", timeout=3)
         assert "counter" in run_in(netns, ["nft", "list", "table", "ip", "foreign"]).stdout
+
+
+class RecordingTransport:
+    """A kernel connection that remembers the commands run through it."""
+
+    def __init__(self, inner: Transport, commands: list[str]) -> None:
+        self._inner, self.commands = inner, commands
+
+    def run(self, commands: str, output: libnftables.Output = libnftables.PLAIN) -> Completed:
+        self.commands.append(commands)
+        return self._inner.run(commands, output)
+
+    def close(self) -> None:
+        self._inner.close()
+
+
+# What a drift check reads for each breakage: only the map named, or nothing (a chain is
+# rewritten from the record, the notification having said it changed).
+TARGETED = {
+    "element deleted": (NFT_BREAKAGES["element deleted"], ["list map ip kproxy-nft service-ips"]),
+    "chain flushed": (NFT_BREAKAGES["chain flushed"], []),
+}
+
+
+@pytest.mark.parametrize("breakage", list(TARGETED))
+def test_nftables_reads_and_repairs_only_what_the_notification_named(
+        netns: str, breakage: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    read: list[str] = []
+    # The proxier's drift checks open their own connection (the sync's is not shared): that one records.
+    monkeypatch.setattr("kproxy_nft.proxier.nftables.make_transport",
+                        lambda *args, **kwargs: RecordingTransport(make_transport(*args, **kwargs), read))
+
+    def ours() -> str:
+        return run_in(netns, ["nft", "list", "table", "ip", "kproxy-nft"]).stdout
+
+    with running(NftablesProxier(NODE, netns=netns, families=(IPFamily.V4,)), QUIET) as agent:
+        before = ours()
+        breakage_argv, expected = TARGETED[breakage]
+        run(netns, *breakage_argv)
+        assert_repaired(agent, ours, before, "netlink", timeout=3)
+        assert read == expected
 
 
 def test_nftables_ignores_other_tables(netns: str) -> None:
