@@ -10,20 +10,28 @@ cluster (`lab.synthetic.synthetic_objects`), then prints:
 * `kproxy-nft dump -f cluster.json|yaml`: wall time and peak RSS of the CLI run as a subprocess
   (its VmHWM from /proc/self/status, printed as it exits);
 * ingestion alone (`read_manifests` + `cluster_state`, no compile), in a subprocess of its own
-  for its peak RSS.
+  for its peak RSS;
+* the agent (`kproxy-nft run`, nftables mode, in a throwaway `kpn-` namespace) fed by the test
+  API server (tests/fake_apiserver.py) over HTTP: its first sync (list → kernel, as its log
+  reports it), and its resident memory read from /proc/<pid>/status, steady (VmRSS, `--settle`
+  seconds after the first sync) and peak (VmHWM, the initial list included).
 
-Not a test. Usage:
+Then it writes a PNG chart of time and memory against cluster size (`--chart`). Not a test;
+the agent rows need root. Usage:
     python bench/bench_ingest.py [--sizes 1000,10000,30000] [--decoder-sizes 1000,10000] [--endpoints 10]
-                                 [--dir /tmp/kproxy-ingest] [--before DIR]
+                                 [--dir /tmp/kproxy-ingest] [--before DIR] [--agent-sizes 1000,10000,30000]
+                                 [--settle 10] [--chart bench/ingest.png]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -31,9 +39,16 @@ from typing import Any
 
 import msgspec
 import yaml
+from _common import exit_on_sigterm
 
+from kproxy_nft.lab.netns import throwaway_netns
 from kproxy_nft.lab.synthetic import synthetic_objects
 from kproxy_nft.sources import slim
+
+# The test API server lives with the tests; the benches run as `python bench/<name>.py`, which
+# puts bench/ on sys.path but not the repository's root.
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
+from tests.fake_apiserver import FakeAPIServer  # noqa: E402 (needs the root on sys.path first)
 
 # Each child reports its own peak RSS (VmHWM, reset by exec) on stderr as it exits: a child's
 # ru_maxrss would count the bench's own memory, which the child had until its exec.
@@ -109,6 +124,116 @@ def measured(argv: list[str], tree: str | None) -> tuple[float, float, str]:
     return elapsed, peak_kib / 1024, last
 
 
+RESOURCES = {"Service": "services", "EndpointSlice": "endpointslices"}
+KUBECONFIG = """apiVersion: v1
+kind: Config
+clusters: [{name: fake, cluster: {server: "%s"}}]
+users: [{name: bench, user: {token: bench}}]
+contexts: [{name: fake, context: {cluster: fake, user: bench}}]
+current-context: fake
+"""
+SYNCED = "result=ok"  # the agent's log line of a finished sync (agent/main.py)
+
+
+def status_mib(pid: int) -> dict[str, float]:
+    """VmRSS and VmHWM of process `pid`, in MiB."""
+    with open(f"/proc/{pid}/status", encoding="ascii") as status:
+        fields = dict(line.split(":", 1) for line in status)
+    return {key: int(fields[key].split()[0]) / 1024 for key in ("VmRSS", "VmHWM")}
+
+
+def agent_command(kubeconfig: Path, netns: str) -> list[str]:
+    """`kproxy-nft run` as an operator would start it, programming `netns`; the node's conntrack
+    settings left alone (0) and its listeners on free loopback ports."""
+    return [sys.executable, "-c", "from kproxy_nft.cli import main; main()", "run", "--kubeconfig", str(kubeconfig),
+            "--netns", netns, "--proxy-mode", "nftables", "--hostname-override", "node0",
+            "--cluster-cidr", "10.128.0.0/9", "--conntrack-max-per-core", "0",
+            "--conntrack-tcp-timeout-established", "0", "--conntrack-tcp-timeout-close-wait", "0",
+            "--metrics-bind-address", "127.0.0.1:0", "--healthz-bind-address", "127.0.0.1:0"]
+
+
+def agent_figures(services: int, endpoints: int, settle: float) -> dict[str, float]:
+    """The agent fed `services` × `endpoints` over HTTP: first sync s, steady VmRSS and peak VmHWM MiB.
+
+    The agent is a process of its own so that its /proc status is its memory alone (not the
+    test server's, which holds the cluster as dicts and its JSON). It is stopped before its
+    namespace is deleted; both also on failure.
+    """
+    document = synthetic_objects(services, endpoints)
+    with FakeAPIServer() as api, throwaway_netns() as netns, tempfile.TemporaryDirectory() as tmp:
+        for item in document.pop("items"):
+            api.apply(RESOURCES[item["kind"]], item)
+        kubeconfig, log = Path(tmp) / "kubeconfig", Path(tmp) / "agent.log"
+        kubeconfig.write_text(KUBECONFIG % api.url)
+        with log.open("w") as out:
+            t0 = time.perf_counter()
+            agent = subprocess.Popen(agent_command(kubeconfig, netns), stdout=out, stderr=subprocess.STDOUT)
+        try:
+            while SYNCED not in log.read_text():
+                if agent.poll() is not None or time.perf_counter() - t0 > 600:
+                    raise SystemExit(f"agent at {services}: no first sync: {log.read_text()[-1000:]}")
+                time.sleep(0.05)
+            first_sync = time.perf_counter() - t0
+            time.sleep(settle)  # the steady state: the list's garbage gone, the watches open
+            memory = status_mib(agent.pid)
+        finally:
+            agent.terminate()  # it exits within 2 s of SIGTERM (tests/kernel/test_stop.py); else killed
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                agent.wait(timeout=10)
+            agent.kill()  # nothing, once it has exited
+            agent.wait()
+    return {"first sync s": first_sync, "steady MiB": memory["VmRSS"], "peak MiB": memory["VmHWM"]}
+
+
+def chart(results: dict[int, dict[str, float]], path: str) -> None:
+    """Time and memory against cluster size, one line per measure found at every size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = sorted(results)
+    measures = [key for key in results[sizes[0]] if all(key in results[n] for n in sizes)]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    for ax, unit, title in ((axes[0], " s", "time (s)"), (axes[1], " MiB", "memory (MiB)")):
+        for key in (key for key in measures if key.endswith(unit)):
+            ax.plot(sizes, [results[n][key] for n in sizes], marker="o", label=key)
+        ax.set_title(title)
+        ax.set_xlabel("Services (× 10 endpoints each)")
+        ax.set_xscale("log")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("kproxy-nft cold path: dump and agent against cluster size")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def compare_decoders(json_path: Path, yaml_path: Path) -> None:
+    """Print the seconds each decoder takes for the file's text."""
+    texts = {"json": json_path.read_text(), "yaml": yaml_path.read_text()}
+    print(f"{'decoder':<26} {'seconds':>8}")
+    for name, decode in decoders().items():
+        text = texts["json" if "yaml" not in name else "yaml"]
+        t0 = time.perf_counter()
+        decode(text)
+        print(f"{name:<26} {time.perf_counter() - t0:8.2f}")
+
+
+def dump_figures(paths: tuple[Path, Path], before: str | None) -> dict[str, float]:
+    """Print `dump` and ingestion alone per file (and per version); return the current version's."""
+    figures: dict[str, float] = {}
+    print(f"{'what':<26} {'file':>5} {'version':>8} {'wall s':>8} {'peak RSS MiB':>13}")
+    for path in paths:
+        fmt = path.suffix[1:]
+        for version, tree in [("before", before)] * bool(before) + [("now", None)]:
+            wall, dump_rss, _ = measured([sys.executable, "-c", CLI, "dump", "-f", str(path)], tree)
+            print(f"{'kproxy-nft dump':<26} {fmt:>5} {version:>8} {wall:8.2f} {dump_rss:13.0f}")
+            _, rss, inner = measured([sys.executable, "-c", INGEST, str(path)], tree)
+            print(f"{'ingestion alone':<26} {fmt:>5} {version:>8} {float(inner):8.2f} {rss:13.0f}")
+        figures |= {f"dump {fmt} s": wall, f"dump {fmt} peak MiB": dump_rss, f"ingest {fmt} s": float(inner)}
+    return figures
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="1000,10000,30000")
@@ -117,30 +242,32 @@ def main() -> None:
     parser.add_argument("--decoder-sizes", default="1000,10000",
                         help="sizes at which decoders are compared (PyYAML's loader takes minutes at 30k)")
     parser.add_argument("--before", metavar="DIR", help="also time the kproxy_nft package in DIR (another version)")
+    parser.add_argument("--agent-sizes", default=None, help="sizes to run the agent at (default: --sizes; '' none)")
+    parser.add_argument("--settle", type=float, default=10.0, help="seconds after the first sync to read VmRSS")
+    parser.add_argument("--chart", default="bench/ingest.png")
     args = parser.parse_args()
+    exit_on_sigterm()  # `timeout`/`kill` still stops the agent and deletes its namespace
     directory = Path(args.dir)
     directory.mkdir(parents=True, exist_ok=True)
+    agent_sizes = (args.sizes if args.agent_sizes is None else args.agent_sizes).split(",")
+    results: dict[int, dict[str, float]] = {}
     for n in (int(s) for s in args.sizes.split(",")):
         json_path, yaml_path = write_cluster(directory, n, args.endpoints)
         print(f"\n## {n} Services × {args.endpoints} endpoints  "
               f"(JSON {json_path.stat().st_size / 2**20:.0f} MiB, YAML {yaml_path.stat().st_size / 2**20:.0f} MiB)")
         if str(n) in args.decoder_sizes.split(","):
-            texts = {"json": json_path.read_text(), "yaml": yaml_path.read_text()}
-            print(f"{'decoder':<26} {'seconds':>8}")
-            for name, decode in decoders().items():
-                text = texts["json" if "yaml" not in name else "yaml"]
-                t0 = time.perf_counter()
-                decode(text)
-                print(f"{name:<26} {time.perf_counter() - t0:8.2f}")
-            del texts
-        print(f"{'what':<26} {'file':>5} {'version':>8} {'wall s':>8} {'peak RSS MiB':>13}")
-        for path in (json_path, yaml_path):
-            fmt = path.suffix[1:]
-            for version, tree in [("before", args.before)] * bool(args.before) + [("now", None)]:
-                wall, rss, _ = measured([sys.executable, "-c", CLI, "dump", "-f", str(path)], tree)
-                print(f"{'kproxy-nft dump':<26} {fmt:>5} {version:>8} {wall:8.2f} {rss:13.0f}")
-                _, rss, inner = measured([sys.executable, "-c", INGEST, str(path)], tree)
-                print(f"{'ingestion alone':<26} {fmt:>5} {version:>8} {float(inner):8.2f} {rss:13.0f}")
+            compare_decoders(json_path, yaml_path)
+        results[n] = dump_figures((json_path, yaml_path), args.before)
+        if str(n) in agent_sizes:
+            agent = agent_figures(n, args.endpoints, args.settle)
+            results[n] |= {f"agent {key}": value for key, value in agent.items()}
+        print(flush=True)
+    columns = list(dict.fromkeys(key for figures in results.values() for key in figures))
+    print("\n" + " | ".join(["services", *columns]))
+    for n, figures in results.items():
+        print(" | ".join([str(n), *(f"{figures[key]:.2f}" if key in figures else "-" for key in columns)]))
+    chart(results, args.chart)
+    print(f"chart: {args.chart}")
 
 
 if __name__ == "__main__":

@@ -101,11 +101,6 @@ def _namespace(obj: Any) -> str:
     return sys.intern(v.name(namespace, "metadata.namespace", DNS1123_LABEL, "namespace name", 63))
 
 
-def _interned(value: str | None) -> str | None:
-    """One string object for each of the few node names and zones 100,000 endpoints repeat."""
-    return None if value is None else sys.intern(value)
-
-
 # ---------------------------------------------------------------------------------------------
 # Services
 # ---------------------------------------------------------------------------------------------
@@ -321,27 +316,8 @@ def convert_endpoint_slice(eps: V1EndpointSlice) -> EndpointsByPort:
     ipv6 = address_type == "IPv6"
     check(len(slice_endpoints) <= MAX_SLICE_ENDPOINTS, "endpoints", f"must have at most {MAX_SLICE_ENDPOINTS} items")
     # (ip, conditions and topology) of each endpoint; the port comes from the slice's ports.
-    endpoints: list[tuple[str, bool, bool, bool, str | None, str | None, frozenset[str], frozenset[str]]] = []
-    for i, ep in enumerate(slice_endpoints):
-        field = f"endpoints[{i}]"
-        check(bool(ep.addresses), f"{field}.addresses", "required value")
-        if len(ep.addresses) > MAX_ENDPOINT_ADDRESSES:
-            raise InvalidObject(f"{field}.addresses", f"must have at most {MAX_ENDPOINT_ADDRESSES} items")
-        for j, address in enumerate(ep.addresses):
-            v.non_special_ip(address, f"{field}.addresses[{j}]")
-            if (ip_family(address) is IPFamily.V6) is not ipv6:
-                raise InvalidObject(f"{field}.addresses[{j}]", f"must be an {address_type} address")
-        node_name = _interned(v.optional_name(ep.node_name, f"{field}.nodeName", DNS1123_SUBDOMAIN, "node name", 253))
-        zone = _interned(v.label_value(ep.zone, f"{field}.zone"))
-        v.optional_name(ep.hostname, f"{field}.hostname", DNS1123_LABEL, "hostname (DNS-1123 label)", 63)
-        cond = ep.conditions
-        ready = cond is None or cond.ready is None or bool(cond.ready)
-        # kube-proxy's slice cache reads an unset `serving` as true (endpointslicecache.go), so
-        # a terminating endpoint that never reported serving still carries its connections.
-        serving = cond is None or cond.serving is None or bool(cond.serving)
-        terminating = bool(cond and cond.terminating)
-        zone_hints, node_hints = _hints(ep.hints, f"{field}.hints")
-        endpoints.append((ep.addresses[0], ready, serving, terminating, node_name, zone, zone_hints, node_hints))
+    endpoints = [(None if ipv6 else _plain_endpoint(ep)) or _checked_endpoint(ep, i, address_type)
+                 for i, ep in enumerate(slice_endpoints)]
 
     result: EndpointsByPort = {}
     slice_ports = eps.ports or []
@@ -366,6 +342,72 @@ def convert_endpoint_slice(eps: V1EndpointSlice) -> EndpointsByPort:
     # discovery validation: port names are unique within a slice, whatever the protocol.
     v.duplicates(names, "ports[{i}].name", "port name")
     return result
+
+
+# (ip, ready, serving, terminating, node name, zone, zone hints, node hints) of one endpoint.
+_EndpointFields = tuple[str, bool, bool, bool, str | None, str | None, frozenset[str], frozenset[str]]
+_NO_HINTS: frozenset[str] = frozenset()
+
+
+def _conditions(cond: Any) -> tuple[bool, bool, bool]:
+    """(ready, serving, terminating), defaulted as the API documents."""
+    if cond is None:
+        return True, True, False
+    # kube-proxy's slice cache reads an unset `serving` as true (endpointslicecache.go), so
+    # a terminating endpoint that never reported serving still carries its connections.
+    return (cond.ready is None or bool(cond.ready), cond.serving is None or bool(cond.serving),
+            bool(cond.terminating))
+
+
+def _checked_endpoint(ep: Any, i: int, address_type: str) -> _EndpointFields:
+    """One endpoint, every field checked and any problem named (`endpoints[i].…`)."""
+    field = f"endpoints[{i}]"
+    check(bool(ep.addresses), f"{field}.addresses", "required value")
+    if len(ep.addresses) > MAX_ENDPOINT_ADDRESSES:
+        raise InvalidObject(f"{field}.addresses", f"must have at most {MAX_ENDPOINT_ADDRESSES} items")
+    for j, address in enumerate(ep.addresses):
+        v.non_special_ip(address, f"{field}.addresses[{j}]")
+        if (ip_family(address) is IPFamily.V6) is not (address_type == "IPv6"):
+            raise InvalidObject(f"{field}.addresses[{j}]", f"must be an {address_type} address")
+    node_name = _remembered(_NODE_NAMES, v.optional_name(ep.node_name, f"{field}.nodeName", DNS1123_SUBDOMAIN,
+                                                         "node name", 253))
+    zone = _remembered(_ZONES, v.label_value(ep.zone, f"{field}.zone"))
+    v.optional_name(ep.hostname, f"{field}.hostname", DNS1123_LABEL, "hostname (DNS-1123 label)", 63)
+    zone_hints, node_hints = _hints(ep.hints, f"{field}.hints")
+    return (ep.addresses[0], *_conditions(ep.conditions), node_name, zone, zone_hints, node_hints)
+
+
+# Node names and zones already found valid, each mapped to its interned copy: the few distinct
+# values 100,000 endpoints repeat are looked up, not matched against their patterns again
+# (at 10k Services the per-endpoint checks were most of `dump`'s reading, issue 14).
+_NODE_NAMES: dict[str, str] = {}
+_ZONES: dict[str, str] = {}
+_REMEMBERED = 4096  # per table: a cluster's nodes and zones; beyond that it starts over
+
+
+def _remembered(known: dict[str, str], value: str | None) -> str | None:
+    """`value` (just checked) interned, and remembered as valid."""
+    if value is None:
+        return None
+    if len(known) >= _REMEMBERED:
+        known.clear()
+    return known.setdefault(value, sys.intern(value))
+
+
+def _plain_endpoint(ep: Any) -> _EndpointFields | None:
+    """The common IPv4 endpoint, without building a field name: plain addresses, a node name and
+    zone seen valid before, no hostname or hints. None when anything needs `_checked_endpoint`,
+    which gives the same result or names the problem."""
+    addresses = ep.addresses
+    if not addresses or len(addresses) > MAX_ENDPOINT_ADDRESSES or ep.hostname is not None or ep.hints is not None:
+        return None
+    if not v.plain_ipv4s(addresses):
+        return None
+    node_name = ep.node_name if ep.node_name is None else _NODE_NAMES.get(ep.node_name)
+    zone = ep.zone if ep.zone is None else _ZONES.get(ep.zone)
+    if (node_name is None and ep.node_name is not None) or (zone is None and ep.zone is not None):
+        return None
+    return (addresses[0], *_conditions(ep.conditions), node_name, zone, _NO_HINTS, _NO_HINTS)
 
 
 def _hints(hints: Any, field: str) -> tuple[frozenset[str], frozenset[str]]:

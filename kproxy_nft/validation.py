@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from functools import lru_cache
 from typing import Any
 
@@ -195,6 +195,12 @@ def _plain_ipv4(value: object) -> bool:
         return False
     match = _CANONICAL_IPV4.fullmatch(value)
     return match is not None and int(match.group(1)) in _PLAIN_FIRST_OCTETS
+
+
+def plain_ipv4s(values: Iterable[object]) -> bool:
+    """Whether every one of `values` is an ordinary canonical IPv4 address (`_plain_ipv4`): then
+    `non_special_ip` accepts each as it is, and a caller may skip building field names for it."""
+    return all(map(_plain_ipv4, values))
 
 
 def non_special_ip(value: object, field: str) -> str:

@@ -28,9 +28,11 @@ tests/test_ingest_equivalence.py, which proves both read alike.
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -124,6 +126,25 @@ def _plain(value: object) -> str:
     return shown(value)
 
 
+@contextmanager
+def no_cyclic_gc() -> Iterator[None]:
+    """Pause Python's cyclic garbage collector while building many objects that form no cycles.
+
+    Every object read is tracked, and the collections that allocating them triggers scan them all
+    again and again: at 10k Services × 10 endpoints, half the time of reading and of building the
+    state (issue 14). What is built here holds no cycles, so collecting afterwards loses nothing;
+    reference counting frees garbage meanwhile as always. Nested or concurrent uses are fine: only
+    the outermost one that found the collector on turns it back on.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 @dataclass(frozen=True)
 class Manifests:
     """What a set of manifest paths holds: typed objects plus notices about skipped ones.
@@ -149,7 +170,8 @@ class Manifests:
         """The proxy's view of these objects (see `convert.build_state`), as it is programmed:
         a destination two service ports claim goes to one of them (`conflicts.resolve`), and
         each such conflict is passed to `warn`."""
-        state, found = resolve(build_state(self.service_infos(), self.slice_endpoints()))
+        with no_cyclic_gc():
+            state, found = resolve(build_state(self.service_infos(), self.slice_endpoints()))
         for conflict in found:
             if warn is not None:
                 warn(str(conflict))
@@ -462,27 +484,28 @@ def read_manifests(
             raise error
         on_error(error)
 
-    for path in expand_paths(paths):
-        source = "<stdin>" if path == "-" else path
-        try:
-            outcomes = read_file(_read_text(path, stdin or sys.stdin), source, fast)
-        except ManifestError as e:
-            problem(e)
-            continue
-        for outcome in outcomes:
-            if isinstance(outcome, ManifestError):
-                problem(outcome)
-            elif isinstance(outcome, str):
-                notices.append(outcome)
-            else:
-                kind, (obj, model) = outcome
-                kind = "EndpointSlice" if kind == "Endpoints" else kind
-                if kind == "ServiceCIDR":
-                    cidrs.extend(model)
-                    continue
-                kept[kind].append(obj)
-                if kind in models:
-                    models[kind].append(model)
+    with no_cyclic_gc():
+        for path in expand_paths(paths):
+            source = "<stdin>" if path == "-" else path
+            try:
+                outcomes = read_file(_read_text(path, stdin or sys.stdin), source, fast)
+            except ManifestError as e:
+                problem(e)
+                continue
+            for outcome in outcomes:
+                if isinstance(outcome, ManifestError):
+                    problem(outcome)
+                elif isinstance(outcome, str):
+                    notices.append(outcome)
+                else:
+                    kind, (obj, model) = outcome
+                    kind = "EndpointSlice" if kind == "Endpoints" else kind
+                    if kind == "ServiceCIDR":
+                        cidrs.extend(model)
+                        continue
+                    kept[kind].append(obj)
+                    if kind in models:
+                        models[kind].append(model)
     return Manifests(
         tuple(kept["Service"]), tuple(kept["EndpointSlice"]), tuple(notices), tuple(dict.fromkeys(cidrs)),
         tuple(kept["Node"]), converted_services=tuple(models["Service"]),

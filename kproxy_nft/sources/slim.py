@@ -103,9 +103,11 @@ def _structs(roots: tuple[type[pydantic.BaseModel], ...]) -> dict[type[pydantic.
                 raise TypeError(f"{model.__name__}.{attr}: an alias path, not a name")
             names[attr] = json_name
             fields.append((attr, kind) if info.is_required() else (attr, kind, info.default))
+        # gc=False: decoded documents are trees, never cycles, so the cyclic collector need not
+        # track (and scan again and again while compiling) the 100,000s of Structs of a cluster.
         made[model] = msgspec.defstruct(
             f"Slim{model.__name__}", fields, kw_only=True, forbid_unknown_fields=True, rename=names,
-            omit_defaults=True, bases=(_SlimBase,),
+            omit_defaults=True, bases=(_SlimBase,), gc=False,
         )
         return made[model]
 
