@@ -32,7 +32,7 @@ from kproxy_nft.convert import convert_node
 from kproxy_nft.model import ClusterState, IPFamily, LocalMode, NodeContext, ip_family
 from kproxy_nft.proxier import MODES, Proxier, make_proxier, with_local_addresses
 from kproxy_nft.report import EXIT_INTERRUPTED, fail, internal_error, warn
-from kproxy_nft.sources.manifests import ManifestError, Manifests, read_manifests
+from kproxy_nft.sources.manifests import ManifestError, Manifests, no_cyclic_gc, read_manifests
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -248,10 +248,14 @@ def dump(ip_family: str | None, **options: Any) -> None:
     iptables mode: input for `iptables-restore` (`ip6tables-restore` with --ip-family 6).
     nftables mode: an `nft -f` script with the `ip` and `ip6` kproxy-nft tables.
     """
-    manifests, settings = load_inputs(**options)
-    state = manifests.cluster_state(warn)
-    family = IPFamily(int(ip_family)) if ip_family else primary_family(settings.node)
-    click.echo(make_proxier(settings).render(state, family), nl=False)
+    # Reading, merging and compiling build millions of objects and no cycles: without the
+    # collector's rescans of them a 10k-Service dump takes a third less (issue 14).
+    with no_cyclic_gc():
+        manifests, settings = load_inputs(**options)
+        state = manifests.cluster_state(warn)
+        family = IPFamily(int(ip_family)) if ip_family else primary_family(settings.node)
+        text = make_proxier(settings).render(state, family)
+    click.echo(text, nl=False)
 
 
 @main.command(epilog="""\b
