@@ -30,6 +30,7 @@ def test_daemonset_has_what_the_agent_needs() -> None:
     pod = ds["spec"]["template"]["spec"]
     container = pod["containers"][0]
     assert pod["hostNetwork"] is True
+    assert pod["hostPID"] is True  # own nf_tables commits are told by host pid (kernel/nft_monitor.py)
     assert set(container["securityContext"]["capabilities"]["add"]) == {"NET_ADMIN", "NET_RAW"}
     mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
     assert "/run/xtables.lock" in mounts and mounts["/lib/modules"]["readOnly"] is True

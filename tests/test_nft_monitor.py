@@ -107,3 +107,13 @@ def test_our_threads_count_as_ours() -> None:
     thread.start()
     thread.join()
     assert seen[0] and os.getpid() in own_pids()
+
+
+def test_outside_the_hosts_pid_namespace_the_monitor_refuses(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Commits name host pids: in a pid namespace of its own the agent could not tell its own
+    commits and would repair itself forever, so it refuses and the agent probes instead."""
+    from kproxy_nft.kernel import nft_monitor
+
+    monkeypatch.setattr(nft_monitor, "in_host_pid_namespace", lambda: False)
+    with pytest.raises(OSError, match="hostPID"):
+        nft_monitor.NftMonitor(None, NFTABLES, lambda tables, chains: None)

@@ -282,7 +282,10 @@ class Agent:
             raise
         duration = time.perf_counter() - started
         if self.syncs == 0 and self._watch_drift:
-            self.watch_drift()
+            try:
+                self.watch_drift()
+            except Exception:  # the rules are in: watching is extra, and the hourly check remains
+                log.exception("drift: cannot watch for foreign changes")
         self.syncs += 1
         m = self.metrics
         m.sync_duration.observe(duration)

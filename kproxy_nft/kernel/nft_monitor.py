@@ -65,10 +65,27 @@ def open_socket(netns: str | None) -> socket.socket:
 DriftCallback = Callable[[frozenset[str], frozenset[str] | None], None]
 
 
+# The inode of the host's (initial) pid namespace, fixed by the kernel (PROC_PID_INIT_INO).
+_HOST_PID_NAMESPACE_INODE = 0xEFFFFFFC
+
+
+def in_host_pid_namespace() -> bool:
+    """This process sees the host's pids (no pid namespace of its own, or hostPID in a pod)."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino == _HOST_PID_NAMESPACE_INODE
+    except OSError:
+        return True  # no /proc/self/ns: a kernel without namespaces has only the host's
+
+
 class NftMonitor:
     """Calls `on_drift` for each foreign commit touching `interest`'s tables (see above)."""
 
     def __init__(self, netns: str | None, interest: Interest, on_drift: DriftCallback) -> None:
+        if not in_host_pid_namespace():
+            # A commit names its thread by its pid in the host's pid namespace: inside another
+            # (a container without hostPID) our own commits would look foreign, and every sync
+            # would start a repair that starts another. The caller falls back to probing.
+            raise OSError("not in the host's pid namespace (run with hostPID): our own commits cannot be told")
         self._interest = interest
         self._on_drift = on_drift
         self._sock = open_socket(netns)
@@ -84,6 +101,8 @@ class NftMonitor:
         with contextlib.suppress(OSError):
             os.write(self._wake_write, b"x")
         self._thread.join(timeout=2)
+        if not self._thread.is_alive():
+            os.close(self._wake_write)  # here, not in _run: its number must not be reused before the write
 
     def _run(self) -> None:
         reader = CommitReader()
@@ -98,7 +117,6 @@ class NftMonitor:
         finally:
             self._sock.close()
             os.close(self._wake_read)
-            os.close(self._wake_write)
 
     def _receive(self, reader: CommitReader) -> None:
         try:
@@ -116,7 +134,7 @@ class NftMonitor:
             log.warning("unreadable nf_tables notification: %s", e)
             self._on_drift(LOST, None)
             return
-        ours = own_pids()
+        ours = own_pids() if commits else frozenset()
         for commit in commits:
             self.commits_seen += 1
             if commit.pid is not None and commit.pid in ours:

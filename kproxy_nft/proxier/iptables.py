@@ -168,7 +168,6 @@ class IptablesProxier(ProxierBase):
     def sync(self, state: ClusterState, full: bool, changed: frozenset[ServicePortName] | None = None) -> str:
         parts = []
         previous, self._fragments = self._fragments, None  # None again if this sync fails
-        self._record = None  # likewise
         partial = not full and changed is not None and previous is not None and previous[1] is self._node
         synced, desired_by_family = {}, {}
         try:
@@ -195,6 +194,12 @@ class IptablesProxier(ProxierBase):
                     kernel.ensure_canaries(self.host, family)
             self._fragments = (synced, self._node)
             self._record = desired_by_family
+        except BaseException:
+            # What the kernel holds is unknown now. Not cleared before: a drift check reading
+            # meanwhile would find no record and force a blocking full sync; the generation
+            # below already makes its result stale.
+            self._record = None
+            raise
         finally:
             self._generation += 1  # after the record: a drift check that read meanwhile is stale
         return " ".join(parts)

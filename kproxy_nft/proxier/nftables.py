@@ -181,7 +181,8 @@ class NftablesProxier(ProxierBase):
 
     def probe(self) -> tuple[str, ...]:
         """Our tables, by name only (`list tables` reads no rules: cheap at any size)."""
-        listed = set(self.backend.transport.run("list tables").stdout.splitlines())
+        # A failed listing raises (not knowing is not "all gone"): the agent logs it and checks.
+        listed = set(check(self.backend.transport.run("list tables"), "list tables").splitlines())
         wanted = (f"{compiler.nft_family(f)} {compiler.TABLE}" for f in self.families)
         return tuple(table for table in wanted if f"table {table}" not in listed)
 
