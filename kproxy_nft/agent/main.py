@@ -306,13 +306,15 @@ class Agent:
         log.info("sync mode=%s kind=%s services_changed=%d duration=%.3fs result=ok %s",
                  self.proxier.mode, "full" if full else "partial", len(snapshot.changed), duration, summary)
         self._synced_changes = None if snapshot.full else snapshot.changed_ports
-        if snapshot.full:
-            release_free_memory()  # after relists and full syncs: the big transient allocations
         for hook in self.after_sync:
             try:
                 hook(snapshot.state)
             except Exception:  # the rules are in; a hook's failure must not turn into a retried sync
                 log.exception("after-sync hook %r failed", hook)
+        if snapshot.full:
+            # After relists and full syncs (and their hooks: the first one's handover reads the
+            # kernel): the big transient allocations are freed by now.
+            release_free_memory()
 
     def _count_cleanup_failures(self) -> None:
         """The proxier's cumulative count, as increments of kube-proxy's counter."""
