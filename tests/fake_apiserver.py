@@ -5,13 +5,23 @@ resourceVersion, `?watch=true` streams of chunked JSON events from a given versi
 events, `410 Gone` for versions older than what it still remembers, and connections it can be
 told to drop. Objects are plain dicts (manifests); the test drives changes with `apply` and
 `delete`.
+
+Lists with `limit` come in pages, as the real server's: items in key order (namespace, name),
+`metadata.continue` while more remain (with `remainingItemCount` when there is no selector),
+and every page of one list at the first page's resourceVersion, whatever changed since. The
+continue token carries that version and the last key served; the state at that version is
+replayed from the event history. A token from before `oldest_watchable` (after `compact`) gets
+`410` with reason `Expired`, as the real server's compacted tokens do. `before_list` lets a test
+act between pages or fail one.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import threading
 import time
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlparse
@@ -30,6 +40,20 @@ def _selected(obj: dict[str, Any], query: dict[str, str]) -> bool:
     return not selector.startswith("metadata.name=") or obj["metadata"]["name"] == selector.split("=", 1)[1]
 
 
+def _status(code: int, reason: str, message: str) -> dict[str, Any]:
+    return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "reason": reason,
+            "message": message, "code": code}
+
+
+def _send_json(req: BaseHTTPRequestHandler, code: int, body: dict[str, Any]) -> None:
+    data = json.dumps(body).encode()
+    req.send_response(code)
+    req.send_header("Content-Type", "application/json")
+    req.send_header("Content-Length", str(len(data)))
+    req.end_headers()
+    req.wfile.write(data)
+
+
 class FakeAPIServer:
     def __init__(self) -> None:
         self.version = 100
@@ -39,6 +63,9 @@ class FakeAPIServer:
         self.changed = threading.Condition()
         self.drop_generation = 0
         self.requests: list[str] = []
+        # Called with (resource, query) before each list is served; an HTTP status it returns
+        # is served instead, as a Status (a test's fault or change between pages).
+        self.before_list: Callable[[str, dict[str, str]], int | None] | None = None
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -110,19 +137,55 @@ class FakeAPIServer:
         if query.get("watch") in ("true", "1"):
             self._watch(req, resource, api_version, query)
             return
+        hook = self.before_list
+        failure = hook(resource, query) if hook else None
+        if failure is not None:
+            _send_json(req, failure, _status(failure, "InternalError", "injected by the test"))
+            return
         with self.changed:
-            body = {
-                "kind": list_kind,
-                "apiVersion": api_version,
-                "metadata": {"resourceVersion": str(self.version)},
-                "items": [obj for obj in self.objects[resource].values() if _selected(obj, query)],
-            }
-        data = json.dumps(body).encode()
-        req.send_response(200)
-        req.send_header("Content-Type", "application/json")
-        req.send_header("Content-Length", str(len(data)))
-        req.end_headers()
-        req.wfile.write(data)
+            if "limit" in query or "continue" in query:
+                body = self._page(resource, query)
+                if body is None:
+                    _send_json(req, 410, _status(410, "Expired", "The provided continue parameter is too old "
+                                                 "to display a consistent list result."))
+                    return
+            else:
+                body = {"metadata": {"resourceVersion": str(self.version)},
+                        "items": [obj for obj in self.objects[resource].values() if _selected(obj, query)]}
+        _send_json(req, 200, {"kind": list_kind, "apiVersion": api_version, **body})
+
+    def _page(self, resource: str, query: dict[str, str]) -> dict[str, Any] | None:
+        """One page of a list (`limit`, `continue`) at the first page's version; None: the token expired."""
+        version, after = self.version, None
+        if query.get("continue"):
+            token = json.loads(base64.urlsafe_b64decode(query["continue"]))
+            version, after = token["rv"], tuple(token["start"])
+            if version < self.oldest_watchable:
+                return None
+        state = self.objects[resource] if version == self.version else self._state_at(resource, version)
+        keys = sorted(key for key, obj in state.items() if _selected(obj, query) and (after is None or key > after))
+        limit = int(query.get("limit") or 0) or len(keys)
+        meta: dict[str, Any] = {"resourceVersion": str(version)}
+        if len(keys) > limit:
+            start = {"rv": version, "start": list(keys[limit - 1])}
+            meta["continue"] = base64.urlsafe_b64encode(json.dumps(start).encode()).decode()
+            if not query.get("fieldSelector"):
+                meta["remainingItemCount"] = len(keys) - limit
+        return {"metadata": meta, "items": [state[key] for key in keys[:limit]]}
+
+    def _state_at(self, resource: str, version: int) -> dict[tuple[str, str], dict[str, Any]]:
+        """The objects of `resource` as they were at `version`, replayed from the event history."""
+        state: dict[tuple[str, str], dict[str, Any]] = {}
+        for event_version, event_resource, kind, obj in self.events:
+            if event_version > version:
+                break
+            if event_resource == resource:
+                key = (obj["metadata"]["namespace"], obj["metadata"]["name"])
+                if kind == "DELETED":
+                    state.pop(key, None)
+                else:
+                    state[key] = obj
+        return state
 
     def _watch(self, req: BaseHTTPRequestHandler, resource: str, api_version: str, query: dict[str, str]) -> None:
         since = int(query.get("resourceVersion") or self.version)
@@ -140,9 +203,7 @@ class FakeAPIServer:
         with self.changed:
             generation = self.drop_generation
             if since < self.oldest_watchable - 1:
-                status = {"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Expired",
-                          "message": f"too old resource version: {since}", "code": 410}
-                send({"type": "ERROR", "object": status})
+                send({"type": "ERROR", "object": _status(410, "Expired", f"too old resource version: {since}")})
                 req.wfile.write(b"0\r\n\r\n")
                 return
             sent = since

@@ -6,6 +6,7 @@ import queue
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from kubernetes import client
@@ -29,19 +30,33 @@ def endpoint_slice(name: str, service_name: str, ips: list[str]) -> dict:  # typ
 
 
 class Harness:
-    """Reflectors for both resources feeding one queue, drained into a tracker on demand."""
+    """Reflectors (by default for Services and EndpointSlices) feeding one queue, drained into a
+    tracker on demand, each item also kept in `seen`; running while the harness is entered."""
 
-    def __init__(self, api: FakeAPIServer) -> None:
+    def __init__(self, api: FakeAPIServer, resources: tuple[str, ...] = ("services", "endpointslices"),
+                 **options: Any) -> None:
         cfg = client.Configuration(host=api.url)
+        self.api = api
         self.api_client = client.ApiClient(cfg)
         self.events: queue.Queue[Replace | Change] = queue.Queue()
+        self.seen: list[Replace | Change] = []
         self.stop = threading.Event()
         self.tracker = ChangeTracker()
-        self.reflectors = [
-            Reflector(name, fn, self.events.put, self.stop, watch_timeout=2, initial_backoff=0.05, jitter=lambda: 0.0)
-            for name, fn in list_functions(self.api_client).items() if name in ("services", "endpointslices")
-        ]
+        options = {"watch_timeout": 2, "initial_backoff": 0.05, "jitter": lambda: 0.0, **options}
+        self.reflectors = [Reflector(name, fn, self.events.put, self.stop, **options)
+                           for name, fn in list_functions(self.api_client).items() if name in resources]
         self.threads = [threading.Thread(target=r.run, daemon=True) for r in self.reflectors]
+
+    def __enter__(self) -> Harness:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.api.drop_watches()
+        for t in self.threads:
+            t.join(timeout=5)
 
     def drain(self) -> None:
         while True:
@@ -49,6 +64,7 @@ class Harness:
                 item = self.events.get_nowait()
             except queue.Empty:
                 return
+            self.seen.append(item)
             apply_to(self.tracker, item)
 
     def wait_for(self, predicate, timeout: float = 5.0) -> None:  # type: ignore[no-untyped-def]
@@ -85,16 +101,8 @@ def harness() -> Iterator[tuple[FakeAPIServer, Harness]]:
     with FakeAPIServer() as api:
         api.apply("services", service("web", "10.96.0.10"))
         api.apply("endpointslices", endpoint_slice("web-1", "web", ["10.1.0.1"]))
-        h = Harness(api)
-        for t in h.threads:
-            t.start()
-        try:
+        with Harness(api) as h:
             yield api, h
-        finally:
-            h.stop.set()
-            api.drop_watches()
-            for t in h.threads:
-                t.join(timeout=5)
 
 
 def test_initial_list_then_watch_events(harness: tuple[FakeAPIServer, Harness]) -> None:

@@ -185,25 +185,28 @@ def struct_from_json(key: tuple[str, str], item: msgspec.Raw) -> Any:
 
 class _ListMeta(msgspec.Struct):
     resource_version: str = msgspec.field(default="", name="resourceVersion")
+    continue_: str = msgspec.field(default="", name="continue")  # set while a paginated list has more pages
 
 
 class _ApiList(msgspec.Struct):
-    """A list response of the API (`ServiceList`, ...): its version and its items as JSON text."""
+    """A list response of the API (`ServiceList`, ...): its metadata and its items as JSON text."""
 
     metadata: _ListMeta = msgspec.field(default_factory=_ListMeta)
     items: list[msgspec.Raw] | None = None
 
 
-def api_list(key: tuple[str, str], body: bytes) -> tuple[list[Any], str]:
-    """The items of an API list response of kind `key` (items carry no kind of their own) as
-    slim Structs, and the list's resourceVersion: no dict, no pydantic model per object.
+def api_list(key: tuple[str, str], body: bytes) -> tuple[list[Any], str, str]:
+    """The items of an API list response (or one page of a list) of kind `key` (items carry no
+    kind of their own) as slim Structs, the list's resourceVersion and its `continue` token
+    ("" on a list's last or only page): no dict, no pydantic model per object.
 
     An item msgspec cannot judge becomes the client's model, which raises as the client's own
     deserialization would (the reflector then lists again, after a backoff); so does a body
     that is not JSON (a truncated response).
     """
     listing = msgspec.json.decode(body, type=_ApiList)
-    return [_struct_or_model(key, item) for item in listing.items or ()], listing.metadata.resource_version
+    items = [_struct_or_model(key, item) for item in listing.items or ()]
+    return items, listing.metadata.resource_version, listing.metadata.continue_
 
 
 def _struct_or_model(key: tuple[str, str], item: msgspec.Raw) -> Any:
