@@ -20,15 +20,17 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
+from kproxy_nft.compile import nftables as nftables_compiler
 from kproxy_nft.compile.nftables import TABLE, Ruleset, compile_all, render_script, update_ruleset
+from kproxy_nft.kernel import nftables_plan
 from kproxy_nft.kernel.nftables import MAX_NAMED_SETS, NftablesBackend
 from kproxy_nft.kernel.nftables_fake import FakeNftables, FakeNftablesError, FakeTransport
-from kproxy_nft.kernel.nftables_plan import Applied, advance, plan_full, plan_incremental
+from kproxy_nft.kernel.nftables_plan import ENTRY_MAPS, Applied, advance, plan_full, plan_incremental
 from kproxy_nft.kernel.nftables_text import is_dynamic, parse_listing, table_from_listing
 from kproxy_nft.model import ClusterState, Endpoint, NodeContext, Protocol, ServicePort, ServicePortName, TrafficPolicy
 from tests.helpers import changed_names
@@ -499,3 +501,46 @@ def test_any_sequence_of_syncs_keeps_the_record_true(steps: list[tuple[ClusterSt
         assert without_unused_chains(fake, compile_all(state, NODE)) == rendered(compile_all(state, NODE))
         previous = state, desired
     assert_only_chain_deletions_left(backend, compile_all(steps[-1][0], NODE))
+
+
+@PROPERTY
+@given(cluster_states(), st.integers(1, 3), st.integers(1, 4))
+def test_a_new_table_loaded_in_parts_lets_no_packet_into_a_service_before_all_it_uses_is_in(
+    state: ClusterState, per_command: int, commands_per_load: int
+) -> None:
+    """A new table in several transactions (tiny sizes here; 20,480 elements each on a node):
+    the end is the rendered table, and until an entry map's element is added, every other set
+    already holds all its elements, so a packet reaches no service that is half loaded."""
+    desired = compile_all(state, NODE)
+    fake = FakeNftables(pre_6_2_kernel=True)
+    transport = FakeTransport(fake)
+    with contextlib.ExitStack() as patches:
+        for module in (nftables_compiler, nftables_plan):
+            patches.enter_context(_patched(module, "ELEMENTS_PER_COMMAND", per_command))
+        patches.enter_context(_patched(nftables_plan, "ELEMENTS_PER_LOAD", per_command * commands_per_load))
+        plan = NftablesBackend(transport=transport).sync(desired)
+    assert view(fake) == rendered(desired)
+    event(f"transactions: {min(len(plan.loads) + 1, 4)}{'+' if len(plan.loads) > 2 else ''}")
+    final = rendered(desired)
+    replay = FakeNftables(pre_6_2_kernel=True)
+    for commands in (commands for commands, _ in transport.calls if not commands.startswith("list ")):
+        replay.apply(commands)  # then packets see this state, until the next transaction
+        for family, listed in view(replay).items():
+            expected = final[family]
+            if listed is None or expected is None:
+                continue
+            static, wanted = listed[2], expected[2]
+            assert isinstance(static, dict) and isinstance(wanted, dict)
+            if any(static.get(name) for name in ENTRY_MAPS):
+                assert {n: e for n, e in static.items() if n not in ENTRY_MAPS} == {
+                    n: e for n, e in wanted.items() if n not in ENTRY_MAPS}
+
+
+@contextlib.contextmanager
+def _patched(module: object, name: str, value: int) -> Iterator[None]:
+    saved = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, saved)

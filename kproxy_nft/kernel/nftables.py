@@ -140,10 +140,16 @@ class Plan:
     next_state: Mapping[str, Applied | Delta] = field(repr=False, compare=False, default_factory=dict)
     base_generation: int = field(repr=False, default=0)
     followup: str = ""  # deletions run as a second transaction (see `nftables_plan`)
+    loads: tuple[str, ...] = ()  # the rest of a new table's elements, run after `text`
 
     @property
     def is_empty(self) -> bool:
         return not self.text and not self.followup
+
+    @property
+    def transactions(self) -> str:
+        """Every command of the plan, in the order they run (one text, for reading)."""
+        return self.text + "".join(self.loads) + self.followup
 
 
 class NftablesBackend:
@@ -224,7 +230,7 @@ class NftablesBackend:
             raise StalePlanError("a sync committed while the kernel was read")  # not worth planning
         if step is None:
             step = plan_full(kernel, rulesets, applied)
-        return Plan(step.text, step.summary, rulesets, step.next_state, generation, step.followup)
+        return Plan(step.text, step.summary, rulesets, step.next_state, generation, step.followup, step.loads)
 
     @staticmethod
     def _check_named(reader: Transport, applied: Mapping[str, Applied], named: Collection[str]) -> Step | None:
@@ -266,8 +272,18 @@ class NftablesBackend:
             result = self.transport.run(plan.text)
             if result.returncode != 0:
                 raise NftablesError(f"nft transaction failed: {result.stderr.strip()}")
+        for part in plan.loads:
+            result = self.transport.run(part)
+            if result.returncode != 0:
+                # A new table, partly loaded: services whose entry elements are not in are
+                # unreachable, as before. The failed sync is retried as a full one, which reads
+                # the table back and adds the rest.
+                self._applied = None
+                self._generation += 1
+                raise NftablesError(f"nft transaction failed loading a new table: {result.stderr.strip()}")
         self.repairs_total += plan.summary.drift  # full plans, and repairs of named objects
-        self._applied = advance(self._applied, Step(plan.text, plan.followup, plan.summary, plan.next_state))
+        self._applied = advance(self._applied, Step(plan.text, plan.followup, plan.summary, plan.next_state,
+                                                    plan.loads))
         self._generation += 1
         if plan.followup:
             result = self.transport.run(plan.followup)
@@ -298,7 +314,8 @@ class NftablesBackend:
         self._generation += 1
 
     def _plan(self, step: Step, rulesets: tuple[Ruleset, ...]) -> Plan:
-        return Plan(step.text, step.summary, rulesets, step.next_state, self._generation, step.followup)
+        return Plan(step.text, step.summary, rulesets, step.next_state, self._generation, step.followup,
+                    step.loads)
 
 
 def _as_tuple(desired: Ruleset | Iterable[Ruleset]) -> tuple[Ruleset, ...]:

@@ -65,7 +65,7 @@ class NftablesProxier(ProxierBase):
 
     def plan(self, state: ClusterState) -> ProxierPlan:
         p = self.backend.plan(compiler.compile_all(state, self._node, self.families))
-        payload = p.text + (FOLLOWUP_HEADER + p.followup if p.followup else "")
+        payload = p.text + "".join(p.loads) + (FOLLOWUP_HEADER + p.followup if p.followup else "")
         return ProxierPlan(p.is_empty, (f"nftables: {p.summary}",), payload, p)
 
     def apply(self, plan: ProxierPlan) -> None:
@@ -167,7 +167,7 @@ class NftablesProxier(ProxierBase):
             return DriftCheck()
         # Every command names its table: `… ip kproxy-nft …` (the leading space keeps ip6 apart).
         differs = tuple(f"{f} {compiler.TABLE}" for f in ("ip", "ip6")
-                        if f" {f} {compiler.TABLE}" in plan.text + plan.followup)
+                        if f" {f} {compiler.TABLE}" in plan.transactions)
         return DriftCheck(differs or ("kproxy-nft",), plan)
 
     def repair(self, check: DriftCheck) -> bool:
