@@ -15,7 +15,15 @@ from pathlib import Path
 
 import pytest
 
-from kproxy_nft.kernel.nftables_events import Commit, CommitReader, Interest, MessageError, ObjectChange
+from kproxy_nft.kernel.nftables_events import (
+    Commit,
+    CommitReader,
+    Interest,
+    MessageError,
+    ObjectChange,
+    table_dump_request,
+    tables_in_dump,
+)
 from kproxy_nft.kernel.runner import own_pids
 
 RECORDED = Path(__file__).with_name("nft_monitor_recorded.txt")
@@ -117,3 +125,28 @@ def test_outside_the_hosts_pid_namespace_the_monitor_refuses(monkeypatch: pytest
     monkeypatch.setattr(nft_monitor, "in_host_pid_namespace", lambda: False)
     with pytest.raises(OSError, match="hostPID"):
         nft_monitor.NftMonitor(None, NFTABLES, lambda tables, chains: None)
+
+
+def _message(msg_type: int, body: bytes) -> bytes:
+    return struct.pack("=IHHII", 16 + len(body), msg_type, 0x2, 1, 0) + body + b"\0" * (-len(body) % 4)
+
+
+def _table(family: int, name: str) -> bytes:
+    """A NEWTABLE message as the kernel dumps it: nfgenmsg, then NFTA_TABLE_NAME."""
+    payload = name.encode() + b"\0"
+    attribute = struct.pack("=HH", 4 + len(payload), 1) + payload + b"\0" * (-len(payload) % 4)
+    return _message(10 << 8, bytes([family, 0, 0, 0]) + attribute)
+
+
+def test_a_table_dump_request_asks_every_family_for_a_dump() -> None:
+    request = table_dump_request(sequence=7)
+    length, msg_type, flags, sequence, port = struct.unpack_from("=IHHII", request)
+    assert (length, msg_type, flags, sequence, port) == (len(request), 10 << 8 | 1, 0x301, 7, 0)
+    assert request[16:] == b"\0\0\0\0"  # AF_UNSPEC: every family
+
+
+def test_a_table_dump_gives_family_and_name_until_done_or_an_error() -> None:
+    first = _table(2, "kproxy-nft") + _table(10, "kproxy-nft")
+    assert tables_in_dump(first) == (["ip kproxy-nft", "ip6 kproxy-nft"], False, 0)
+    assert tables_in_dump(_table(1, "kube-proxy") + _message(3, b"\0" * 4)) == (["inet kube-proxy"], True, 0)
+    assert tables_in_dump(_message(2, struct.pack("=i", -1) + b"\0" * 16)) == ([], True, 1)  # EPERM

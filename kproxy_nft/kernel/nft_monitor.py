@@ -27,7 +27,13 @@ import threading
 from collections.abc import Callable
 
 from kproxy_nft.kernel.netns import entered
-from kproxy_nft.kernel.nftables_events import NFNLGRP_NFTABLES, CommitReader, Interest
+from kproxy_nft.kernel.nftables_events import (
+    NFNLGRP_NFTABLES,
+    CommitReader,
+    Interest,
+    table_dump_request,
+    tables_in_dump,
+)
 from kproxy_nft.kernel.runner import own_pids
 
 log = logging.getLogger("kproxy_nft.kernel.nft_monitor")
@@ -57,6 +63,28 @@ def open_socket(netns: str | None) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+def list_tables(netns: str | None, timeout: float = 5.0) -> set[str]:
+    """Every nf_tables table in `netns` (`"ip kproxy-nft"`, …), from one netlink dump. Raises OSError.
+
+    Not `nft list tables`: libnftables 1.0.6 answers it only after caching every table's
+    chains, rules and elements, which took 250 MB and a second at 10,000 Services.
+    """
+    with entered(netns):
+        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_NETFILTER)
+    with sock:
+        sock.settimeout(timeout)
+        sock.bind((0, 0))
+        sock.send(table_dump_request(sequence=1))
+        tables: set[str] = set()
+        done = False
+        while not done:
+            names, done, error = tables_in_dump(sock.recv(1 << 16))
+            if error:
+                raise OSError(error, os.strerror(error))
+            tables.update(names)
+    return tables
 
 
 # on_drift(tables, chains): the tables of ours a foreign commit touched, and the chains in them

@@ -147,6 +147,37 @@ def split_messages(data: bytes) -> Iterator[tuple[int, bytes]]:
         offset += (length + 3) & ~3
 
 
+# A dump of every table (what `nft list tables` prints), asked for on a socket of our own.
+NFT_MSG_GETTABLE = 1
+NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300
+_NFGENMSG_ANY_FAMILY = b"\0\0\0\0"  # nfgenmsg: AF_UNSPEC, NFNETLINK_V0, res_id 0
+
+
+def table_dump_request(sequence: int) -> bytes:
+    """NFT_MSG_GETTABLE as a dump over every family: the kernel answers one table message per
+    table, names only, then NLMSG_DONE."""
+    msg_type = NFNL_SUBSYS_NFTABLES << 8 | NFT_MSG_GETTABLE
+    header = _NLMSGHDR.pack(_NLMSGHDR.size + len(_NFGENMSG_ANY_FAMILY), msg_type, NLM_F_REQUEST | NLM_F_DUMP,
+                            sequence, 0)
+    return header + _NFGENMSG_ANY_FAMILY
+
+
+def tables_in_dump(data: bytes) -> tuple[list[str], bool, int]:
+    """One datagram of the answer to `table_dump_request`: the tables in it (`"ip kproxy-nft"`),
+    whether the dump ended, and the error number the kernel sent instead (0: none)."""
+    tables: list[str] = []
+    for msg_type, body in split_messages(data):
+        if msg_type == NLMSG_DONE:
+            return tables, True, 0
+        if msg_type == NLMSG_ERROR:
+            error = -struct.unpack_from("=i", body)[0] if len(body) >= 4 else 0
+            return tables, True, error
+        change = parse_message(msg_type, body)
+        if isinstance(change, ObjectChange) and change.kind == "table" and change.op == "new":
+            tables.append(f"{change.family} {change.name}")
+    return tables, False, 0
+
+
 @dataclass
 class CommitReader:
     """Collects object messages until their transaction's NFT_MSG_NEWGEN (the kernel sends the

@@ -15,9 +15,10 @@ from collections.abc import Iterable, Mapping
 from kproxy_nft.compile import nftables as compiler
 from kproxy_nft.compile.memo import FragmentMemo
 from kproxy_nft.kernel import counters
+from kproxy_nft.kernel.nft_monitor import list_tables
 from kproxy_nft.kernel.nftables import FollowupFailed, NftablesBackend, Plan, StalePlanError, read_table
 from kproxy_nft.kernel.nftables_events import Interest
-from kproxy_nft.kernel.nftables_transport import check, make_transport
+from kproxy_nft.kernel.nftables_transport import make_transport
 from kproxy_nft.kernel.runner import kernel_has_ipv6
 from kproxy_nft.model import ClusterState, IPFamily, NodeContext, ServicePortName
 from kproxy_nft.proxier import DriftCheck, KernelSides, Proxier, ProxierBase, ProxierPlan
@@ -180,11 +181,11 @@ class NftablesProxier(ProxierBase):
         return True
 
     def probe(self) -> tuple[str, ...]:
-        """Our tables, by name only (`list tables` reads no rules: cheap at any size)."""
+        """Our tables that are missing, by name only (a netlink dump of the table names)."""
         # A failed listing raises (not knowing is not "all gone"): the agent logs it and checks.
-        listed = set(check(self.backend.transport.run("list tables"), "list tables").splitlines())
+        listed = list_tables(self._netns)
         wanted = (f"{compiler.nft_family(f)} {compiler.TABLE}" for f in self.families)
-        return tuple(table for table in wanted if f"table {table}" not in listed)
+        return tuple(table for table in wanted if table not in listed)
 
     def drift_interest(self) -> Interest:
         return Interest(tables=frozenset((compiler.nft_family(f), compiler.TABLE) for f in self.families))
@@ -196,10 +197,6 @@ class NftablesProxier(ProxierBase):
 
 
 def tables_present(netns: str | None, name: str) -> list[str]:
-    """`ip NAME`, `ip6 NAME`: those that exist (`list tables` reads names only, not rules)."""
-    transport = make_transport(netns)
-    try:
-        listed = set(check(transport.run("list tables"), "list tables").splitlines())
-    finally:
-        transport.close()
-    return [f"{family} {name}" for family in NFT_FAMILIES if f"table {family} {name}" in listed]
+    """`ip NAME`, `ip6 NAME`: those that exist (a netlink dump of the table names)."""
+    listed = list_tables(netns)
+    return [f"{family} {name}" for family in NFT_FAMILIES if f"{family} {name}" in listed]

@@ -19,6 +19,7 @@ from kubernetes.client import V1EndpointSlice, V1Service
 from kproxy_nft.agent.main import Agent
 from kproxy_nft.agent.metrics import new_metrics
 from kproxy_nft.kernel import libnftables
+from kproxy_nft.kernel.nft_monitor import list_tables
 from kproxy_nft.kernel.nftables_transport import Transport, make_transport
 from kproxy_nft.kernel.runner import Completed
 from kproxy_nft.model import IPFamily, NodeContext
@@ -241,3 +242,14 @@ def test_stop_leaves_the_rules_and_the_monitor(netns: str) -> None:
         pass
     assert "10.96.0.10 . tcp . 80" in run_in(netns, ["nft", "list", "table", "ip", "kproxy-nft"]).stdout
     assert not any(thread.name == "nft-monitor" for thread in threading.enumerate())
+
+
+def test_the_table_names_come_from_a_netlink_dump_as_nft_lists_them(netns: str) -> None:
+    """`list_tables` (the probe, the handover) reads names only; `nft list tables` is the judge."""
+    named = [("ip", "kproxy-nft"), ("ip6", "kproxy-nft"), ("inet", "kube-proxy")]
+    named += [("ip", f"other{i}") for i in range(300)]  # more than one datagram of answer
+    tables = "".join(f"table {family} {name} {{ }}\n" for family, name in named)
+    assert run_in(netns, ["nft", "-f", "-"], stdin=tables).returncode == 0
+    listed = run_in(netns, ["nft", "list", "tables"]).stdout.splitlines()
+    assert list_tables(netns) == {line.removeprefix("table ") for line in listed}
+    assert len(list_tables(netns)) == 303
