@@ -103,7 +103,11 @@ BACKENDS_PREFIX = "backends-"
 
 
 def backends_map(proto: Protocol) -> str:
-    return f"{BACKENDS_PREFIX}{proto.lower()}"
+    return _BACKENDS_MAPS[proto]
+
+
+# One string per protocol, shared by every element that names the map (100,000 at 10k Services).
+_BACKENDS_MAPS = {proto: f"{BACKENDS_PREFIX}{proto.lower()}" for proto in Protocol}
 
 
 def affinity_map(proto: Protocol) -> str:
