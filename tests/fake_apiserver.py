@@ -12,7 +12,8 @@ and every page of one list at the first page's resourceVersion, whatever changed
 continue token carries that version and the last key served; the state at that version is
 replayed from the event history. A token from before `oldest_watchable` (after `compact`) gets
 `410` with reason `Expired`, as the real server's compacted tokens do. `before_list` lets a test
-act between pages or fail one.
+act between pages or fail one; `before_watch` fails a watch request. Each request's path is kept
+in `requests`, its headers (lower-cased names) in `request_headers`.
 """
 
 from __future__ import annotations
@@ -40,6 +41,11 @@ def _selected(obj: dict[str, Any], query: dict[str, str]) -> bool:
     return not selector.startswith("metadata.name=") or obj["metadata"]["name"] == selector.split("=", 1)[1]
 
 
+# The Status reason the real server gives with each status (metav1.StatusReason).
+REASONS = {401: "Unauthorized", 403: "Forbidden", 404: "NotFound", 410: "Expired", 429: "TooManyRequests",
+           500: "InternalError", 503: "ServiceUnavailable"}
+
+
 def _status(code: int, reason: str, message: str) -> dict[str, Any]:
     return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "reason": reason,
             "message": message, "code": code}
@@ -63,9 +69,12 @@ class FakeAPIServer:
         self.changed = threading.Condition()
         self.drop_generation = 0
         self.requests: list[str] = []
+        self.request_headers: list[dict[str, str]] = []  # each request's, names lower-cased
         # Called with (resource, query) before each list is served; an HTTP status it returns
         # is served instead, as a Status (a test's fault or change between pages).
         self.before_list: Callable[[str, dict[str, str]], int | None] | None = None
+        # The same before each watch request is answered.
+        self.before_watch: Callable[[str, dict[str, str]], int | None] | None = None
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -130,17 +139,19 @@ class FakeAPIServer:
         url = urlparse(req.path)
         query = {k: v[0] for k, v in parse_qs(url.query).items()}
         self.requests.append(req.path)
+        self.request_headers.append({name.lower(): value for name, value in req.headers.items()})
         if url.path not in PATHS:
             req.send_error(404)
             return
         resource, list_kind, api_version = PATHS[url.path]
-        if query.get("watch") in ("true", "1"):
-            self._watch(req, resource, api_version, query)
-            return
-        hook = self.before_list
+        watching = query.get("watch") in ("true", "1")
+        hook = self.before_watch if watching else self.before_list
         failure = hook(resource, query) if hook else None
         if failure is not None:
-            _send_json(req, failure, _status(failure, "InternalError", "injected by the test"))
+            _send_json(req, failure, _status(failure, REASONS.get(failure, "InternalError"), "injected by the test"))
+            return
+        if watching:
+            self._watch(req, resource, api_version, query)
             return
         with self.changed:
             if "limit" in query or "continue" in query:
