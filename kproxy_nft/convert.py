@@ -374,7 +374,18 @@ def _checked_endpoint(ep: Any, i: int, address_type: str) -> _EndpointFields:
     zone = _remembered(_ZONES, v.label_value(ep.zone, f"{field}.zone"))
     v.optional_name(ep.hostname, f"{field}.hostname", DNS1123_LABEL, "hostname (DNS-1123 label)", 63)
     zone_hints, node_hints = _hints(ep.hints, f"{field}.hints")
-    return (ep.addresses[0], *_conditions(ep.conditions), node_name, zone, zone_hints, node_hints)
+    return (_own_copy(ep.addresses[0]), *_conditions(ep.conditions), node_name, zone, zone_hints, node_hints)
+
+
+def _own_copy(text: str) -> str:
+    """A new string equal to `text`, for one that outlives the decoded object it came from.
+
+    The decoded EndpointSlices of a list (98 MB at 10k Services) are freed once converted; an
+    address kept from one would keep the allocator's whole block of that object's memory in
+    use, and the agent's resident memory with it. A copy made now sits with the other
+    long-lived values.
+    """
+    return text.encode().decode()
 
 
 # Node names and zones already found valid, each mapped to its interned copy: the few distinct
@@ -407,7 +418,7 @@ def _plain_endpoint(ep: Any) -> _EndpointFields | None:
     zone = ep.zone if ep.zone is None else _ZONES.get(ep.zone)
     if (node_name is None and ep.node_name is not None) or (zone is None and ep.zone is not None):
         return None
-    return (addresses[0], *_conditions(ep.conditions), node_name, zone, _NO_HINTS, _NO_HINTS)
+    return (_own_copy(addresses[0]), *_conditions(ep.conditions), node_name, zone, _NO_HINTS, _NO_HINTS)
 
 
 def _hints(hints: Any, field: str) -> tuple[frozenset[str], frozenset[str]]:
