@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import struct
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 
@@ -86,7 +87,7 @@ FILTER_CHAINS = (KUBE_NODEPORTS, KUBE_SERVICES, KUBE_EXTERNAL_SERVICES, KUBE_FOR
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: an agent keeps ~10 per service; 4 MiB less at 10k
 class Chain:
     """One chain we own and its rules, each the text after `-A <name> `."""
 
@@ -136,22 +137,25 @@ _B32 = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"
 # Base32 two characters (10 bits) at a time: the stdlib's b32encode is pure Python in 3.11 and
 # was 40% of a 10,000-service compile.
 _B32_PAIRS = tuple(a + b for a in _B32 for b in _B32)
+# The digest's first 80 bits as a 64-bit and a 16-bit int: one C call, 15% faster per hash
+# than two 40-bit `int.from_bytes` of slices.
+_FIRST_80_BITS = struct.Struct(">QH")
 
 
 def _hash16(text: str) -> str:
     """kube-proxy's chain-name hash: base32(sha256(text))[:16].
 
-    16 base32 characters carry the digest's first 80 bits, encoded here 10 bits at a time
-    from two 40-bit halves (small ints, so no bignum work). Not cached: whole service ports
-    are (`compile_service_port`), so an unchanged service never gets here again.
+    16 base32 characters carry the digest's first 80 bits, encoded here 10 bits at a time:
+    the top 60 bits of the 64-bit word, then its last 4 bits with the 16 that follow. Not
+    cached: whole service ports are (`compile_service_port`), so an unchanged service never
+    gets here again.
     """
-    digest = hashlib.sha256(text.encode()).digest()
-    a = int.from_bytes(digest[:5], "big")
-    b = int.from_bytes(digest[5:10], "big")
+    high, low = _FIRST_80_BITS.unpack_from(hashlib.sha256(text.encode()).digest())
+    rest = (high & 15) << 16 | low
     p = _B32_PAIRS
     return "".join(
-        (p[a >> 30], p[(a >> 20) & 1023], p[(a >> 10) & 1023], p[a & 1023],
-         p[b >> 30], p[(b >> 20) & 1023], p[(b >> 10) & 1023], p[b & 1023])
+        (p[high >> 54], p[(high >> 44) & 1023], p[(high >> 34) & 1023], p[(high >> 24) & 1023],
+         p[(high >> 14) & 1023], p[(high >> 4) & 1023], p[rest >> 10], p[rest & 1023])
     )
 
 
@@ -275,11 +279,16 @@ class _Names:
         self.name = svc.name
         self.text = str(svc.name)
         self.proto = svc.protocol.lowercase
-        self.comment = f"-m comment --comment {quote(self.text)}"
+        quoted = quote(self.text)
+        self.comment = f"-m comment --comment {quoted}"
         self.affinity = svc.session_affinity_seconds
+        # kube-proxy's portProtoHash, which the SVC-, SVL-, EXT- and FW- chains share; the
+        # KUBE-SEP- hashes add the endpoint's address to the same text.
+        self._hashed = self.text + self.proto
+        self.port_hash = _hash16(self._hashed)
         # Names are DNS labels (render.service_port), so `"ns/svc:port -> ip:port"` needs no
         # escaping; if one somehow did, every such comment is quoted in full instead.
-        self._safe = quote(self.text) == self.text
+        self._safe = quoted == self.text
         self._arrow = f'-m comment --comment "{self.text} -> '
 
     def arrow_comment(self, address: str) -> str:
@@ -289,7 +298,7 @@ class _Names:
         return comment(f"{self.text} -> {address}")
 
     def endpoint_chain(self, address: str) -> str:
-        return SEP_PREFIX + _hash16(self.text + self.proto + address)
+        return SEP_PREFIX + _hash16(self._hashed + address)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -316,20 +325,24 @@ def _endpoint_jumps(names: _Names, addresses: list[str], seps: dict[str, str]) -
     return rules
 
 
-def _endpoint_chains(names: _Names, endpoints: tuple[Endpoint, ...], seps: dict[str, str]) -> list[Chain]:
-    """One KUBE-SEP- chain per endpoint: hairpin masquerade, then DNAT."""
+def _endpoint_chains(
+    names: _Names, endpoints: tuple[Endpoint, ...], addresses: list[str], seps: dict[str, str]
+) -> list[Chain]:
+    """One KUBE-SEP- chain per endpoint (`addresses`: theirs): hairpin masquerade, then DNAT."""
     # Hairpin: a pod reaching itself through the service must be masqueraded, or its reply
     # would go straight back to itself with the wrong source address.
     hairpin = f"{names.comment} -s "
     hairpin_end = f" -j {KUBE_MARK_MASQ}"
     dnat = f" -m {names.proto} -p {names.proto} -j DNAT --to-destination "
+    plain_dnat = names.comment + dnat  # without affinity, all DNAT rules start alike
     chains = []
-    for ep in endpoints:
-        address = ep.address
+    for ep, address in zip(endpoints, addresses, strict=True):
         chain = seps[address]
-        recent = f" -m recent --name {chain} --set" if names.affinity is not None else ""
-        rules = (hairpin + ep.ip + hairpin_end, names.comment + recent + dnat + address)
-        chains.append(Chain(chain, rules, names.name))
+        if names.affinity is None:
+            dnat_rule = plain_dnat + address
+        else:
+            dnat_rule = f"{names.comment} -m recent --name {chain} --set{dnat}{address}"
+        chains.append(Chain(chain, (hairpin + ep.ip + hairpin_end, dnat_rule), names.name))
     return chains
 
 
@@ -375,10 +388,10 @@ class _Routing:
     uses_fw: bool
 
     def __post_init__(self) -> None:
-        name = self.svc.name
+        port_hash = self.names.port_hash  # `service_chain_name`, hashed once for all four
         for field_name, prefix in (("svc_chain", SVC_PREFIX), ("svl_chain", SVL_PREFIX),
                                    ("ext_chain", EXT_PREFIX), ("fw_chain", FW_PREFIX)):
-            object.__setattr__(self, field_name, service_chain_name(prefix, name))
+            object.__setattr__(self, field_name, prefix + port_hash)
 
     svc_chain: str = field(init=False)
     svl_chain: str = field(init=False)
@@ -396,6 +409,11 @@ class _Routing:
     def dest(self, ip: str) -> str:
         proto = self.names.proto
         return f"-m {proto} -p {proto} -d {ip} --dport {self.svc.port}"
+
+    @functools.cached_property
+    def cluster_match(self) -> str:
+        """Traffic to the cluster IP: how its rules in KUBE-SERVICES and in SVC/SVL begin."""
+        return f"{comment(f'{self.names.text} cluster IP')} {self.dest(self.cluster_ip)}"
 
 
 def compile_service_port(
@@ -443,8 +461,7 @@ def _shared_rules(route: _Routing) -> list[SharedRule]:
 
     # Cluster IP.
     if route.has_internal:
-        shared.append(("nat", KUBE_SERVICES,
-                       f"{comment(f'{text} cluster IP')} {dest(route.cluster_ip)} -j {internal_policy}"))
+        shared.append(("nat", KUBE_SERVICES, f"{route.cluster_match} -j {internal_policy}"))
     else:
         shared.append(("filter", KUBE_SERVICES, f"{verdict_comment} {dest(route.cluster_ip)} -j {verdict}"))
 
@@ -490,7 +507,7 @@ def _own_chains(route: _Routing, node: NodeContext, family: IPFamily) -> list[Ch
     # Masquerade decision for cluster IP traffic, first rule of the internal policy chain.
     internal_rules: list[str] = []
     if route.has_internal:
-        cluster_match = f"{comment(f'{names.text} cluster IP')} {route.dest(route.cluster_ip)}"
+        cluster_match = route.cluster_match
         detector = node.local_detector(family)
         if node.masquerade_all:
             internal_rules.append(f"{cluster_match} -j {KUBE_MARK_MASQ}")
@@ -509,17 +526,25 @@ def _own_chains(route: _Routing, node: NodeContext, family: IPFamily) -> list[Ch
         rules = _firewall_rules(names.text, svc, route.ranges, route.lb_ips, node, family, route.ext_chain)
         chains.append(Chain(route.fw_chain, tuple(rules), name))
 
+    # Each endpoint's `ip:port` (a property that formats it) once, and its KUBE-SEP- chain.
+    reachable = sel.all_reachable
+    addresses = [ep.address for ep in reachable]
+    seps = {address: names.endpoint_chain(address) for address in addresses}
+
+    def addresses_of(endpoints: tuple[Endpoint, ...]) -> list[str]:
+        # Unless a policy is Local, the cluster endpoints *are* the reachable ones (one tuple).
+        return addresses if endpoints is reachable else [ep.address for ep in endpoints]
+
     # The SVC/SVL chains exist only when they have endpoints to jump to (as in kube-proxy).
-    seps = {ep.address: names.endpoint_chain(ep.address) for ep in sel.all_reachable}
     if sel.cluster:
         rules = internal_rules if not route.internal_local else []
-        jumps = _endpoint_jumps(names, [ep.address for ep in sel.cluster], seps)
+        jumps = _endpoint_jumps(names, addresses_of(sel.cluster), seps)
         chains.append(Chain(route.svc_chain, (*rules, *jumps), name))
     if sel.local:
         rules = internal_rules if route.internal_local else []
-        jumps = _endpoint_jumps(names, [ep.address for ep in sel.local], seps)
+        jumps = _endpoint_jumps(names, addresses_of(sel.local), seps)
         chains.append(Chain(route.svl_chain, (*rules, *jumps), name))
-    chains.extend(_endpoint_chains(names, sel.all_reachable, seps))
+    chains.extend(_endpoint_chains(names, reachable, addresses, seps))
     return chains
 
 
