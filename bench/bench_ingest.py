@@ -11,16 +11,16 @@ cluster (`lab.synthetic.synthetic_objects`), then prints:
   (its VmHWM from /proc/self/status, printed as it exits);
 * ingestion alone (`read_manifests` + `cluster_state`, no compile), in a subprocess of its own
   for its peak RSS;
-* the agent (`kproxy-nft run`, nftables mode, in a throwaway `kpn-` namespace) fed by the test
-  API server (tests/fake_apiserver.py) over HTTP: its first sync (list → kernel, as its log
-  reports it), and its resident memory read from /proc/<pid>/status, steady (VmRSS, `--settle`
-  seconds after the first sync) and peak (VmHWM, the initial list included).
+* the agent (`kproxy-nft run`, in each of `--agent-modes`, in a throwaway `kpn-` namespace) fed
+  by the test API server (tests/fake_apiserver.py) over HTTP: its first sync (list → kernel, as
+  its log reports it), and its resident memory read from /proc/<pid>/status, steady (VmRSS,
+  `--settle` seconds after the first sync) and peak (VmHWM, the initial list included).
 
 Then it writes a PNG chart of time and memory against cluster size (`--chart`). Not a test;
 the agent rows need root. Usage:
     python bench/bench_ingest.py [--sizes 1000,10000,30000] [--decoder-sizes 1000,10000] [--endpoints 10]
                                  [--dir /tmp/kproxy-ingest] [--before DIR] [--agent-sizes 1000,10000,30000]
-                                 [--settle 10] [--chart bench/ingest.png]
+                                 [--agent-modes nftables,iptables] [--settle 10] [--chart bench/ingest.png]
 """
 
 from __future__ import annotations
@@ -87,7 +87,8 @@ def decoders() -> dict[str, Callable[[str], Any]]:
         "json (stdlib)": json.loads,
         "yaml CSafeLoader": lambda text: yaml.load(text, Loader=yaml.CSafeLoader),  # noqa: S506 (safe loader)
         "yaml CSafeLoader no-time": lambda text: yaml.load(text, Loader=NoTimestampLoader),  # noqa: S506 (safe)
-        "yaml libyaml events (slim)": slim.lean_yaml_load,
+        "yaml libyaml events (slim)": lambda text: list(slim._lean_documents(text)),
+        "yaml lean_yaml_load (slim)": slim.lean_yaml_load,
         "msgspec + Structs (slim)": typed,
         "json + pydantic models": lambda text: [
             slim.KINDS[(item["apiVersion"], item["kind"])].model_validate(item) for item in json.loads(text)["items"]],
@@ -99,6 +100,11 @@ def decoders() -> dict[str, Callable[[str], Any]]:
     except ImportError:
         pass
     found["msgspec"] = msgspec.json.decode
+    import oryaml  # a dependency; imported here, as the optional ones are
+
+    from kproxy_nft.sources import yaml_fast
+    found["oryaml (YAML 1.2)"] = oryaml.loads
+    found["yaml_fast (risky scan + oryaml)"] = yaml_fast.load
     try:
         import yaml_rs  # type: ignore[import-not-found]
         found["yaml-rs (YAML 1.2)"] = yaml_rs.loads
@@ -142,17 +148,17 @@ def status_mib(pid: int) -> dict[str, float]:
     return {key: int(fields[key].split()[0]) / 1024 for key in ("VmRSS", "VmHWM")}
 
 
-def agent_command(kubeconfig: Path, netns: str) -> list[str]:
+def agent_command(kubeconfig: Path, netns: str, mode: str = "nftables") -> list[str]:
     """`kproxy-nft run` as an operator would start it, programming `netns`; the node's conntrack
     settings left alone (0) and its listeners on free loopback ports."""
     return [sys.executable, "-c", "from kproxy_nft.cli import main; main()", "run", "--kubeconfig", str(kubeconfig),
-            "--netns", netns, "--proxy-mode", "nftables", "--hostname-override", "node0",
+            "--netns", netns, "--proxy-mode", mode, "--hostname-override", "node0",
             "--cluster-cidr", "10.128.0.0/9", "--conntrack-max-per-core", "0",
             "--conntrack-tcp-timeout-established", "0", "--conntrack-tcp-timeout-close-wait", "0",
             "--metrics-bind-address", "127.0.0.1:0", "--healthz-bind-address", "127.0.0.1:0"]
 
 
-def agent_figures(services: int, endpoints: int, settle: float) -> dict[str, float]:
+def agent_figures(services: int, endpoints: int, settle: float, mode: str = "nftables") -> dict[str, float]:
     """The agent fed `services` × `endpoints` over HTTP: first sync s, steady VmRSS and peak VmHWM MiB.
 
     The agent is a process of its own so that its /proc status is its memory alone (not the
@@ -167,7 +173,7 @@ def agent_figures(services: int, endpoints: int, settle: float) -> dict[str, flo
         kubeconfig.write_text(KUBECONFIG % api.url)
         with log.open("w") as out:
             t0 = time.perf_counter()
-            agent = subprocess.Popen(agent_command(kubeconfig, netns), stdout=out, stderr=subprocess.STDOUT)
+            agent = subprocess.Popen(agent_command(kubeconfig, netns, mode), stdout=out, stderr=subprocess.STDOUT)
         try:
             while SYNCED not in log.read_text():
                 if agent.poll() is not None or time.perf_counter() - t0 > 600:
@@ -243,6 +249,7 @@ def main() -> None:
                         help="sizes at which decoders are compared (PyYAML's loader takes minutes at 30k)")
     parser.add_argument("--before", metavar="DIR", help="also time the kproxy_nft package in DIR (another version)")
     parser.add_argument("--agent-sizes", default=None, help="sizes to run the agent at (default: --sizes; '' none)")
+    parser.add_argument("--agent-modes", default="nftables,iptables", help="proxy modes to run the agent in")
     parser.add_argument("--settle", type=float, default=10.0, help="seconds after the first sync to read VmRSS")
     parser.add_argument("--chart", default="bench/ingest.png")
     args = parser.parse_args()
@@ -258,9 +265,10 @@ def main() -> None:
         if str(n) in args.decoder_sizes.split(","):
             compare_decoders(json_path, yaml_path)
         results[n] = dump_figures((json_path, yaml_path), args.before)
-        if str(n) in agent_sizes:
-            agent = agent_figures(n, args.endpoints, args.settle)
-            results[n] |= {f"agent {key}": value for key, value in agent.items()}
+        for mode in args.agent_modes.split(",") if str(n) in agent_sizes else ():
+            agent = agent_figures(n, args.endpoints, args.settle, mode)
+            print(" ".join(f"agent {mode} {key}: {value:.2f}" for key, value in agent.items()), flush=True)
+            results[n] |= {f"agent {mode} {key}": value for key, value in agent.items()}
         print(flush=True)
     columns = list(dict.fromkeys(key for figures in results.values() for key in figures))
     print("\n" + " | ".join(["services", *columns]))
