@@ -10,6 +10,7 @@ and the same models, and refuse the same files with the same one-line message.
 from __future__ import annotations
 
 import datetime
+import json
 from pathlib import Path
 from typing import Any
 
@@ -226,3 +227,10 @@ def test_the_ipv4_shortcut_and_the_cache_decide_as_ipaddress_does(value: str) ->
         patch.setattr(validation, "_non_special_ip_text", lambda value: validation._non_special_ip(value, ""))
         slow = [_verdict(check, value) for check in (validation.non_special_ip, validation.service_ip)]
     assert fast == slow
+
+
+def test_a_timestamp_with_a_lone_surrogate_reads_alike(tmp_path: Path) -> None:
+    """JSON's `\\ud800` escape gives a string msgspec cannot parse a time from (no UTF-8): the
+    client's model decides, as on the old path (found by the fuzzed files above)."""
+    text = json.dumps(_with(SERVICE, "metadata", "creationTimestamp", "\ud800"))
+    assert_same(ManifestFile(".json", text.encode()), tmp_path)

@@ -242,7 +242,9 @@ def to_struct(key: tuple[str, str], obj: dict[str, Any]) -> Any:
     """The slim object of a decoded document of kind `key` (a key of `KINDS`); `Unsure` if msgspec refuses it."""
     try:
         return msgspec.convert(obj, _STRUCT_OF_KIND[key])
-    except (msgspec.ValidationError, RecursionError) as e:
+    # UnicodeEncodeError: msgspec parses a timestamp from its UTF-8, which a lone surrogate (a
+    # JSON `\ud800` escape) does not have.
+    except (msgspec.ValidationError, RecursionError, UnicodeEncodeError) as e:
         raise Unsure(str(e)) from None
 
 
