@@ -11,8 +11,9 @@ from typing import Any
 import pytest
 from kubernetes import client
 
-from kproxy_nft.agent.changes import ChangeTracker
-from kproxy_nft.sources.kube import Change, Reflector, Replace, list_functions
+from kproxy_nft.agent.changes import PREPARE, ChangeTracker
+from kproxy_nft.sources.events import Change, Replace
+from kproxy_nft.sources.kube import Reflector, list_functions
 from tests.fake_apiserver import FakeAPIServer
 
 
@@ -34,7 +35,7 @@ class Harness:
     tracker on demand, each item also kept in `seen`; running while the harness is entered."""
 
     def __init__(self, api: FakeAPIServer, resources: tuple[str, ...] = ("services", "endpointslices"),
-                 **options: Any) -> None:
+                 prepared: bool = False, **options: Any) -> None:
         cfg = client.Configuration(host=api.url)
         self.api = api
         self.api_client = client.ApiClient(cfg)
@@ -43,7 +44,9 @@ class Harness:
         self.stop = threading.Event()
         self.tracker = ChangeTracker()
         options = {"watch_timeout": 2, "initial_backoff": 0.05, "jitter": lambda: 0.0, **options}
-        self.reflectors = [Reflector(name, fn, self.events.put, self.stop, **options)
+        # `prepared`: as the agent runs them, converting each object on the reflector's thread.
+        self.reflectors = [Reflector(name, fn, self.events.put, self.stop,
+                                     prepare=PREPARE.get(name) if prepared else None, **options)
                            for name, fn in list_functions(self.api_client).items() if name in resources]
         self.threads = [threading.Thread(target=r.run, daemon=True) for r in self.reflectors]
 
@@ -96,12 +99,12 @@ def apply_to(tracker: ChangeTracker, item: Replace | Change) -> None:
         (tracker.slice_deleted if item.type == "DELETED" else tracker.slice_updated)(item.obj)
 
 
-@pytest.fixture
-def harness() -> Iterator[tuple[FakeAPIServer, Harness]]:
+@pytest.fixture(params=["raw", "prepared"])
+def harness(request: pytest.FixtureRequest) -> Iterator[tuple[FakeAPIServer, Harness]]:
     with FakeAPIServer() as api:
         api.apply("services", service("web", "10.96.0.10"))
         api.apply("endpointslices", endpoint_slice("web-1", "web", ["10.1.0.1"]))
-        with Harness(api) as h:
+        with Harness(api, prepared=request.param == "prepared") as h:
             yield api, h
 
 

@@ -10,6 +10,16 @@ The state is kept per object (converted once, when it arrives) and per service, 
 snapshot costs O(changed services), not O(cluster): unchanged services reuse the ServicePort
 records and merged endpoint tuples of the previous snapshot. Pure: no I/O, no clock.
 
+Converting is `prepare_service` / `prepare_slice`: an object → the small frozen value the tracker
+keeps of it (its key, its owning service, its converted ports or endpoints, or why it is invalid,
+and the trigger-time annotation the agent reads). They are pure, so the API's reflectors call
+them on their own threads, on each page of a list as it is decoded (`Reflector(prepare=...)`),
+and the decoded objects of a page are dropped before the next page is fetched: at 10,000
+Services × 10 endpoints the EndpointSlice Structs were ~98 MiB, all alive at once until the
+loop had converted the whole list. The tracker prepares whatever it is handed, and a prepared
+value prepares to itself, so callers with raw objects (manifests, tests) go the same one way;
+its state stays in the loop's thread.
+
 Invalid objects (the API server would have refused them; a manifest, an old API server or a
 webhook-free test cluster may still hand one over) never stop the node: a new one is skipped,
 and an invalid update of an object that was valid keeps the previous valid version, so nothing
@@ -19,7 +29,11 @@ the agent takes them (`take_rejections`) to log and count.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
 
 from kubernetes.client import V1EndpointSlice, V1Service
 
@@ -49,16 +63,80 @@ class Snapshot:
     changed_ports: frozenset[ServicePortName] = frozenset()
 
 
-def _key(obj: V1Service | V1EndpointSlice) -> ServiceKey:
+TRIGGER_TIME = "endpoints.kubernetes.io/last-change-trigger-time"
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedService:
+    """What the tracker keeps of a Service: its converted ports, or why it is invalid."""
+
+    key: ServiceKey
+    ports: tuple[ServicePort, ...] | None  # None: invalid
+    # The `InvalidObject`'s text, not the exception: its traceback's frames hold the object.
+    error: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedSlice:
+    """What the tracker (and the agent) keep of an EndpointSlice."""
+
+    key: ServiceKey
+    service: ServiceKey | None  # its `kubernetes.io/service-name`; None: not converted, not applied
+    endpoints: EndpointsByPort | None  # None: invalid
+    error: str = ""
+    trigger_time: float | None = None  # `TRIGGER_TIME`, as a Unix time (network programming latency)
+
+
+def _object_key(obj: Any) -> ServiceKey:
     meta = obj.metadata
     assert meta is not None and meta.name is not None
     return (meta.namespace or "default", meta.name)
+
+
+def _key(obj: Any) -> ServiceKey:
+    return obj.key if isinstance(obj, PreparedService | PreparedSlice) else _object_key(obj)
 
 
 def _slice_service(eps: V1EndpointSlice) -> ServiceKey | None:
     meta = eps.metadata
     service = (meta.labels or {}).get(SERVICE_NAME_LABEL) if meta else None
     return (meta.namespace or "default", service) if meta and service else None
+
+
+def _trigger_time(eps: V1EndpointSlice) -> float | None:
+    meta = eps.metadata
+    stamp = (meta.annotations or {}).get(TRIGGER_TIME) if meta else None
+    if stamp:
+        with contextlib.suppress(ValueError):  # a malformed annotation is not worth a failed sync
+            return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+    return None
+
+
+def prepare_service(svc: V1Service | PreparedService) -> PreparedService:
+    """A Service converted (pure; a prepared one is returned as it is)."""
+    if isinstance(svc, PreparedService):
+        return svc
+    key = _object_key(svc)
+    try:
+        return PreparedService(key, convert_service(svc).ports)
+    except InvalidObject as e:
+        return PreparedService(key, None, str(e))
+
+
+def prepare_slice(eps: V1EndpointSlice | PreparedSlice) -> PreparedSlice:
+    """An EndpointSlice converted (pure; a prepared one is returned as it is). A slice of no
+    service is not converted: nothing would use it."""
+    if isinstance(eps, PreparedSlice):
+        return eps
+    key, owner, trigger_time = _object_key(eps), _slice_service(eps), _trigger_time(eps)
+    try:
+        return PreparedSlice(key, owner, convert_endpoint_slice(eps) if owner else {}, "", trigger_time)
+    except InvalidObject as e:
+        return PreparedSlice(key, owner, None, str(e), trigger_time)
+
+
+# By resource name: what the API's reflectors run on each object they hand on (`run_agent`).
+PREPARE: dict[str, Callable[[Any], Any]] = {"services": prepare_service, "endpointslices": prepare_slice}
 
 
 class ChangeTracker:
@@ -88,34 +166,31 @@ class ChangeTracker:
 
     # -- events -----------------------------------------------------------------------------
 
-    def service_updated(self, svc: V1Service) -> None:
-        key = _key(svc)
+    def service_updated(self, svc: V1Service | PreparedService) -> None:
+        prepared = prepare_service(svc)
+        key = prepared.key
         self.service_events += 1
-        try:
-            ports = convert_service(svc).ports
-        except InvalidObject as e:
-            self._reject("Service", key, e, previous=key in self._ports)
+        if prepared.ports is None:
+            self._reject("Service", key, prepared.error, previous=key in self._ports)
             return
         self.rejected.pop(("Service", *key), None)
-        if self._ports.get(key) != ports:
-            self._ports[key] = ports
+        if self._ports.get(key) != prepared.ports:
+            self._ports[key] = prepared.ports
             self._changed.add(key)
 
-    def service_deleted(self, svc: V1Service) -> None:
+    def service_deleted(self, svc: V1Service | PreparedService) -> None:
         key = _key(svc)
         self.service_events += 1
         self.rejected.pop(("Service", *key), None)
         if self._ports.pop(key, None) is not None:
             self._changed.add(key)
 
-    def slice_updated(self, eps: V1EndpointSlice) -> None:
-        key = _key(eps)
+    def slice_updated(self, eps: V1EndpointSlice | PreparedSlice) -> None:
+        prepared = prepare_slice(eps)
+        key, owner, endpoints = prepared.key, prepared.service, prepared.endpoints
         self.endpoint_events += 1
-        owner = _slice_service(eps)
-        try:
-            endpoints = convert_endpoint_slice(eps) if owner else {}
-        except InvalidObject as e:
-            self._reject("EndpointSlice", key, e, previous=key in self._slices)
+        if endpoints is None:
+            self._reject("EndpointSlice", key, prepared.error, previous=key in self._slices)
             return
         self.rejected.pop(("EndpointSlice", *key), None)
         if owner is not None and self._slice_owner.get(key) == owner and self._slices.get(key) == endpoints:
@@ -127,13 +202,13 @@ class ChangeTracker:
             self._slices_of.setdefault(owner, set()).add(key)
             self._changed.add(owner)
 
-    def slice_deleted(self, eps: V1EndpointSlice) -> None:
+    def slice_deleted(self, eps: V1EndpointSlice | PreparedSlice) -> None:
         self.endpoint_events += 1
         key = _key(eps)
         self.rejected.pop(("EndpointSlice", *key), None)
         self._drop_slice(key)
 
-    def _reject(self, kind: str, key: ServiceKey, error: InvalidObject, previous: bool) -> None:
+    def _reject(self, kind: str, key: ServiceKey, error: str, previous: bool) -> None:
         """Leave the object as it was (its previous valid version, or absent); report a new reason once."""
         message = f"{kind} {key[0]}/{key[1]}: {error}"
         if self.rejected.get((kind, *key)) != message:  # a relist repeats it: no news
@@ -152,30 +227,33 @@ class ChangeTracker:
             self._slices_of[owner].discard(key)
             self._changed.add(owner)
 
-    def replace_services(self, services: list[V1Service]) -> None:
+    def replace_services(self, services: Iterable[V1Service | PreparedService]) -> None:
         """A relist of Services: these are now all of them; any other was deleted."""
-        live = {_key(s) for s in services}
+        prepared = [prepare_service(s) for s in services]
+        live = {p.key for p in prepared}
         for key in [k for k in self._ports if k not in live]:
             del self._ports[key]
             self._changed.add(key)
         self._forget_rejected("Service", live)
-        for svc in services:
-            self.service_updated(svc)
+        for p in prepared:
+            self.service_updated(p)
 
-    def replace_slices(self, slices: list[V1EndpointSlice]) -> None:
+    def replace_slices(self, slices: Iterable[V1EndpointSlice | PreparedSlice]) -> None:
         """A relist of EndpointSlices: these are now all of them; any other was deleted."""
-        live = {_key(s) for s in slices}
+        prepared = [prepare_slice(s) for s in slices]
+        live = {p.key for p in prepared}
         for key in [k for k in self._slices if k not in live]:
             self._drop_slice(key)
         self._forget_rejected("EndpointSlice", live)
-        for eps in slices:
-            self.slice_updated(eps)
+        for p in prepared:
+            self.slice_updated(p)
 
     def _forget_rejected(self, kind: str, live: set[ServiceKey]) -> None:
         for gone in [k for k in self.rejected if k[0] == kind and k[1:] not in live]:
             del self.rejected[gone]
 
-    def replace_all(self, services: list[V1Service], slices: list[V1EndpointSlice]) -> None:
+    def replace_all(self, services: Iterable[V1Service | PreparedService],
+                    slices: Iterable[V1EndpointSlice | PreparedSlice]) -> None:
         self.replace_services(services)
         self.replace_slices(slices)
 

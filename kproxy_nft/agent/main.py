@@ -1,7 +1,9 @@
 """The node agent's loop: sources → change tracker → sync scheduler → proxier, with metrics and health.
 
 One thread owns all state: it drains the sources' event queue into the `ChangeTracker`, asks the
-`SyncScheduler` when to sync, and hands each sync the tracker's snapshot. Nothing is applied until
+`SyncScheduler` when to sync, and hands each sync the tracker's snapshot. Services and
+EndpointSlices from the API come already converted (`changes.PREPARE`, run by the reflectors on
+their threads, page by page); raw objects (manifests, tests) are prepared here. Nothing is applied until
 both Services and EndpointSlices have completed their first list, so an empty cache at startup
 never wipes the node's rules. SIGTERM/SIGINT stop the loop and leave the rules in place, so
 traffic keeps flowing across a restart; a restarted agent adopts what it finds (its first sync
@@ -14,7 +16,6 @@ counted in `kproxy_nft_invalid_objects_total{kind}`; every valid object is progr
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import dataclasses
 import logging
@@ -23,9 +24,8 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from datetime import datetime
 
-from kproxy_nft.agent.changes import ChangeTracker, Snapshot
+from kproxy_nft.agent.changes import ChangeTracker, PreparedSlice, Snapshot, prepare_service, prepare_slice
 from kproxy_nft.agent.metrics import Metrics
 from kproxy_nft.agent.scheduler import FULL_SYNC_PERIOD, CheckResult, SyncOutcome, SyncScheduler
 from kproxy_nft.convert import InvalidObject, convert_node, convert_service_cidr
@@ -37,7 +37,6 @@ from kproxy_nft.sources.events import Change, Event, Rejection, Replace
 log = logging.getLogger("kproxy_nft.agent")
 
 RESOURCES = ("services", "endpointslices")
-TRIGGER_TIME = "endpoints.kubernetes.io/last-change-trigger-time"
 
 
 def release_free_memory() -> None:
@@ -91,17 +90,9 @@ class _CheckDone:
 _Item = Event | _Wake | _DriftNotice | _CheckDone
 
 
-def _trigger_times(item: Replace | Change) -> list[float]:
+def _trigger_times(slices: list[PreparedSlice]) -> list[float]:
     """EndpointSlice last-change-trigger-time annotations (for network programming latency)."""
-    objs = item.items if isinstance(item, Replace) else (item.obj,)
-    times = []
-    for obj in objs:
-        annotations = (obj.metadata.annotations or {}) if getattr(obj, "metadata", None) else {}
-        stamp = annotations.get(TRIGGER_TIME)
-        if stamp:
-            with contextlib.suppress(ValueError):  # a malformed annotation is not worth a failed sync
-                times.append(datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp())
-    return times
+    return [eps.trigger_time for eps in slices if eps.trigger_time is not None]
 
 
 class Agent:
@@ -158,18 +149,27 @@ class Agent:
             self._service_cidr_event(item)
             return
         t = self.tracker
+        objs = item.items if isinstance(item, Replace) else (item.obj,)
+        count = 1 if isinstance(item, Change) else max(len(objs), 1)
         if item.resource == "endpointslices":
-            self.metrics.endpoint_changes.inc(1 if isinstance(item, Change) else max(len(item.items), 1))
-            self._pending_triggers += _trigger_times(item)
+            # The API's reflectors hand on prepared values (converted on their threads, page by
+            # page); other sources raw objects, prepared here. Preparing a prepared one is a no-op.
+            slices = [prepare_slice(obj) for obj in objs]
+            self.metrics.endpoint_changes.inc(count)
+            self._pending_triggers += _trigger_times(slices)
+            if isinstance(item, Replace):
+                t.replace_slices(slices)
+            else:
+                (t.slice_deleted if item.type == "DELETED" else t.slice_updated)(slices[0])
         else:
-            self.metrics.service_changes.inc(1 if isinstance(item, Change) else max(len(item.items), 1))
+            services = [prepare_service(obj) for obj in objs]
+            self.metrics.service_changes.inc(count)
+            if isinstance(item, Replace):
+                t.replace_services(services)
+            else:
+                (t.service_deleted if item.type == "DELETED" else t.service_updated)(services[0])
         if isinstance(item, Replace):
             self.listed.add(item.resource)
-            (t.replace_services if item.resource == "services" else t.replace_slices)(list(item.items))
-        elif item.resource == "services":
-            (t.service_deleted if item.type == "DELETED" else t.service_updated)(item.obj)
-        else:
-            (t.slice_deleted if item.type == "DELETED" else t.slice_updated)(item.obj)
         for rejection in t.take_rejections():
             self._report(rejection)
         self.metrics.last_queued_timestamp.set(self._clock())

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from types import FrameType
 
+from kproxy_nft.agent.changes import PREPARE
 from kproxy_nft.agent.healthcheck import HealthCheckServers
 from kproxy_nft.agent.http import Listener, ProxyHealth, json_route, metrics_route, text_route
 from kproxy_nft.agent.main import Agent
@@ -79,7 +80,9 @@ def run_agent(settings: ProxySettings, *, kubeconfig: str | None, manifest_paths
 
         api = api_client(kubeconfig)
         for resource, list_fn in list_functions(api, settings.node.hostname).items():
-            reflector = Reflector(resource, list_fn, emit, agent.stop)
+            # Services and EndpointSlices are converted on the reflector's thread, page by page
+            # (`changes.PREPARE`): the decoded objects of a list are never all alive at once.
+            reflector = Reflector(resource, list_fn, emit, agent.stop, prepare=PREPARE.get(resource))
             threads.append(threading.Thread(target=reflector.run, name=resource, daemon=True))
 
     effective = configz(settings, kubeconfig=kubeconfig, metrics_bind_address=metrics_address,

@@ -2,6 +2,8 @@
 
 Both sources (the API's reflectors in `kube.py`, `--manifests` in `manifest_watch.py`) put these
 on the agent's queue; the agent's loop is the only reader, so all state lives in one thread.
+The objects are as decoded, or, from a reflector given a `prepare`, what that made of them (the
+agent's reflectors hand on Services and EndpointSlices already converted, `agent.changes.PREPARE`).
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ from typing import Any
 
 @dataclass(frozen=True)
 class Replace:
-    """The complete current list of one resource (after a list or relist)."""
+    """The complete current list of one resource (after a list or relist): every item, so that
+    whatever is not in it is known to be gone."""
 
     resource: str
     items: tuple[Any, ...]

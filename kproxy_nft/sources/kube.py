@@ -16,6 +16,15 @@ Only the complete list is handed on; a failed page fails the whole list. Each wa
 object is decoded the same way (`_SlimWatch`); the official client keeps the connection, auth
 and the watch protocol.
 
+A reflector given `prepare` (the agent's, for Services and EndpointSlices: its change tracker's
+pure conversion) hands on what that makes of each object instead of the object: each page is
+prepared as it arrives, each decoded Struct replaced by its small value, so no page's Structs
+outlive it. Kept whole until the list was complete, the 10,000 EndpointSlice Structs of 10,000
+Services × 10 endpoints were ~98 MiB at once; preparing page by page took the agent's peak
+from 267 to 217 MiB and its steady RSS from 216 to 166 MiB (pymalloc arenas 164 → 114: the
+converted values kept are no longer scattered among freed Structs). The list is still handed
+on whole, as one `Replace` of every item: the tracker deletes the keys not in it.
+
 The requests themselves are made by `ListWatch`, a small callable per resource that does what
 the client's generated `list_*` method does, through the same `ApiClient` (kubeconfig, auth,
 TLS, transport), without importing the generated API classes (`client.CoreV1Api` and the
@@ -25,7 +34,7 @@ pydantic `validate_call`; the three classes cost the agent +22 MB RSS and +0.35 
 Importing the agent and building its list calls went from 91.0 to 69.9 MiB RSS with this.
 
 Events are not applied here: they are put on a queue that the agent's loop drains into the
-change tracker, so all state lives in one thread.
+change tracker, so all state lives in one thread (`prepare` is pure: it keeps none).
 """
 
 from __future__ import annotations
@@ -193,6 +202,10 @@ class _SlimWatch(watch.Watch):
         return {"type": kind, "object": obj}
 
 
+def _as_is(obj: Any) -> Any:
+    return obj
+
+
 class _Stopped(Exception):
     """`stop` was set between two pages of a list: the list is abandoned, nothing is emitted."""
 
@@ -219,7 +232,11 @@ class Reflector:
         max_backoff: float = 30.0,
         jitter: Callable[[], float] = random.random,
         page_size: int = DEFAULT_PAGE_SIZE,
+        prepare: Callable[[Any], Any] | None = None,
     ) -> None:
+        """`prepare`: applied to each object (each of a page as it arrives, each watch event's)
+        before it is handed on; the agent's converts it into what its change tracker keeps
+        (see the module docstring). None: the objects as decoded."""
         self.resource = resource
         self._list = list_fn
         self._emit = emit
@@ -229,6 +246,7 @@ class Reflector:
         self._max_backoff = max_backoff
         self._jitter = jitter
         self._page_size = page_size  # 0: one request for the whole list
+        self._prepare: Callable[[Any], Any] = prepare or _as_is
         self.relists = 0
         self.synced = threading.Event()  # set after the first complete list
 
@@ -307,15 +325,23 @@ class Reflector:
         if kind is None:  # a resource without a slim Struct: the client's typed objects
             result = self._list(**options)
             meta = result.metadata
-            return list(result.items or ()), str(meta.resource_version), meta.var_continue or ""
+            return self._prepared(list(result.items or ())), str(meta.resource_version), meta.var_continue or ""
         # The raw body decoded straight into slim Structs (`slim.api_list`): the client's
         # typed objects of a 10,000-Service list were most of the agent's first-list peak.
-        # The body goes with `response` when this returns, before the next page is fetched.
         response = self._list(_preload_content=False, **options)
         try:
-            return slim.api_list(kind, response.data)
+            items, version, token = slim.api_list(kind, response.data)
         finally:
             response.release_conn()
+        del response  # and its body (`data` keeps it) before the page is prepared
+        return self._prepared(items), version, token
+
+    def _prepared(self, page: list[Any]) -> list[Any]:
+        """The page's objects through `prepare`, in place: each decoded object goes as its value
+        comes, and the page's are all gone before the next page is fetched."""
+        for i, obj in enumerate(page):
+            page[i] = self._prepare(obj)
+        return page
 
     def _watch_from(self, version: str) -> None:
         """Watch until the server ends the stream, resuming from the last version seen."""
@@ -328,5 +354,5 @@ class Reflector:
                     w.stop()
                     return
                 if event["type"] in ("ADDED", "MODIFIED", "DELETED"):
-                    self._emit(Change(self.resource, event["type"], event["object"]))
+                    self._emit(Change(self.resource, event["type"], self._prepare(event["object"])))
             version = w.resource_version or version
