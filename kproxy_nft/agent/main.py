@@ -33,6 +33,7 @@ from kproxy_nft.kernel.nft_monitor import NftMonitor
 from kproxy_nft.model import ClusterState, NodeContext, ServicePortName
 from kproxy_nft.proxier import DriftCheck, Proxier
 from kproxy_nft.sources.events import Change, Event, Rejection, Replace
+from kproxy_nft.sources.manifests import no_cyclic_gc
 
 log = logging.getLogger("kproxy_nft.agent")
 
@@ -270,7 +271,10 @@ class Agent:
         started = time.perf_counter()
         repaired_before = self.proxier.drift()
         try:
-            summary = self.proxier.sync(snapshot.state, full, None if snapshot.full else snapshot.changed_ports)
+            # A sync builds many objects and no cycles: the collector's passes over the whole
+            # state were 10-25% of a cold iptables compile at 10k Services.
+            with no_cyclic_gc():
+                summary = self.proxier.sync(snapshot.state, full, None if snapshot.full else snapshot.changed_ports)
         except Exception as e:
             self._count_cleanup_failures()
             self.metrics.sync_failures[self.proxier.mode].inc()
