@@ -345,7 +345,8 @@ def _prepare(host: Host, p: Plan, edits: Sequence[TableEdit], first_line: int = 
         lines += block[1:]
         origin += range(number + 1, number + len(block))
         number += len(block)
-    return _Sent("\n".join(lines) + "\n", tuple(origin))
+    lines.append("")  # the final newline, without copying the whole text once more to add it
+    return _Sent("\n".join(lines), tuple(origin))
 
 
 def _restore(host: Host, family: IPFamily, sent: _Sent, test: bool = False) -> Completed:

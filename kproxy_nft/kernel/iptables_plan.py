@@ -148,7 +148,7 @@ class Plan:
     def payload(self) -> str:
         """The `iptables-restore --noflush` input (empty when there is nothing to do)."""
         lines = [line for edit in self.edits for line in edit.render()]
-        return "\n".join(lines) + "\n" if lines else ""
+        return "\n".join([*lines, ""]) if lines else ""  # the final newline without a copy of the text
 
     @property
     def tables(self) -> tuple[str, ...]:

@@ -245,7 +245,7 @@ class _Commands:
             new, rest = new[:per_load], new[per_load:]
             loads = ["\n".join(rest[i:i + per_load]) + "\n" for i in range(0, len(rest), per_load)]
         lines = [*self.declare, *self.rules, *self.affinity, *self.deletes, *self.adds, *new, *self.drop_chains]
-        text = "\n".join(lines) + "\n" if lines else ""
+        text = "\n".join([*lines, ""]) if lines else ""  # the final newline without a copy of the text
         followup = "\n".join(self.followup) + "\n" if self.followup else ""
         return Step(text, followup, summary, next_state, tuple(loads))
 
