@@ -6,7 +6,7 @@ Prints figures; not a test. Needs root. Usage:
 
 1. Full load of N services × M endpoints, per size, through the nftables proxier: `render`
    (compile + render, what `dump` pays), `plan` (compile, read back the empty kernel, the
-   transaction text) and `apply` (one transaction).
+   transaction text) and `apply` (a new table: declarations, then its elements in parts, entry maps last).
 2. At the middle size: one service's endpoints moved, 30 times, in-process (libnftables) and
    through the `nft` command: the agent's partial sync (`Proxier.sync` naming the changed
    service port: recompile it, plan, one transaction), median and p99; then 30 more moves as
@@ -68,7 +68,7 @@ def use_transport(proxier: Proxier, netns: str, transport: str) -> None:
 
 
 def bench_full_loads(netns: str, sizes: list[int], endpoints: int) -> None:
-    print(f"full load, {endpoints} endpoints per service (libnftables, one transaction)")
+    print(f"full load, {endpoints} endpoints per service (libnftables; a new table is loaded in parts)")
     print(f"{'services':>10} {'elements':>10} {'render s':>10} {'plan s':>10} {'load s':>10} {'total s':>10}")
     for n in sizes:
         state = synthetic_cluster(n, endpoints)
