@@ -139,7 +139,7 @@ class Applied:
         else:
             self.shared.pop(k, None)
 
-    def __len__(self) -> int:
+    def element_count(self) -> int:
         """How many elements the table holds."""
         return sum(len(held) for held in self.elements.values())
 
@@ -688,7 +688,7 @@ def _drift(kernel: KernelTable | None, believed: Applied) -> int:
     expected_chains = {c.name: c.expected_listing for c in believed.ruleset.all_chains()}
     expected_chains.update({n: c.expected_listing for n, c in believed.stale.items()})
     if kernel is None:
-        return len(expected_chains) + len(believed)
+        return len(expected_chains) + believed.element_count()
     chains = kernel.chains
     n = sum(1 for name, rules in expected_chains.items() if name not in chains or chains[name].rules != rules)
     n += sum(1 for name in kernel.chains if name not in expected_chains)
