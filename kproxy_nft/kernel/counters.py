@@ -18,11 +18,9 @@ from contextlib import contextmanager
 from kproxy_nft.compile.nftables import PROTOCOLS, TABLE, backends_map, nft_family
 from kproxy_nft.kernel import libnftables
 from kproxy_nft.kernel.iptables import Host, IptablesError
-from kproxy_nft.kernel.nftables_transport import Transport, make_transport
+from kproxy_nft.kernel.nftables_transport import MISSING, Transport, make_transport
 from kproxy_nft.kernel.runner import kernel_has_ipv6
 from kproxy_nft.model import IPFamily, Protocol
-
-ENOENT = "No such file or directory"
 
 
 class CounterReadError(RuntimeError):
@@ -40,7 +38,7 @@ def read_nftables_counters(
             result = transport.run(command, libnftables.PLAIN)
             if result.returncode == 0:
                 out[(family, proto)] = result.stdout
-            elif ENOENT not in result.stderr:  # no table (or map) of this family: nothing counted
+            elif MISSING not in result.stderr:  # no table (or map) of this family: nothing counted
                 raise CounterReadError(f"{command}: {result.stderr.strip() or 'failed'}")
     return out
 

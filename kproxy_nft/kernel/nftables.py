@@ -60,6 +60,7 @@ from kproxy_nft.kernel.nftables_transport import (
     NftablesError,
     Transport,
     check,
+    listing,
     make_transport,
 )
 from kproxy_nft.model import IPFamily, ServicePortName
@@ -95,12 +96,8 @@ def read_table(transport: Transport, family: str) -> KernelTable | None:
     first (about 2 s at 10,000 services whatever is printed), so listing each map on its own
     cost that 17 times; and nft's text is parsed much faster than its JSON.
     """
-    listing = transport.run(f"list table {family} {TABLE}", libnftables.Output(numeric_priority=True))
-    if listing.returncode != 0:
-        if "No such file or directory" in listing.stderr:
-            return None
-        raise NftablesError(f"list table {family} {TABLE}: {listing.stderr.strip()}")
-    return table_from_listing(family, listing.stdout)
+    text = listing(transport, f"list table {family} {TABLE}", libnftables.Output(numeric_priority=True))
+    return None if text is None else table_from_listing(family, text)
 
 
 def read_sets(transport: Transport, family: str, decls: Iterable[SetDecl]) -> KernelTable | None:
@@ -109,13 +106,10 @@ def read_sets(transport: Transport, family: str, decls: Iterable[SetDecl]) -> Ke
     when one of them, or the table, does not exist."""
     texts = []
     for decl in decls:
-        command = f"list {decl.keyword} {family} {TABLE} {decl.name}"
-        listing = transport.run(command)
-        if listing.returncode != 0:
-            if "No such file or directory" in listing.stderr:
-                return None
-            raise NftablesError(f"{command}: {listing.stderr.strip()}")
-        texts.append(listing.stdout)
+        text = listing(transport, f"list {decl.keyword} {family} {TABLE} {decl.name}")
+        if text is None:
+            return None
+        texts.append(text)
     return table_from_listing(family, "".join(texts))
 
 

@@ -58,12 +58,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kproxy_nft.kernel import libnftables
+from kproxy_nft.kernel.nftables_transport import MISSING
 from kproxy_nft.kernel.runner import Completed
 
 FAMILIES = frozenset({"ip", "ip6", "inet", "arp", "bridge", "netdev"})
 VERDICTS = frozenset({"accept", "drop", "continue", "return"})
 
-ENOENT = "No such file or directory"
+ENOENT = MISSING  # nft's words for it
 EBUSY = "Device or resource busy"
 EEXIST = "File exists"
 EOPNOTSUPP = "Operation not supported"

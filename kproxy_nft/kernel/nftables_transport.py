@@ -91,4 +91,20 @@ def check(result: Completed, what: str) -> str:
     return result.stdout
 
 
-__all__ = ["NFT", "CommandTransport", "LibnftablesTransport", "NftablesError", "Transport", "check", "make_transport"]
+# What nft says when the table, chain, set or element named does not exist (ENOENT).
+MISSING = "No such file or directory"
+
+
+def listing(transport: Transport, command: str, output: libnftables.Output = libnftables.PLAIN) -> str | None:
+    """What `command` (an `nft list …`) prints; None when what it names does not exist; any other
+    failure raises NftablesError."""
+    result = transport.run(command, output)
+    if result.returncode != 0 and MISSING in result.stderr:
+        return None
+    return check(result, command)
+
+
+__all__ = [
+    "MISSING", "NFT", "CommandTransport", "LibnftablesTransport", "NftablesError", "Transport", "check", "listing",
+    "make_transport",
+]

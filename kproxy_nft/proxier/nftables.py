@@ -16,7 +16,7 @@ from kproxy_nft.compile import nftables as compiler
 from kproxy_nft.compile.memo import FragmentMemo
 from kproxy_nft.kernel import counters
 from kproxy_nft.kernel.nft_monitor import list_tables
-from kproxy_nft.kernel.nftables import FollowupFailed, NftablesBackend, Plan, StalePlanError, read_table
+from kproxy_nft.kernel.nftables import FAMILIES, FollowupFailed, NftablesBackend, Plan, StalePlanError, read_table
 from kproxy_nft.kernel.nftables_events import Interest
 from kproxy_nft.kernel.nftables_transport import make_transport
 from kproxy_nft.kernel.runner import kernel_has_ipv6
@@ -26,7 +26,7 @@ from kproxy_nft.top import Sample, from_nftables
 from kproxy_nft.trace import Program
 from kproxy_nft.trace.nftables import NftablesProgram, table_from_kernel, table_from_ruleset
 
-NFT_FAMILIES = ("ip", "ip6")
+NFT_FAMILIES = tuple(FAMILIES)  # ("ip", "ip6")
 
 FOLLOWUP_HEADER = "--- then, as a second transaction (backend indexes no longer reachable) ---\n"
 
@@ -167,7 +167,7 @@ class NftablesProxier(ProxierBase):
         if plan.is_empty:
             return DriftCheck()
         # Every command names its table: `… ip kproxy-nft …` (the leading space keeps ip6 apart).
-        differs = tuple(f"{f} {compiler.TABLE}" for f in ("ip", "ip6")
+        differs = tuple(f"{f} {compiler.TABLE}" for f in NFT_FAMILIES
                         if f" {f} {compiler.TABLE}" in plan.transactions)
         return DriftCheck(differs or ("kproxy-nft",), plan)
 
