@@ -21,7 +21,7 @@ does the same for a whole state (`dump`, `apply`). Pure: no I/O.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 
 from kproxy_nft.model import ClusterState, ServicePort, ServicePortName, sort_key
@@ -81,55 +81,82 @@ def _order(claim: tuple[ServicePortName, int]) -> tuple[int, tuple[str, str, str
 
 
 class ConflictIndex:
-    """Who claims each destination, updated per service port; O(changed) per update."""
+    """Who claims each destination, updated per service port; O(changed) per update.
+
+    A destination one service port claims maps to it alone; only contested ones get a set (a
+    dict of claims per destination was 3 MiB at 10,000 Services). A claim's rank is not kept:
+    it follows from the port (`claims`).
+    """
 
     def __init__(self) -> None:
-        self._claims: dict[Destination, dict[ServicePortName, int]] = {}
+        self._holder: dict[Destination, ServicePortName] = {}  # claimed once
+        self._holders: dict[Destination, set[ServicePortName]] = {}  # contested: claimed more than once
         self._ports: dict[ServicePortName, ServicePort] = {}
-        self._contested: set[Destination] = set()
 
     def update(self, name: ServicePortName, port: ServicePort | None) -> set[ServicePortName]:
         """Record `name`'s new port (None: removed). Returns every service port whose
         `resolved` form may have changed: `name` and all who share a destination with it,
         before or after."""
         affected = {name}
-        old = self._ports.pop(name, None)
         touched: set[Destination] = set()
+        old = self._ports.pop(name, None)
         if old is not None:
             for destination in claims(old):
-                holders = self._claims[destination]
-                del holders[name]
+                self._release(destination, name)
                 touched.add(destination)
-                if not holders:
-                    del self._claims[destination]
         if port is not None:
             self._ports[name] = port
-            for destination, rank in claims(port).items():
-                self._claims.setdefault(destination, {})[name] = rank
+            for destination in claims(port):
+                self._claim(destination, name)
                 touched.add(destination)
         for destination in touched:
-            holders = self._claims.get(destination, {})
-            if len(holders) > 1:
-                self._contested.add(destination)
-            else:
-                self._contested.discard(destination)
-            affected.update(holders)  # a lone holder left may have just won its destination back
+            affected.update(self._holders_of(destination))  # a lone holder left may have just won it back
         return affected
+
+    def _claim(self, destination: Destination, name: ServicePortName) -> None:
+        several = self._holders.get(destination)
+        if several is not None:
+            several.add(name)
+            return
+        one = self._holder.setdefault(destination, name)
+        if one != name:
+            del self._holder[destination]
+            self._holders[destination] = {one, name}
+
+    def _release(self, destination: Destination, name: ServicePortName) -> None:
+        several = self._holders.get(destination)
+        if several is None:
+            if self._holder.get(destination) == name:
+                del self._holder[destination]
+            return
+        several.discard(name)
+        if len(several) == 1:
+            del self._holders[destination]
+            self._holder[destination] = several.pop()
+
+    def _holders_of(self, destination: Destination) -> Collection[ServicePortName]:
+        several = self._holders.get(destination)
+        if several is not None:
+            return several
+        one = self._holder.get(destination)
+        return () if one is None else (one,)
 
     @property
     def contested(self) -> int:
         """How many destinations are claimed more than once now."""
-        return len(self._contested)
+        return len(self._holders)
 
-    def _winner(self, destination: Destination) -> tuple[ServicePortName, int]:
-        return min(self._claims[destination].items(), key=_order)
+    def _ranked(self, destination: Destination) -> list[tuple[ServicePortName, int]]:
+        """The claims on a contested destination, winner first."""
+        ranked = [(name, claims(self._ports[name])[destination]) for name in self._holders[destination]]
+        return sorted(ranked, key=_order)
 
     def resolved(self, name: ServicePortName) -> ServicePort | None:
         """The port as programmed: without the destinations another service port keeps."""
         port = self._ports.get(name)
-        if port is None or not self._contested:
+        if port is None or not self._holders:
             return port
-        lost = {d for d in claims(port) if d in self._contested and self._winner(d)[0] != name}
+        lost = {d for d in claims(port) if d in self._holders and self._ranked(d)[0][0] != name}
         if not lost:
             return port
         proto = port.protocol.value
@@ -147,8 +174,8 @@ class ConflictIndex:
 
     def conflicts(self) -> Iterator[Conflict]:
         """The current conflicts, in destination order (O(conflicts))."""
-        for destination in sorted(self._contested, key=str):
-            ordered = sorted(self._claims[destination].items(), key=_order)
+        for destination in sorted(self._holders, key=str):
+            ordered = self._ranked(destination)
             yield Conflict(destination, ordered[0], tuple(ordered[1:]))
 
 

@@ -98,7 +98,7 @@ def _labels(obj: Any) -> Mapping[str, str]:
 
 def _namespace(obj: Any) -> str:
     namespace = obj.metadata.namespace or "default"
-    return sys.intern(v.name(namespace, "metadata.namespace", DNS1123_LABEL, "namespace name", 63))
+    return kept_name(v.name(namespace, "metadata.namespace", DNS1123_LABEL, "namespace name", 63))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -136,7 +136,7 @@ def convert_service(svc: V1Service) -> ServiceInfo:
     """Validate a Service and turn each of its ports into a `ServicePort`."""
     if svc.metadata is None:
         raise InvalidObject("metadata", "required value")
-    name = v.name(svc.metadata.name, "metadata.name", DNS1035_LABEL, "Service name (DNS-1035 label)", 63)
+    name = kept_name(v.name(svc.metadata.name, "metadata.name", DNS1035_LABEL, "Service name (DNS-1035 label)", 63))
     namespace = _namespace(svc)
     spec = svc.spec
     if spec is None:
@@ -187,7 +187,9 @@ def convert_service(svc: V1Service) -> ServiceInfo:
             check(external_access, f"{field}.nodePort", f"may not be used when `type` is {shown(svc_type)}")
         records.append(
             ServicePort(
-                name=ServicePortName(namespace, name, p.name or "", _protocol(p.protocol, f"{field}.protocol")),
+                name=ServicePortName(
+                    namespace, name, kept_name(p.name or ""), _protocol(p.protocol, f"{field}.protocol")
+                ),
                 port=port,
                 target_port=_target_port(p.target_port, port, f"{field}.targetPort"),
                 service_type=svc_type,
@@ -306,7 +308,7 @@ def convert_endpoint_slice(eps: V1EndpointSlice) -> EndpointsByPort:
         f"metadata.labels[{SERVICE_NAME_LABEL}]",
         "required: kube-proxy matches a slice to its Service by this label",
     )
-    service = v.name(service, f"metadata.labels[{SERVICE_NAME_LABEL}]", DNS1035_LABEL, "Service name", 63)
+    service = kept_name(v.name(service, f"metadata.labels[{SERVICE_NAME_LABEL}]", DNS1035_LABEL, "Service name", 63))
     address_type = eps.address_type
     check(address_type in ("IPv4", "IPv6", "FQDN"), "addressType", f"unsupported value {shown(address_type)}")
     if address_type == "FQDN":
@@ -334,7 +336,7 @@ def convert_endpoint_slice(eps: V1EndpointSlice) -> EndpointsByPort:
             # kube-proxy ignores slice ports without a name (the controller writes "" for an
             # unnamed service port) or without a number; the manifest reader says so.
             continue
-        key = ServicePortName(namespace, service, port.name, protocol)
+        key = ServicePortName(namespace, service, kept_name(port.name), protocol)
         result[key] = tuple(
             Endpoint(ip, port.port, ready, serving, terminating, node, zone, zone_hints, node_hints)
             for ip, ready, serving, terminating, node, zone, zone_hints, node_hints in endpoints
@@ -374,10 +376,16 @@ def _checked_endpoint(ep: Any, i: int, address_type: str) -> _EndpointFields:
     zone = _remembered(_ZONES, v.label_value(ep.zone, f"{field}.zone"))
     v.optional_name(ep.hostname, f"{field}.hostname", DNS1123_LABEL, "hostname (DNS-1123 label)", 63)
     zone_hints, node_hints = _hints(ep.hints, f"{field}.hints")
-    return (_own_copy(ep.addresses[0]), *_conditions(ep.conditions), node_name, zone, zone_hints, node_hints)
+    return (own_copy(ep.addresses[0]), *_conditions(ep.conditions), node_name, zone, zone_hints, node_hints)
 
 
-def _own_copy(text: str) -> str:
+def kept_name(text: str) -> str:
+    """A namespace, Service or port name the model keeps: one interned copy per distinct value,
+    shared by every object that names it, and not the decoded object's (see `own_copy`)."""
+    return sys.intern(own_copy(text))
+
+
+def own_copy(text: str) -> str:
     """A new string equal to `text`, for one that outlives the decoded object it came from.
 
     The decoded EndpointSlices of a list (98 MB at 10k Services) are freed once converted; an
@@ -385,7 +393,7 @@ def _own_copy(text: str) -> str:
     use, and the agent's resident memory with it. A copy made now sits with the other
     long-lived values.
     """
-    return text.encode().decode()
+    return text.encode("utf-8", "surrogatepass").decode("utf-8", "surrogatepass")  # any str, even unpaired surrogates
 
 
 # Node names and zones already found valid, each mapped to its interned copy: the few distinct
@@ -418,7 +426,7 @@ def _plain_endpoint(ep: Any) -> _EndpointFields | None:
     zone = ep.zone if ep.zone is None else _ZONES.get(ep.zone)
     if (node_name is None and ep.node_name is not None) or (zone is None and ep.zone is not None):
         return None
-    return (_own_copy(addresses[0]), *_conditions(ep.conditions), node_name, zone, _NO_HINTS, _NO_HINTS)
+    return (own_copy(addresses[0]), *_conditions(ep.conditions), node_name, zone, _NO_HINTS, _NO_HINTS)
 
 
 def _hints(hints: Any, field: str) -> tuple[frozenset[str], frozenset[str]]:

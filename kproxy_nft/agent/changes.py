@@ -44,7 +44,9 @@ from kproxy_nft.convert import (
     InvalidObject,
     convert_endpoint_slice,
     convert_service,
+    kept_name,
     merge_endpoints,
+    own_copy,
 )
 from kproxy_nft.model import ClusterState, Endpoint, ServicePort, ServicePortName
 from kproxy_nft.sources.events import Rejection
@@ -87,10 +89,14 @@ class PreparedSlice:
     trigger_time: float | None = None  # `TRIGGER_TIME`, as a Unix time (network programming latency)
 
 
-def _object_key(obj: Any) -> ServiceKey:
+def _object_key(obj: Any, shared_name: bool = False) -> ServiceKey:
+    """(namespace, name), kept as long as the object: not the decoded object's strings (see
+    `convert.own_copy`). A Service's name is interned (`shared_name`): its `ServicePortName`s
+    and its slices' keys hold the same string."""
     meta = obj.metadata
     assert meta is not None and meta.name is not None
-    return (meta.namespace or "default", meta.name)
+    name = kept_name(meta.name) if shared_name else own_copy(meta.name)
+    return (kept_name(meta.namespace or "default"), name)
 
 
 def _key(obj: Any) -> ServiceKey:
@@ -100,7 +106,7 @@ def _key(obj: Any) -> ServiceKey:
 def _slice_service(eps: V1EndpointSlice) -> ServiceKey | None:
     meta = eps.metadata
     service = (meta.labels or {}).get(SERVICE_NAME_LABEL) if meta else None
-    return (meta.namespace or "default", service) if meta and service else None
+    return (kept_name(meta.namespace or "default"), kept_name(service)) if meta and service else None
 
 
 def _trigger_time(eps: V1EndpointSlice) -> float | None:
@@ -116,7 +122,7 @@ def prepare_service(svc: V1Service | PreparedService) -> PreparedService:
     """A Service converted (pure; a prepared one is returned as it is)."""
     if isinstance(svc, PreparedService):
         return svc
-    key = _object_key(svc)
+    key = _object_key(svc, shared_name=True)
     try:
         return PreparedService(key, convert_service(svc).ports)
     except InvalidObject as e:
@@ -150,7 +156,8 @@ class ChangeTracker:
         self._ports: dict[ServiceKey, tuple[ServicePort, ...]] = {}
         self._slices: dict[ServiceKey, EndpointsByPort] = {}  # slice key → endpoints by port
         self._slice_owner: dict[ServiceKey, ServiceKey] = {}  # slice key → its service
-        self._slices_of: dict[ServiceKey, set[ServiceKey]] = {}  # service → its slice keys
+        # service → its slice keys; a tuple, since most services have one slice (a set each: 2 MiB at 10k)
+        self._slices_of: dict[ServiceKey, tuple[ServiceKey, ...]] = {}
         self._changed: set[ServiceKey] = set()
         self._full = True
         self._services: dict[ServicePortName, ServicePort] = {}
@@ -199,7 +206,7 @@ class ChangeTracker:
         if owner is not None:
             self._slices[key] = endpoints
             self._slice_owner[key] = owner
-            self._slices_of.setdefault(owner, set()).add(key)
+            self._slices_of[owner] = (*self._slices_of.get(owner, ()), key)  # dropped just before
             self._changed.add(owner)
 
     def slice_deleted(self, eps: V1EndpointSlice | PreparedSlice) -> None:
@@ -224,7 +231,9 @@ class ChangeTracker:
         owner = self._slice_owner.pop(key, None)
         self._slices.pop(key, None)
         if owner is not None:
-            self._slices_of[owner].discard(key)
+            others = tuple(k for k in self._slices_of.pop(owner, ()) if k != key)
+            if others:
+                self._slices_of[owner] = others
             self._changed.add(owner)
 
     def replace_services(self, services: Iterable[V1Service | PreparedService]) -> None:

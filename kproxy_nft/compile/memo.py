@@ -35,19 +35,20 @@ class FragmentMemo(Generic[Fragment]):
     """The last fragment of each (service port, family), with the inputs it was compiled from."""
 
     def __init__(self) -> None:
-        self.entries: dict[tuple[ServicePortName, IPFamily], _Entry[Fragment]] = {}
+        # Per family, then per service port (not keyed by a (name, family) tuple: 1 MiB at 10k).
+        self.entries: dict[IPFamily, dict[ServicePortName, _Entry[Fragment]]] = {family: {} for family in IPFamily}
 
     def __len__(self) -> int:
-        return len(self.entries)
+        return sum(len(entries) for entries in self.entries.values())
 
     def retain(self, names: Collection[ServicePortName], family: IPFamily) -> None:
         """Forget the service ports of `family` that are not in `names` (deleted services)."""
-        gone = [key for key in self.entries if key[1] is family and key[0] not in names]
-        for key in gone:
-            del self.entries[key]
+        entries = self.entries[family]
+        for name in [name for name in entries if name not in names]:
+            del entries[name]
 
     def forget(self, name: ServicePortName, family: IPFamily) -> None:
-        self.entries.pop((name, family), None)
+        self.entries[family].pop(name, None)
 
 
 def compile_with(
@@ -62,12 +63,12 @@ def compile_with(
     as last time when the inputs are the same (or equal)."""
     if memo is None:
         return compile_service_port(svc, endpoints, node, family)
-    key = (svc.name, family)
-    hit = memo.entries.get(key)
+    entries = memo.entries[family]
+    hit = entries.get(svc.name)
     if hit is not None and _same(hit[0], svc) and _same(hit[1], endpoints) and _same(hit[2], node):
         return hit[3]
     fragment = compile_service_port(svc, endpoints, node, family)
-    memo.entries[key] = (svc, endpoints, node, fragment)
+    entries[svc.name] = (svc, endpoints, node, fragment)
     return fragment
 
 

@@ -25,6 +25,7 @@ import base64
 import functools
 import hashlib
 import ipaddress
+import itertools
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -235,10 +236,25 @@ class ServiceFragment:
     """
 
     name: ServicePortName
-    elements: tuple[Element, ...] = ()
+    # The elements flat, `(set, key, value, set, key, …)` (see `elements`): a tuple per element,
+    # one per endpoint and more, was 13 MiB of an agent's 166 at 10,000 Services x 10 endpoints.
+    element_data: tuple[str | None, ...] = ()
     shared_chains: frozenset[str] = frozenset()
     affinity: AffinityTarget | None = None
     chains: tuple[Chain, ...] = ()
+
+    @classmethod
+    def of(
+        cls, name: ServicePortName, elements: Iterable[Element] = (), shared_chains: frozenset[str] = frozenset(),
+        affinity: AffinityTarget | None = None, chains: tuple[Chain, ...] = (),
+    ) -> ServiceFragment:
+        return cls(name, tuple(itertools.chain.from_iterable(elements)), shared_chains, affinity, chains)
+
+    @property
+    def elements(self) -> Iterator[Element]:
+        """Each element as `(set, key, value)`, made as it is read (one pass per call)."""
+        data = iter(self.element_data)
+        return zip(data, data, data)  # type: ignore[arg-type]  # three at a time: set, key, value
 
 
 @dataclass(frozen=True)
@@ -667,7 +683,7 @@ def compile_service_port(
     here = {_nft_ip(ep.ip) for ep in parts.sel.all_reachable if ep.node_name in (None, node.hostname)}
     parts.elements += [(HAIRPIN, f"{ip} . {ip}", None) for ip in sorted(here)]
     target = _affinity_records(parts, reached_externally and svc.node_port is not None)
-    return ServiceFragment(svc.name, tuple(parts.elements), frozenset(parts.shared), target, tuple(parts.chains))
+    return ServiceFragment.of(svc.name, parts.elements, frozenset(parts.shared), target, tuple(parts.chains))
 
 
 def _internal_traffic(parts: _Parts, vip: str) -> None:
