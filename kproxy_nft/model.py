@@ -74,7 +74,7 @@ def ip_family(ip: str) -> IPFamily:
     return IPFamily.V6 if ":" in ip else IPFamily.V4
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True, order=True, slots=True)
 class ServicePortName(_CachedHash):
     """Identifies one port of one Service, like kube-proxy's `proxy.ServicePortName`.
 
@@ -117,7 +117,7 @@ class TrafficPolicy(enum.StrEnum):
     LOCAL = "Local"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ServicePort(_CachedHash):
     """Everything kube-proxy knows about one Service port (its `ServicePort` interface).
 

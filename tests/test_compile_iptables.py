@@ -170,7 +170,7 @@ def test_masquerade_bit_changes_the_mark() -> None:
 
 def test_ipv6_family_uses_only_ipv6_addresses() -> None:
     svc = service(ip="fd00:10:96::1")
-    svc = svc.__class__(**{**svc.__dict__, "cluster_ips": ("10.96.0.1", "fd00:10:96::1")})
+    svc = dataclasses.replace(svc, cluster_ips=("10.96.0.1", "fd00:10:96::1"))
     eps = (endpoint("10.1.0.1"), endpoint("fd00:10:1::1"))
     node = NodeContext(cluster_cidrs=("10.0.0.0/8", "fd00:10::/48"))
     v6 = dump(ClusterState({spn(): svc}, {spn(): eps}), node, IPFamily.V6)

@@ -224,7 +224,7 @@ class AffinityTarget:
     endpoints: frozenset[str]  # values `ip . port`
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: one per service port an agent keeps
 class ServiceFragment:
     """Everything one service port contributes, for one family.
 
