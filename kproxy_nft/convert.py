@@ -11,6 +11,7 @@ Pure: no I/O.
 
 from __future__ import annotations
 
+import itertools
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -337,10 +338,13 @@ def convert_endpoint_slice(eps: V1EndpointSlice) -> EndpointsByPort:
             # unnamed service port) or without a number; the manifest reader says so.
             continue
         key = ServicePortName(namespace, service, kept_name(port.name), protocol)
-        result[key] = tuple(
-            Endpoint(ip, port.port, ready, serving, terminating, node, zone, zone_hints, node_hints)
-            for ip, ready, serving, terminating, node, zone, zone_hints, node_hints in endpoints
-        )
+        # In kube-proxy's order already (see `merge_endpoints`): a service of one slice, most of
+        # them, then uses these very tuples.
+        result[key] = tuple(sorted(
+            (Endpoint(ip, port.port, ready, serving, terminating, node, zone, zone_hints, node_hints)
+             for ip, ready, serving, terminating, node, zone, zone_hints, node_hints in endpoints),
+            key=_address,
+        ))
     # discovery validation: port names are unique within a slice, whatever the protocol.
     v.duplicates(names, "ports[{i}].name", "port name")
     return result
@@ -524,6 +528,16 @@ def _preference(ep: Endpoint) -> tuple[object, ...]:
     )
 
 
+def _address(endpoint: Endpoint) -> str:
+    return endpoint.address
+
+
+def _in_order(endpoints: tuple[Endpoint, ...]) -> bool:
+    """Strictly by `ip:port` text: what `merge_endpoints` would make of them alone."""
+    addresses = [ep.address for ep in endpoints]
+    return all(a < b for a, b in itertools.pairwise(addresses))
+
+
 def merge_endpoints(parts: Iterable[EndpointsByPort]) -> dict[ServicePortName, tuple[Endpoint, ...]]:
     """Merge the slices of each service port into one endpoint list, in kube-proxy's order.
 
@@ -532,6 +546,9 @@ def merge_endpoints(parts: Iterable[EndpointsByPort]) -> dict[ServicePortName, t
     cache does.
     The result is sorted by `ip:port` text, kube-proxy's `byEndpoint` order.
     """
+    parts = list(parts)
+    if len(parts) == 1 and all(map(_in_order, parts[0].values())):
+        return dict(parts[0])  # one slice, sorted and without duplicates: its tuples as they are
     merged: dict[ServicePortName, dict[str, Endpoint]] = {}
     for part in parts:
         for key, endpoints in part.items():
