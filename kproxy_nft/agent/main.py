@@ -80,6 +80,13 @@ class _DriftNotice:
 
 
 @dataclasses.dataclass(frozen=True)
+class _MonitorStopped:
+    """The nf_tables notifications stopped for good (from `nft_monitor`'s thread): why."""
+
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True)
 class _CheckDone:
     """A drift check finished on its thread: its result, or why it failed."""
 
@@ -88,7 +95,7 @@ class _CheckDone:
     error: str = ""
 
 
-_Item = Event | _Wake | _DriftNotice | _CheckDone
+_Item = Event | _Wake | _DriftNotice | _MonitorStopped | _CheckDone
 
 
 def _trigger_times(slices: list[PreparedSlice]) -> list[float]:
@@ -136,6 +143,10 @@ class Agent:
             if self._noticed_chains is not None:
                 self._noticed_chains = None if item.chains is None else self._noticed_chains | item.chains
             self.scheduler.request_check("netlink")
+            return
+        if isinstance(item, _MonitorStopped):
+            self._fall_back_to_probing(item.reason)
+            self.scheduler.request_check("netlink")  # what happened since the last notification is unknown
             return
         if isinstance(item, _CheckDone):
             self._finish_check(item)
@@ -345,16 +356,24 @@ class Agent:
         """Listen to the kernel's nf_tables notifications where the mode's rules send them; else
         (iptables-legacy, or no netlink socket) probe canaries once per sync period."""
         interest = self.proxier.drift_interest()
-        if interest is not None:
-            try:
-                self._monitor = NftMonitor(self.proxier.netns, interest,
-                                           lambda tables, chains: self.events.put(_DriftNotice(tables, chains)),
-                                           ).start()
-                return
-            except OSError as e:
-                log.warning("no nf_tables notifications (%s): probing canaries every %.0fs instead",
-                            e, self.scheduler.sync_period)
-                self.metrics.drift_monitor_unavailable.set(1)
+        if interest is None:
+            self.scheduler.probe = self._probe
+            return
+        try:
+            self._monitor = NftMonitor(self.proxier.netns, interest,
+                                       lambda tables, chains: self.events.put(_DriftNotice(tables, chains)),
+                                       lambda reason: self.events.put(_MonitorStopped(reason))).start()
+        except OSError as e:
+            self._fall_back_to_probing(str(e))
+
+    def _fall_back_to_probing(self, reason: str) -> None:
+        """No nf_tables notifications (none to be had, or they stopped): probe the canaries."""
+        log.warning("no nf_tables notifications (%s): probing canaries every %.0fs instead",
+                    reason, self.scheduler.sync_period)
+        if self._monitor is not None:
+            self._monitor.stop()  # its thread has ended: this releases what it still holds
+            self._monitor = None
+        self.metrics.drift_monitor_unavailable.set(1)
         self.scheduler.probe = self._probe
 
     def _probe(self) -> None:

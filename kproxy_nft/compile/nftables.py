@@ -254,7 +254,7 @@ class ServiceFragment:
     def elements(self) -> Iterator[Element]:
         """Each element as `(set, key, value)`, made as it is read (one pass per call)."""
         data = iter(self.element_data)
-        return zip(data, data, data)  # type: ignore[arg-type]  # three at a time: set, key, value
+        return zip(data, data, data, strict=True)  # type: ignore[arg-type]  # three at a time: set, key, value
 
 
 @dataclass(frozen=True)

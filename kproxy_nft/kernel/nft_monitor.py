@@ -108,7 +108,10 @@ def in_host_pid_namespace() -> bool:
 class NftMonitor:
     """Calls `on_drift` for each foreign commit touching `interest`'s tables (see above)."""
 
-    def __init__(self, netns: str | None, interest: Interest, on_drift: DriftCallback) -> None:
+    def __init__(self, netns: str | None, interest: Interest, on_drift: DriftCallback,
+                 on_stopped: Callable[[str], None] | None = None) -> None:
+        """`on_stopped(reason)`: called on the monitor's thread if notifications stop for good
+        (the socket failed), so that the caller can watch some other way."""
         if not in_host_pid_namespace():
             # A commit names its thread by its pid in the host's pid namespace: inside another
             # (a container without hostPID) our own commits would look foreign, and every sync
@@ -116,6 +119,7 @@ class NftMonitor:
             raise OSError("not in the host's pid namespace (run with hostPID): our own commits cannot be told")
         self._interest = interest
         self._on_drift = on_drift
+        self._on_stopped = on_stopped
         self._sock = open_socket(netns)
         self._wake_read, self._wake_write = os.pipe2(os.O_CLOEXEC)
         self._thread = threading.Thread(target=self._run, name="nft-monitor", daemon=True)
@@ -140,8 +144,10 @@ class NftMonitor:
                 if self._wake_read in ready:
                     return
                 self._receive(reader)
-        except OSError as e:  # not expected: say so; the hourly check still finds drift
+        except OSError as e:  # not expected: say so, and let the caller watch otherwise
             log.error("nf_tables notifications stopped: %s", e)
+            if self._on_stopped is not None:
+                self._on_stopped(str(e))
         finally:
             self._sock.close()
             os.close(self._wake_read)

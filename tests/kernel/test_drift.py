@@ -237,6 +237,34 @@ def test_monitor_unavailable_falls_back_to_canaries_with_one_warning_and_a_metri
         assert_repaired(agent, ours, before, "canary", timeout=10)
 
 
+def test_notifications_that_stop_for_good_hand_over_to_canaries(
+        netns: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """The monitor's socket failing mid-run (not at start): the agent says so once, sets the
+    metric, checks at once, and from then on probes the canaries like an agent that never had
+    notifications."""
+    from kproxy_nft.kernel import nft_monitor
+
+    failed = threading.Event()
+
+    def broken(self: nft_monitor.NftMonitor, reader: nft_monitor.CommitReader) -> None:
+        failed.set()
+        raise OSError(9, "Bad file descriptor")
+
+    monkeypatch.setattr(nft_monitor.NftMonitor, "_receive", broken)
+    ours = saved(netns, "nft")
+    proxier = IptablesProxier(NODE, iptables_backend="nft", netns=netns, families=(IPFamily.V4,))
+    with running(proxier, sync_period=1.0) as agent:
+        assert agent.metrics.registry.get_sample_value("kproxy_nft_drift_monitor_unavailable") == 0.0
+        run(netns, "iptables-nft", "-t", "filter", "-N", "FOREIGN")  # any commit wakes the monitor
+        wait_for(failed.is_set, timeout=10)
+        wait_for(lambda: agent.metrics.registry.get_sample_value("kproxy_nft_drift_monitor_unavailable") == 1.0,
+                 timeout=10)
+        assert sum("no nf_tables notifications" in r.message for r in caplog.records) == 1
+        before = ours()
+        run(netns, "iptables-nft", "-t", "nat", "-F")
+        assert_repaired(agent, ours, before, "canary", timeout=10)
+
+
 def test_stop_leaves_the_rules_and_the_monitor(netns: str) -> None:
     with running(NftablesProxier(NODE, netns=netns, families=(IPFamily.V4,)), QUIET):
         pass
