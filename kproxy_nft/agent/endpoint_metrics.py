@@ -19,7 +19,9 @@ each mode counts is in docs/TOP.md (nftables: cluster IP traffic only).
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Iterator
+from typing import Generic, TypeVar
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -30,13 +32,54 @@ from kproxy_nft.proxier import Proxier
 from kproxy_nft.top import Sample
 
 log = logging.getLogger(__name__)
+Result = TypeVar("Result")
+
+
+class _Call(Generic[Result]):
+    """One call of a `SingleFlight` function, shared by everyone who asked while it ran."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.result: Result | None = None
+        self.error: BaseException | None = None
+
+
+class SingleFlight(Generic[Result]):
+    """`fn()`, run once for all callers that ask while it is running (golang.org/x/sync's
+    singleflight): two Prometheus servers scraping together cost one counter listing, not two,
+    and a scrape that times out and is retried does not start a second one beside it."""
+
+    def __init__(self, fn: Callable[[], Result]) -> None:
+        self._fn = fn
+        self._lock = threading.Lock()
+        self._running: _Call[Result] | None = None
+
+    def __call__(self) -> Result:
+        with self._lock:
+            call, leader = self._running, self._running is None
+            if call is None:
+                call = self._running = _Call()
+        if leader:
+            try:
+                call.result = self._fn()
+            except BaseException as e:  # every waiting caller gets it too
+                call.error = e
+            finally:
+                with self._lock:
+                    self._running = None
+                call.done.set()
+        else:
+            call.done.wait()
+        if call.error is not None:
+            raise call.error
+        return call.result  # type: ignore[return-value]  # set when no error was
 
 class EndpointConnections(Collector):
     """Reads the counters on every scrape: `read` is the proxier's `connection_counts` (a fake
     in tests); `mode` only names them in log lines."""
 
     def __init__(self, mode: str, read: Callable[[], Sample | None]):
-        self.mode, self.read = mode, read
+        self.mode, self.read = mode, SingleFlight(read)  # concurrent scrapes share one read
         self.failing = False  # log a failure once, and the recovery
 
     def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
@@ -75,4 +118,4 @@ def register_endpoint_metrics(registry: CollectorRegistry, proxier: Proxier) -> 
     return collector
 
 
-__all__ = ["EndpointConnections", "register_endpoint_metrics"]
+__all__ = ["EndpointConnections", "SingleFlight", "register_endpoint_metrics"]
