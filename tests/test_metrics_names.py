@@ -10,10 +10,12 @@ from iptables counters (`iptables_ct_state_invalid_dropped_packets_total`,
 
 from __future__ import annotations
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 from kproxy_nft.agent.http import Listener, metrics_route
-from kproxy_nft.agent.metrics import new_metrics, no_local_endpoints, record_no_local_endpoints
+from kproxy_nft.agent.metrics import NoLocalEndpoints, new_metrics, no_local_endpoints, record_no_local_endpoints
 from kproxy_nft.model import ClusterState, IPFamily, TrafficPolicy
 from tests.helpers import NODE, endpoint, service, spn
 from tests.test_agent_http import get
@@ -107,3 +109,36 @@ def test_no_local_endpoints_counts_local_policy_ports_served_only_elsewhere() ->
     record_no_local_endpoints(metrics, state, NODE, (IPFamily.V4, IPFamily.V6))
     assert metrics.registry.get_sample_value("kubeproxy_sync_proxy_rules_no_local_endpoints_total",
                                              {"ip_family": "IPv4", "traffic_policy": "external"}) == 1
+
+
+# One edit: service port i (of 4) becomes absent, or has these policies and endpoints.
+_EDITS = st.tuples(
+    st.integers(0, 3),
+    st.none() | st.tuples(st.sampled_from(TrafficPolicy), st.sampled_from(TrafficPolicy),
+                          st.lists(st.sampled_from(("node1", "node2", None)), max_size=3)),
+)
+
+
+@given(st.lists(_EDITS, max_size=12))
+@settings(max_examples=150, deadline=None)
+def test_no_local_endpoints_updated_per_changed_port_equals_a_full_count(
+        edits: list[tuple[int, tuple[TrafficPolicy, TrafficPolicy, list[str | None]] | None]]) -> None:
+    """A partial sync looks only at the ports it changed; the gauge must still be the full count."""
+    metrics = new_metrics((IPFamily.V4,))
+    gauge = NoLocalEndpoints(metrics, (IPFamily.V4,))
+    services, endpoints = {}, {}
+    gauge.update(ClusterState({}, {}), NODE, None)
+    for i, edit in edits:
+        name = spn(f"s{i}")
+        services.pop(name, None)
+        endpoints.pop(name, None)
+        if edit is not None:
+            internal, external, nodes = edit
+            services[name] = service(name, ip=f"172.30.0.{i + 1}", node_port=30080 + i,
+                                     internal_traffic_policy=internal, external_traffic_policy=external)
+            endpoints[name] = tuple(endpoint(f"10.1.{i}.{j}", node_name=n) for j, n in enumerate(nodes))
+        state = ClusterState(dict(services), dict(endpoints))
+        gauge.update(state, NODE, frozenset({name}))
+        for policy, count in no_local_endpoints(state, NODE, IPFamily.V4).items():
+            assert metrics.registry.get_sample_value("kubeproxy_sync_proxy_rules_no_local_endpoints_total",
+                                                     {"ip_family": "IPv4", "traffic_policy": policy}) == count

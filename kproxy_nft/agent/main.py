@@ -133,6 +133,11 @@ class Agent:
         self.after_sync.append(self._clean_conntrack)
         self._synced_changes: frozenset[ServicePortName] | None = None  # of the sync the hooks run after
 
+    @property
+    def synced_changes(self) -> frozenset[ServicePortName] | None:
+        """For an after-sync hook: the service ports the sync changed (None: a full sync, all of them)."""
+        return self._synced_changes
+
     # -- events -------------------------------------------------------------------------------
 
     def _apply_event(self, item: _Item) -> None:

@@ -23,13 +23,13 @@ And `kproxy_nft_sysctl_failures_total{name}`: node settings the agent could not 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
-from kproxy_nft.model import ClusterState, IPFamily, NodeContext, TrafficPolicy
+from kproxy_nft.model import ClusterState, IPFamily, NodeContext, ServicePortName, TrafficPolicy
 from kproxy_nft.selection import categorize_endpoints, endpoints_of_family
 
 # kube-proxy exposes no `*_created` series (prometheus-client adds one per counter and
@@ -193,26 +193,55 @@ def new_metrics(families: Sequence[IPFamily] = (IPFamily.V4,)) -> Metrics:
     )
 
 
+def _lacks_local(state: ClusterState, name: ServicePortName, node: NodeContext,
+                 family: IPFamily) -> tuple[bool, bool] | None:
+    """(internal, external) policies of service port `name` that are Local and find endpoints,
+    but none on this node; None when neither does (or the port is gone)."""
+    svc = state.services.get(name)
+    if svc is None:
+        return None
+    internal = svc.internal_traffic_policy is TrafficPolicy.LOCAL
+    external = svc.external_traffic_policy is TrafficPolicy.LOCAL and svc.externally_accessible_in(family)
+    if not (internal or external) or svc.cluster_ip(family) is None:
+        return None  # the common case, cheap: no endpoint is looked at
+    selection = categorize_endpoints(svc, endpoints_of_family(state.endpoints_of(name), family), node, family)
+    return (internal, external) if selection.has_any and not selection.local else None
+
+
 def no_local_endpoints(state: ClusterState, node: NodeContext, family: IPFamily) -> dict[str, int]:
     """kube-proxy's `sync_proxy_rules_no_local_endpoints_total` of one family's proxier: the
     service ports whose traffic policy is Local (internal; or external, for the externally
     reachable ones) that have endpoints, but none usable on this node."""
-    counts = {"internal": 0, "external": 0}
-    for name, svc in state.services.items():
-        internal = svc.internal_traffic_policy is TrafficPolicy.LOCAL
-        external = svc.external_traffic_policy is TrafficPolicy.LOCAL and svc.externally_accessible_in(family)
-        if not (internal or external) or svc.cluster_ip(family) is None:
-            continue  # the common case, cheap: no endpoint is looked at
-        selection = categorize_endpoints(svc, endpoints_of_family(state.endpoints_of(name), family), node, family)
-        if selection.has_any and not selection.local:
-            counts["internal"] += internal
-            counts["external"] += external
-    return counts
+    lacking = [flags for name in state.services if (flags := _lacks_local(state, name, node, family))]
+    return {"internal": sum(internal for internal, _ in lacking), "external": sum(external for _, external in lacking)}
+
+
+class NoLocalEndpoints:
+    """The `no_local_endpoints` gauge kept up to date after each sync (an agent hook): a full
+    sync counts every service port, a partial one looks only at those it changed."""
+
+    def __init__(self, metrics: Metrics, families: Sequence[IPFamily]) -> None:
+        self._metrics = metrics
+        # Per family, the service ports lacking local endpoints now: usually few.
+        self._lacking: dict[IPFamily, dict[ServicePortName, tuple[bool, bool]]] = {f: {} for f in families}
+
+    def update(self, state: ClusterState, node: NodeContext, changed: Collection[ServicePortName] | None) -> None:
+        """After a sync of `state`; `changed`: the service ports it changed (None: a full sync)."""
+        for family, lacking in self._lacking.items():
+            if changed is None:
+                lacking.clear()
+            for name in state.services if changed is None else changed:
+                flags = _lacks_local(state, name, node, family)
+                if flags is None:
+                    lacking.pop(name, None)
+                else:
+                    lacking[name] = flags
+            gauge = self._metrics.no_local_endpoints
+            gauge.family(family, traffic_policy="internal").set(sum(i for i, _ in lacking.values()))
+            gauge.family(family, traffic_policy="external").set(sum(e for _, e in lacking.values()))
 
 
 def record_no_local_endpoints(metrics: Metrics, state: ClusterState, node: NodeContext,
                               families: Sequence[IPFamily]) -> None:
-    """After each sync (an agent hook): set the gauge for every family the node programs."""
-    for family in families:
-        for policy, count in no_local_endpoints(state, node, family).items():
-            metrics.no_local_endpoints.family(family, traffic_policy=policy).set(count)
+    """Set the gauge for every family the node programs, counting every service port."""
+    NoLocalEndpoints(metrics, families).update(state, node, None)

@@ -18,7 +18,7 @@ from kproxy_nft.agent.changes import PREPARE
 from kproxy_nft.agent.healthcheck import HealthCheckServers
 from kproxy_nft.agent.http import Listener, ProxyHealth, json_route, metrics_route, text_route
 from kproxy_nft.agent.main import Agent
-from kproxy_nft.agent.metrics import new_metrics, record_no_local_endpoints
+from kproxy_nft.agent.metrics import NoLocalEndpoints, new_metrics
 from kproxy_nft.agent.node_setup import setup_node
 from kproxy_nft.agent.scheduler import FULL_SYNC_PERIOD
 from kproxy_nft.config import ProxySettings, configz
@@ -58,7 +58,8 @@ def run_agent(settings: ProxySettings, *, kubeconfig: str | None, manifest_paths
     agent.after_sync.append(health_checks.sync)
     # kube-proxy removes the other modes' rules at start-up; we wait until our first sync is in (no gap).
     agent.after_sync.append(RemoveOtherModes(proxier))
-    agent.after_sync.append(lambda state: record_no_local_endpoints(metrics, state, proxier.node, proxier.families))
+    no_local = NoLocalEndpoints(metrics, proxier.families)
+    agent.after_sync.append(lambda state: no_local.update(state, proxier.node, agent.synced_changes))
 
     health = ProxyHealth(proxy_healthy, lambda: agent.scheduler.last_success, time.time,
                          metrics.healthz_requests, metrics.livez_requests)
