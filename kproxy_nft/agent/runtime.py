@@ -14,6 +14,11 @@ import time
 from collections.abc import Callable
 from types import FrameType
 
+# The agent cleans conntrack and reads node addresses through pyroute2 (imported lazily by the
+# one-shot commands, which seldom need it): loaded at start, so a broken install fails at once,
+# not at the first UDP endpoint change, and the agent's memory is what it is from the start.
+import pyroute2  # noqa: F401
+
 from kproxy_nft.agent.changes import PREPARE
 from kproxy_nft.agent.healthcheck import HealthCheckServers
 from kproxy_nft.agent.http import Listener, ProxyHealth, json_route, metrics_route, text_route
