@@ -54,15 +54,17 @@ def release_free_memory() -> None:
 
 
 class _WakingStop(threading.Event):
-    """`Agent.stop`: setting it also wakes the loop, which sleeps on its queue until work is due."""
+    """`Agent.stop`: setting it also wakes whoever waits for it elsewhere (`wakers`): the loop,
+    which sleeps on its queue until work is due, and the main thread (`runtime.StopSignals`)."""
 
     def __init__(self, wake: Callable[[], None]) -> None:
         super().__init__()
-        self._wake = wake
+        self.wakers = [wake]
 
     def set(self) -> None:
         super().set()
-        self._wake()
+        for wake in self.wakers:
+            wake()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,7 +112,8 @@ class Agent:
         self.metrics = metrics
         self.events: queue.Queue[_Item] = queue.Queue()
         self.tracker = ChangeTracker()
-        self.stop: threading.Event = _WakingStop(lambda: self.events.put(_Wake()))
+        self._stop = _WakingStop(lambda: self.events.put(_Wake()))
+        self.stop: threading.Event = self._stop
         self.listed: set[str] = set()
         self._cleanup_failures_seen = 0  # the proxier's count already exported
         # Node fields given by flags, which the Node and ServiceCIDR objects must not override.
@@ -132,6 +135,11 @@ class Agent:
         # First, stale UDP/SCTP conntrack flows go (kproxy_nft.conntrack).
         self.after_sync.append(self._clean_conntrack)
         self._synced_changes: frozenset[ServicePortName] | None = None  # of the sync the hooks run after
+
+    @property
+    def stop_wakers(self) -> list[Callable[[], None]]:
+        """Called when `stop` is set, besides waking the loop."""
+        return self._stop.wakers
 
     @property
     def synced_changes(self) -> frozenset[ServicePortName] | None:

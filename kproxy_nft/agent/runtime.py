@@ -7,7 +7,10 @@ leaves the rules (`run_until_stopped`).
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import select
 import signal
 import threading
 import time
@@ -101,26 +104,59 @@ def run_agent(settings: ProxySettings, *, kubeconfig: str | None, manifest_paths
     ]
     listeners.append(Listener(healthz_address, 10256, {"/healthz": health.healthz, "/livez": health.livez}).start())
 
-    def stop(signum: int, _frame: FrameType | None) -> None:
-        log.info("signal %s received", signal.Signals(signum).name)
-        agent.stop.set()
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    signals = StopSignals()
+    agent.stop_wakers.append(signals.wake)
+    signals.install()
     log.info("kproxy-nft agent: mode=%s node=%s source=%s metrics=%s healthz=%s", settings.mode,
              settings.node.hostname, "manifests" if manifest_paths else "kubernetes API", metrics_address,
              healthz_address)
     for thread in threads:
         thread.start()
     try:
-        run_until_stopped(agent)
+        run_until_stopped(agent, signals)
     finally:
         close_side_by_side([listener.stop for listener in listeners] + [health_checks.stop], CLOSE_BUDGET)
 
 
-def run_until_stopped(agent: Agent, grace: float = STOP_GRACE) -> None:
-    """Run the agent's loop on a thread of its own until `agent.stop`, then give it `grace`
-    seconds to finish what it is doing, and return (the process then exits) whatever it does.
+class StopSignals:
+    """SIGTERM and SIGINT, as a stop the main thread carries out.
+
+    A Python signal handler runs on the main thread between two of its bytecodes, whatever
+    that thread holds: setting `agent.stop` there takes the event's lock, which the main thread
+    itself holds for a moment in each `Event.wait`, and a signal landing in that moment would
+    deadlock the agent on SIGTERM. The handler only stores the signal and writes a byte to a
+    pipe (neither takes a lock); the main thread, waiting on the pipe, does the rest.
+    """
+
+    def __init__(self) -> None:
+        self._read, self._write = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self.received: int | None = None
+
+    def install(self) -> None:
+        signal.signal(signal.SIGTERM, self.handle)
+        signal.signal(signal.SIGINT, self.handle)
+
+    def handle(self, signum: int, _frame: FrameType | None) -> None:
+        self.received = signum
+        self.wake()
+
+    def wake(self) -> None:
+        """End a `wait` now (async-signal-safe: one write to a non-blocking pipe)."""
+        with contextlib.suppress(OSError):  # the pipe is full: a wake is already pending
+            os.write(self._write, b"\0")
+
+    def wait(self, timeout: float) -> None:
+        """Until a signal or a `wake`, or `timeout` seconds."""
+        ready, _, _ = select.select([self._read], [], [], timeout)
+        if ready:
+            with contextlib.suppress(BlockingIOError):
+                os.read(self._read, 4096)
+
+
+def run_until_stopped(agent: Agent, signals: StopSignals, grace: float = STOP_GRACE) -> None:
+    """Run the agent's loop on a thread of its own until `agent.stop` or a signal (`signals`),
+    then give it `grace` seconds to finish what it is doing, and return (the process then exits)
+    whatever it does.
 
     The loop may be in a sync that takes many seconds at 10,000 services (compiling, planning,
     an iptables-restore): waiting for it made SIGTERM take up to 12 s. Leaving it is safe: a
@@ -131,8 +167,11 @@ def run_until_stopped(agent: Agent, grace: float = STOP_GRACE) -> None:
     """
     loop = threading.Thread(target=agent.run, name="agent-loop", daemon=True)
     loop.start()
-    while loop.is_alive() and not agent.stop.wait(1.0):
-        pass
+    while loop.is_alive() and not agent.stop.is_set() and signals.received is None:
+        signals.wait(1.0)
+    if signals.received is not None:
+        log.info("signal %s received", signal.Signals(signals.received).name)
+        agent.stop.set()
     loop.join(timeout=grace)
     if loop.is_alive():
         log.info("leaving the sync in progress (the rules stay in place)")
