@@ -59,3 +59,16 @@ def test_a_stop_set_elsewhere_ends_the_wait_at_once() -> None:
     agent.stop.set()
     main.join(5)
     assert not main.is_alive() and time.monotonic() - started < 0.5
+
+
+def test_without_signals_it_runs_until_the_agent_is_stopped() -> None:
+    """As benches and embedding code run it (on a thread: no signal handlers there)."""
+    agent = Agent(FakeProxier(), new_metrics(), min_sync_period=1.0, sync_period=30.0)
+    main = threading.Thread(target=run_until_stopped, args=(agent,), daemon=True)
+    main.start()
+    time.sleep(0.2)
+    started = time.monotonic()
+    agent.stop.set()
+    main.join(5)
+    assert not main.is_alive() and time.monotonic() - started < 0.5
+    assert len(agent.stop_wakers) == 1  # its own waker gone again: only the loop's

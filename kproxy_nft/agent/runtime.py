@@ -145,6 +145,10 @@ class StopSignals:
         with contextlib.suppress(OSError):  # the pipe is full: a wake is already pending
             os.write(self._write, b"\0")
 
+    def close(self) -> None:
+        os.close(self._read)
+        os.close(self._write)
+
     def wait(self, timeout: float) -> None:
         """Until a signal or a `wake`, or `timeout` seconds."""
         ready, _, _ = select.select([self._read], [], [], timeout)
@@ -153,10 +157,10 @@ class StopSignals:
                 os.read(self._read, 4096)
 
 
-def run_until_stopped(agent: Agent, signals: StopSignals, grace: float = STOP_GRACE) -> None:
-    """Run the agent's loop on a thread of its own until `agent.stop` or a signal (`signals`),
-    then give it `grace` seconds to finish what it is doing, and return (the process then exits)
-    whatever it does.
+def run_until_stopped(agent: Agent, signals: StopSignals | None = None, grace: float = STOP_GRACE) -> None:
+    """Run the agent's loop on a thread of its own until `agent.stop` or a signal (`signals`,
+    installed by the caller; None: only `agent.stop`), then give it `grace` seconds to finish
+    what it is doing, and return (the process then exits) whatever it does.
 
     The loop may be in a sync that takes many seconds at 10,000 services (compiling, planning,
     an iptables-restore): waiting for it made SIGTERM take up to 12 s. Leaving it is safe: a
@@ -165,12 +169,20 @@ def run_until_stopped(agent: Agent, signals: StopSignals, grace: float = STOP_GR
     so it commits on its own), and the rules stay in place. The main thread only waits, so
     the signal handler runs at once.
     """
+    waiting = signals if signals is not None else StopSignals()  # its pipe: woken by `agent.stop`
+    if signals is None:
+        agent.stop_wakers.append(waiting.wake)
     loop = threading.Thread(target=agent.run, name="agent-loop", daemon=True)
     loop.start()
-    while loop.is_alive() and not agent.stop.is_set() and signals.received is None:
-        signals.wait(1.0)
-    if signals.received is not None:
-        log.info("signal %s received", signal.Signals(signals.received).name)
+    try:
+        while loop.is_alive() and not agent.stop.is_set() and waiting.received is None:
+            waiting.wait(1.0)
+    finally:
+        if signals is None:
+            agent.stop_wakers.remove(waiting.wake)
+            waiting.close()
+    if waiting.received is not None:
+        log.info("signal %s received", signal.Signals(waiting.received).name)
         agent.stop.set()
     loop.join(timeout=grace)
     if loop.is_alive():
