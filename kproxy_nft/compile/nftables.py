@@ -251,6 +251,10 @@ class ServiceFragment:
         return cls(name, tuple(itertools.chain.from_iterable(elements)), shared_chains, affinity, chains)
 
     @property
+    def element_count(self) -> int:
+        return len(self.element_data) // 3
+
+    @property
     def elements(self) -> Iterator[Element]:
         """Each element as `(set, key, value)`, made as it is read (one pass per call)."""
         data = iter(self.element_data)

@@ -29,7 +29,7 @@ def test_nft_loads_what_the_compiler_accepts(netns: str, model: tuple[ClusterSta
     state, node = model
     rulesets = compiled(nftables.compile_ruleset, state, node)
     assume(rulesets)
-    event(f"elements: {sum(len(f.elements) for r in rulesets for f in r.fragments.values()) // 5 * 5}+")
+    event(f"elements: {sum(f.element_count for r in rulesets for f in r.fragments.values()) // 5 * 5}+")
     script = nftables.render_script(rulesets)
     result = run_in(netns, ["nft", "-c", "-f", "-"], script)
     assert result.returncode == 0, (result.stderr, script)
