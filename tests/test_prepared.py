@@ -232,3 +232,16 @@ def test_trigger_times_are_read_when_prepared() -> None:
     assert stamped.trigger_time == 1714557600.0
     assert prepare_slice(as_api_gives(slice_doc("a-1", "a", ["10.1.0.1"], "yesterday"))).trigger_time is None
     assert prepare_slice(as_api_gives(slice_doc("a-1", "a", ["10.1.0.1"]))).trigger_time is None
+
+
+def test_names_with_a_lone_surrogate_are_rejected_not_a_crash() -> None:
+    """The key is copied out of the decoded object before any check (`convert.own_copy`): a
+    string JSON's `\\ud800` escape gives (no UTF-8 form) must still come out as a rejection."""
+    service = service_doc("a", 10)
+    service["metadata"]["name"] = "web\ud800"
+    prepared = prepare_service(as_api_gives(service))
+    assert prepared.key == ("default", "web\ud800") and prepared.ports is None and "metadata.name" in prepared.error
+    piece = slice_doc("a-1", "web\ud800", ["10.1.0.1"])
+    piece["metadata"]["namespace"] = "ns\ud800"
+    sliced = prepare_slice(as_api_gives(piece))
+    assert sliced.key == ("ns\ud800", "a-1") and sliced.endpoints is None and "metadata.namespace" in sliced.error
