@@ -226,15 +226,26 @@ def assert_dump_is_sound(out: DumpOutput) -> None:
     assert_nft_script(out.nft)
 
 
+# How deep the frame that calls `read_manifests` is when `kproxy-nft dump` runs (its console
+# script, then click's), under Python's default recursion limit of 1,000.
+CLI_CALLER_DEPTH = 9
+
+
 @contextmanager
 def default_recursion_limit() -> Iterator[None]:
-    """Python's default recursion limit, the one `kproxy-nft` runs with.
+    """The room for recursion `kproxy-nft` reads manifests with.
 
     Hypothesis raises the limit while a test runs; with it raised, an object nested just below
-    libyaml's limit of 1,000 levels no longer reaches the interpreter's.
+    libyaml's limit of 1,000 levels no longer reaches the interpreter's. Set relative to the
+    depth of the `with` statement's frame, not to 1,000: JSON nested ~1,000 deep is refused or
+    not by that room, and a test's own depth differs between Hypothesis's first run of an
+    example and its replay (an old flake of `test_generated_files_read_alike[odd syntax]`).
     """
+    frame, depth = sys._getframe(2), 0  # this generator <- contextmanager's __enter__ <- the caller
+    while frame is not None:
+        depth, frame = depth + 1, frame.f_back
     raised = sys.getrecursionlimit()
-    sys.setrecursionlimit(1000)
+    sys.setrecursionlimit(depth - CLI_CALLER_DEPTH + 1000)
     try:
         yield
     finally:
