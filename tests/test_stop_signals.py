@@ -20,9 +20,7 @@ from tests.fake_proxier import FakeProxier
 
 def agent_with_signals() -> tuple[Agent, StopSignals]:
     agent = Agent(FakeProxier(), new_metrics(), min_sync_period=1.0, sync_period=30.0)
-    signals = StopSignals()
-    agent.stop_wakers.append(signals.wake)
-    return agent, signals
+    return agent, StopSignals()
 
 
 def test_the_handler_returns_while_the_stop_events_lock_is_held() -> None:
@@ -66,4 +64,4 @@ def test_without_signals_it_runs_until_the_agent_is_stopped() -> None:
     """As benches and embedding code run it (on a thread: no signal handlers there)."""
     agent = Agent(FakeProxier(), new_metrics(), min_sync_period=1.0, sync_period=30.0)
     assert seconds_to_stop(agent, None, agent.stop.set) < 0.5
-    assert len(agent.stop_wakers) == 1  # its own waker gone again: only the loop's
+    assert len(agent.stop_wakers) == 1  # its waker gone again: only the loop's

@@ -105,7 +105,6 @@ def run_agent(settings: ProxySettings, *, kubeconfig: str | None, manifest_paths
     listeners.append(Listener(healthz_address, 10256, {"/healthz": health.healthz, "/livez": health.livez}).start())
 
     signals = StopSignals()
-    agent.stop_wakers.append(signals.wake)
     signals.install()
     log.info("kproxy-nft agent: mode=%s node=%s source=%s metrics=%s healthz=%s", settings.mode,
              settings.node.hostname, "manifests" if manifest_paths else "kubernetes API", metrics_address,
@@ -169,17 +168,16 @@ def run_until_stopped(agent: Agent, signals: StopSignals | None = None, grace: f
     so it commits on its own), and the rules stay in place. The main thread only waits, so
     the signal handler runs at once.
     """
-    waiting = signals if signals is not None else StopSignals()  # its pipe: woken by `agent.stop`
-    if signals is None:
-        agent.stop_wakers.append(waiting.wake)
+    waiting = signals if signals is not None else StopSignals()
+    agent.stop_wakers.append(waiting.wake)  # `agent.stop` set by anyone ends the wait too
     loop = threading.Thread(target=agent.run, name="agent-loop", daemon=True)
     loop.start()
     try:
         while loop.is_alive() and not agent.stop.is_set() and waiting.received is None:
             waiting.wait(1.0)
     finally:
+        agent.stop_wakers.remove(waiting.wake)
         if signals is None:
-            agent.stop_wakers.remove(waiting.wake)
             waiting.close()
     if waiting.received is not None:
         log.info("signal %s received", signal.Signals(waiting.received).name)
