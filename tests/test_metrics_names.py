@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 from kproxy_nft.agent.http import Listener, metrics_route
-from kproxy_nft.agent.metrics import NoLocalEndpoints, new_metrics, no_local_endpoints, record_no_local_endpoints
+from kproxy_nft.agent.metrics import NoLocalEndpoints, new_metrics, no_local_endpoints
 from kproxy_nft.model import ClusterState, IPFamily, TrafficPolicy
 from tests.helpers import NODE, endpoint, service, spn
 from tests.test_agent_http import get
@@ -106,7 +106,7 @@ def test_no_local_endpoints_counts_local_policy_ports_served_only_elsewhere() ->
     assert no_local_endpoints(state, NODE, IPFamily.V4) == {"internal": 1, "external": 1}
     assert no_local_endpoints(state, NODE, IPFamily.V6) == {"internal": 0, "external": 0}  # no IPv6 cluster IPs
     metrics = new_metrics((IPFamily.V4, IPFamily.V6))
-    record_no_local_endpoints(metrics, state, NODE, (IPFamily.V4, IPFamily.V6))
+    NoLocalEndpoints(metrics, (IPFamily.V4, IPFamily.V6)).update(state, NODE, None)  # a full sync's count
     assert metrics.registry.get_sample_value("kubeproxy_sync_proxy_rules_no_local_endpoints_total",
                                              {"ip_family": "IPv4", "traffic_policy": "external"}) == 1
 

@@ -239,9 +239,3 @@ class NoLocalEndpoints:
             gauge = self._metrics.no_local_endpoints
             gauge.family(family, traffic_policy="internal").set(sum(i for i, _ in lacking.values()))
             gauge.family(family, traffic_policy="external").set(sum(e for _, e in lacking.values()))
-
-
-def record_no_local_endpoints(metrics: Metrics, state: ClusterState, node: NodeContext,
-                              families: Sequence[IPFamily]) -> None:
-    """Set the gauge for every family the node programs, counting every service port."""
-    NoLocalEndpoints(metrics, families).update(state, node, None)
