@@ -68,6 +68,7 @@ class FakeAPIServer:
         self.oldest_watchable = 0  # versions below this get 410 Gone
         self.changed = threading.Condition()
         self.drop_generation = 0
+        self.open_watches = 0  # watch streams being served now
         self.requests: list[str] = []
         self.request_headers: list[dict[str, str]] = []  # each request's, names lower-cased
         # Called with (resource, query) before each list is served; an HTTP status it returns
@@ -127,9 +128,13 @@ class FakeAPIServer:
             self.oldest_watchable = self.version + 1
             self.drop_watches()
 
-    def drop_watches(self) -> None:
-        """Cut every open watch connection mid-stream."""
+    def drop_watches(self, once_open: int = 0, timeout: float = 5.0) -> None:
+        """Cut every open watch connection mid-stream; with `once_open`, first wait until that
+        many watches are open, so that a stream still between its list and its watch (or
+        reconnecting after a timeout) cannot slip past the cut."""
         with self.changed:
+            if not self.changed.wait_for(lambda: self.open_watches >= once_open, timeout):
+                raise AssertionError(f"{self.open_watches} watches open, waited for {once_open}")
             self.drop_generation += 1
             self.changed.notify_all()
 
@@ -218,19 +223,29 @@ class FakeAPIServer:
                 req.wfile.write(b"0\r\n\r\n")
                 return
             sent = since
-            while True:
-                pending = [e for e in self.events if e[0] > sent and e[1] == resource and _selected(e[3], query)]
-                for version, _, kind, obj in pending:
-                    send({"type": kind, "object": obj})
-                    sent = version
-                if self.drop_generation != generation:
-                    req.close_connection = True
-                    return  # no terminating chunk: the client sees a broken stream
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    bookmark = {"kind": "Status", "apiVersion": api_version,
-                                "metadata": {"resourceVersion": str(self.version)}}
-                    send({"type": "BOOKMARK", "object": bookmark})
-                    req.wfile.write(b"0\r\n\r\n")
-                    return
-                self.changed.wait(min(remaining, 0.2))
+            self.open_watches += 1
+            self.changed.notify_all()
+            try:
+                self._stream(req, resource, api_version, query, send, sent, generation, deadline)
+            finally:
+                self.open_watches -= 1
+
+    def _stream(self, req: BaseHTTPRequestHandler, resource: str, api_version: str, query: dict[str, str],
+                send: Callable[[dict[str, Any]], None], sent: int, generation: int, deadline: float) -> None:
+        """Send events after `sent` until the watch is dropped or times out (condition held)."""
+        while True:
+            pending = [e for e in self.events if e[0] > sent and e[1] == resource and _selected(e[3], query)]
+            for version, _, kind, obj in pending:
+                send({"type": kind, "object": obj})
+                sent = version
+            if self.drop_generation != generation:
+                req.close_connection = True
+                return  # no terminating chunk: the client sees a broken stream
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                bookmark = {"kind": "Status", "apiVersion": api_version,
+                            "metadata": {"resourceVersion": str(self.version)}}
+                send({"type": "BOOKMARK", "object": bookmark})
+                req.wfile.write(b"0\r\n\r\n")
+                return
+            self.changed.wait(min(remaining, 0.2))

@@ -123,7 +123,7 @@ def test_dropped_stream_relists_and_catches_up(harness: tuple[FakeAPIServer, Har
     api, h = harness
     h.wait_for(lambda: h.ips("web") == ["10.1.0.1"])
     relists = sum(r.relists for r in h.reflectors)
-    api.drop_watches()
+    api.drop_watches(once_open=2)  # both streams, once both are watching
     api.apply("endpointslices", endpoint_slice("web-1", "web", ["10.1.0.3"]))
     h.wait_for(lambda: sum(r.relists for r in h.reflectors) >= relists + 2)  # both streams were cut
     h.wait_for(lambda: h.ips("web") == ["10.1.0.3"])
