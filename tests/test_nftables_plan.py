@@ -116,9 +116,11 @@ def _edited(draw: st.DrawFn, a: ClusterState) -> ClusterState:
         elif action == "remove":
             del services[name]
             eps.pop(name, None)
-        elif action == "endpoints":  # some leave, maybe one comes
-            eps[name] = (*(ep for ep in eps.get(name, ()) if draw(st.booleans())),
-                         *draw(st.lists(endpoints(), max_size=1)))  # fmt: skip
+        elif action == "endpoints":  # some leave, maybe one comes (not one already there: the
+            # tracker's tuples hold no duplicates)
+            kept = [ep for ep in eps.get(name, ()) if draw(st.booleans())]
+            came = draw(st.lists(endpoints(), max_size=1))
+            eps[name] = tuple({(ep.ip, ep.port): ep for ep in (*kept, *came)}.values())
         elif action == "affinity":
             services[name] = dataclasses.replace(svc, session_affinity_seconds=draw(st.sampled_from([None, 600])))
         elif action == "policy":

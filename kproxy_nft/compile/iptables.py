@@ -258,7 +258,7 @@ def builtin_jumps() -> tuple[BuiltinJump, ...]:
     )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ServiceRules:
     """Everything one service port contributes: its own chains and its lines in shared chains.
 
@@ -270,6 +270,11 @@ class ServiceRules:
     name: ServicePortName
     chains: tuple[Chain, ...]  # nat: KUBE-EXT-/FW-/SVC-/SVL-/SEP-
     shared: tuple[SharedRule, ...] = ()  # rules in shared chains, in kube-proxy's order
+
+    def without_chains(self) -> ServiceRules:
+        """Only the lines in shared chains: what an agent keeps between syncs
+        (`kernel.iptables_record`); assembled with the others, it gives the shared chains."""
+        return ServiceRules(self.name, (), self.shared)
 
 
 class _Names:

@@ -44,7 +44,7 @@ import enum
 import re
 import socket
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 
 from kproxy_nft.compile.iptables import KUBE_FIREWALL, Ruleset
@@ -414,29 +414,33 @@ def enable_route_localnet(host: Host) -> None:
 def _rolled_back(plan: Plan, host: Host, sent: _Sent, failure: Completed) -> RestoreError:
     """Undo the tables that committed before the failing one; the error to raise either way."""
     try:
-        reverted = revert(host, plan.before)
+        reverted = revert(host, plan.before, plan.touched)
     except IptablesError as e:
         return _error(host, plan, sent, failure, False, f"revert failed: {e}")
     return _error(host, plan, sent, failure, True, f"reverted: {', '.join(reverted) or 'nothing had committed'}")
 
 
-def revert(host: Host, before: KernelState) -> tuple[str, ...]:
+def revert(
+    host: Host, before: KernelState, touched: Callable[[str], Collection[str]] | None = None
+) -> tuple[str, ...]:
     """Take our chains and jumps back to `before` (the state a plan was made from); the tables changed.
 
-    Reads the kernel, sends `revert_plan(before, now)` in one restore and reads again to check
-    that nothing of ours differs any more. Raises `IptablesError` when it could not.
+    Reads the kernel, sends `revert_plan(before, now, touched)` in one restore and reads again
+    to check that nothing of ours differs any more. Raises `IptablesError` when it could not.
+    `touched` (the plan's `Plan.touched`) limits it to what the plan changed: an agent's
+    partial plan starts from a `before` that holds only part of our chains.
     """
     family = before.family
     tables = tuple(before.tables) or MANAGED_TABLES
     now = read_state(host, family, tables)
-    undo = revert_plan(before, now)
+    undo = revert_plan(before, now, touched)
     if not undo.is_empty:
         sent = _prepare(host, undo, undo.edits)
         result = _restore(host, family, sent)
         if result.returncode != 0:
             raise _error(host, undo, sent, result, False, "while reverting")
         now = read_state(host, family, tables)
-    if not revert_plan(before, now).is_empty:
+    if not revert_plan(before, now, touched).is_empty:
         raise IptablesError(f"reverting IPv{int(family)} left differences")
     return undo.tables
 
@@ -478,7 +482,7 @@ def _families_reverted(host: Host, done: Sequence[Plan], failure: Exception) -> 
         if p.is_empty:
             continue
         try:
-            revert(host, p.before)
+            revert(host, p.before, p.touched)
             notes.append(f"IPv{int(p.family)} reverted")
         except IptablesError as e:
             notes.append(f"IPv{int(p.family)} not reverted: {e}")

@@ -14,9 +14,10 @@ kernel:
 
 Rules are compared in canonical form (`iptables_rule.canonical`), as the kernel compares them.
 
-`FakeIptables` is a `Runner` that answers `iptables-save`/`iptables-restore` argv (with or
-without `ip netns exec NS`) from such states, records every call, and can be told to refuse a
-table at commit time, the way the kernel refuses a rule no parser can catch.
+`FakeIptables` is a `Runner` that answers `iptables-save`/`iptables-restore` argv and the
+listing of one chain (`iptables -t TABLE -S CHAIN`), with or without `ip netns exec NS`, from
+such states. It records every call, and can be told to refuse a table at commit time, the way
+the kernel refuses a rule no parser can catch.
 """
 
 from __future__ import annotations
@@ -176,7 +177,7 @@ def simulate_restore(
 # the fake runner
 # ---------------------------------------------------------------------------------------------
 
-_TOOL = re.compile(r"(ip6?tables)-(nft|legacy)-(save|restore)")
+_TOOL = re.compile(r"(ip6?tables)-(nft|legacy)(?:-(save|restore))?")
 
 
 @dataclass
@@ -210,6 +211,8 @@ class FakeIptables:
         state = self.state(backend, family)
         if action == "save":
             return self._save(state, args[1:])
+        if action is None:
+            return self._list_chain(state, args[1:])
         try:
             after = simulate_restore(
                 state,
@@ -223,6 +226,19 @@ class FakeIptables:
             return Completed(2, "", f"{args[0]}: {e.message}\nError occurred at line: {e.line}\n")
         self.states[(backend, family)] = after
         return Completed(0, "", "")
+
+    @staticmethod
+    def _list_chain(state: KernelState, args: list[str]) -> Completed:
+        """`iptables [-w] -t TABLE -S CHAIN`, the one listing the proxier runs: `-P CHAIN POLICY`
+        for a built-in chain, `-N CHAIN` for another, then its rules; exit 1 when it is missing."""
+        if "-S" not in args or "-t" not in args:
+            return Completed(2, "", f"fake iptables: only -t TABLE -S CHAIN is answered, not {args}")
+        table, chain = args[args.index("-t") + 1], args[args.index("-S") + 1]
+        found = state.table(table).chains.get(chain)
+        if found is None:
+            return Completed(1, "", f"iptables: Bad built-in chain name or chain {chain} does not exist.\n")
+        head = f"-P {chain} {found.policy}" if found.builtin else f"-N {chain}"
+        return Completed(0, "".join(f"{line}\n" for line in (head, *(f"-A {chain} {r}" for r in found.rules))), "")
 
     @staticmethod
     def _save(state: KernelState, args: list[str]) -> Completed:

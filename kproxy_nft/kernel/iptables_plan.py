@@ -154,6 +154,10 @@ class Plan:
     def tables(self) -> tuple[str, ...]:
         return tuple(edit.table for edit in self.edits)
 
+    def touched(self, table: str) -> frozenset[str]:
+        """The chains of `table` this plan adds, changes or deletes."""
+        return frozenset(c.chain for c in self.chains if c.table == table)
+
     def payload_line(self, number: int) -> str | None:
         """Line `number` (1-based, as iptables-restore counts) of the payload."""
         lines = self.payload.splitlines()
@@ -499,10 +503,16 @@ def cleanup_plan(current: KernelState) -> Plan:
     return plan(nothing_wanted(current.family), current)
 
 
-def revert_plan(before: KernelState, current: KernelState) -> Plan:
+def revert_plan(
+    before: KernelState, current: KernelState, touched: Callable[[str], Collection[str]] | None = None
+) -> Plan:
     """Take our chains and the built-in chains of `current` back to exactly what `before` had.
 
     Only tables present in `before` are considered; other chains are left alone as always.
+    With `touched` (a plan's `Plan.touched`), only the chains it names per table are taken
+    back, which is what undoing that plan needs. It is required when `before` holds only part
+    of our chains (an agent's partial plan): every chain of ours not in `before` would
+    otherwise be deleted.
     """
     editors = []
     for name in MANAGED_TABLES:
@@ -510,9 +520,22 @@ def revert_plan(before: KernelState, current: KernelState) -> Plan:
             continue
         then = before.table(name)
         editor = _TableEditor(current.table(name), current.family, _ownership(name))
+        scope = None if touched is None else touched(name)
         editor.sync_chains(
-            [Chain(c.name, c.rules) for c in then.chains.values() if not c.builtin and is_owned(name, c.name)]
+            [Chain(c.name, c.rules) for c in then.chains.values()
+             if not c.builtin and is_owned(name, c.name) and (scope is None or c.name in scope)],
+            scope,
         )
         editor.restore_jumps(then)
         editors.append(editor)
     return _finish(current.family, current, editors)
+
+
+def without_service_chains(state: KernelState) -> KernelState:
+    """`state` without the per-service chains (`KUBE-SVC-`, `-SEP-`, …): what an agent keeps of
+    the kernel between syncs (see `kernel.iptables_record`)."""
+    tables = {}
+    for name, table in state.tables.items():
+        kept = {chain: c for chain, c in table.chains.items() if not chain.startswith(SERVICE_CHAIN_PREFIXES)}
+        tables[name] = table if len(kept) == len(table.chains) else KernelTable(name, kept)
+    return KernelState(state.family, tables)

@@ -1,9 +1,12 @@
 """iptables mode: kube-proxy's chains, one `iptables-restore --noflush` per IP family.
 
-One `kernel.iptables.Syncer` per family keeps what it applied, so a partial sync neither reads
-`iptables-save` nor recompiles unchanged service ports (`compile.iptables.update_fragments`,
-`iptables_plan.Focus`: O(changed) up to the restore itself). A full sync reads the kernel back
-and plans once against it.
+Between syncs it keeps a `kernel.iptables_record.Record`: the cluster state the last sync
+applied and, per family, the kernel's state without the per-service chains. Their text (80 MiB
+at 10,000 services) is compiled again when needed instead of kept. A partial sync neither reads
+`iptables-save` nor compiles unchanged service ports: it compiles the changed ones as they were
+and as they are, and plans those chains and the shared ones (`iptables_plan.Focus`): O(changed)
+up to the restore itself. A full sync compiles everything, reads the kernel back and plans once
+against it.
 `check_drift` reads and plans against what was last applied off the sync thread (iptables-save
 is a process of its own); `repair` sends that plan unless a sync overtook it. The canary chains
 (`kernel.iptables.CANARY`) are how iptables-legacy, which sends no notifications, is watched.
@@ -16,12 +19,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Mapping
+from dataclasses import replace
 from typing import TYPE_CHECKING, cast
 
 from kproxy_nft.compile import iptables as compiler
-from kproxy_nft.compile.memo import FragmentMemo
 from kproxy_nft.kernel import iptables as kernel
-from kproxy_nft.kernel.iptables_plan import MANAGED_TABLES, Focus, Plan, focus_of, is_owned
+from kproxy_nft.kernel import iptables_record
+from kproxy_nft.kernel.iptables_plan import MANAGED_TABLES, Focus, Plan, is_owned, without_service_chains
+from kproxy_nft.kernel.iptables_record import FamilyRecord, Record
 from kproxy_nft.kernel.iptables_text import KernelState, KernelTable, SaveFormatError, parse_save, render_save
 from kproxy_nft.kernel.nftables_events import Interest
 from kproxy_nft.model import ClusterState, IPFamily, NodeContext, ServicePortName
@@ -31,7 +36,7 @@ from kproxy_nft.trace import Program
 from kproxy_nft.trace.iptables import IptablesProgram, state_from_ruleset
 
 if TYPE_CHECKING:
-    from kproxy_nft.compile.iptables import Fragments, Ruleset
+    from kproxy_nft.compile.iptables import Ruleset
 
 
 # A notification naming more chains than this (a table flushed) is checked by reading it whole.
@@ -50,16 +55,12 @@ class IptablesProxier(ProxierBase):
         super().__init__(node, netns, families)
         self._host: kernel.Host | None = sides.iptables if sides is not None else None
         self._backend = self._host.backend.value if self._host is not None else iptables_backend
-        self._syncers: dict[IPFamily, kernel.Syncer] = {}
         self._drift = 0
-        # What the last sync applied, per family (None: unknown), and a count of syncs and
-        # repairs that tells a drift check whether one ran while it read the kernel.
-        self._record: dict[IPFamily, tuple[Ruleset, KernelState]] | None = None  # desired, and the state after
+        # What the last sync applied (None: unknown), and a count of syncs and repairs that
+        # tells a drift check whether one ran while it read the kernel.
+        self._record: Record | None = None
         self._generation = 0
         self._probed_sizes: dict[tuple[IPFamily, str], tuple[int, int] | None] = {}  # legacy: see `probe`
-        # The last synced fragments per family, and the node they were compiled for.
-        self._fragments: tuple[dict[IPFamily, Fragments], NodeContext] | None = None
-        self._memo: FragmentMemo[compiler.ServiceRules] = FragmentMemo()  # across syncs: unchanged ports reused
         self._rule_counts: dict[tuple[IPFamily, str], tuple[int, int]] = {}  # see rule_counts
 
     # -- the kernel side, opened on first use -----------------------------------------------
@@ -78,11 +79,6 @@ class IptablesProxier(ProxierBase):
     def _ipv6_supported(self) -> bool:
         """kube-proxy's `Present()` for IPv6: ip6tables runs and has a nat table (in our netns)."""
         return self.host.run(IPFamily.V6, "save", "-t", "nat").returncode == 0
-
-    def _syncer(self, family: IPFamily) -> kernel.Syncer:
-        if family not in self._syncers:
-            self._syncers[family] = kernel.Syncer(self.host, family)
-        return self._syncers[family]
 
     # -- one-shot: dump, apply, cleanup -----------------------------------------------------
 
@@ -167,33 +163,25 @@ class IptablesProxier(ProxierBase):
 
     def sync(self, state: ClusterState, full: bool, changed: frozenset[ServicePortName] | None = None) -> str:
         parts = []
-        previous, self._fragments = self._fragments, None  # None again if this sync fails
-        partial = not full and changed is not None and previous is not None and previous[1] is self._node
-        synced, desired_by_family = {}, {}
+        previous = self._record
+        partial = not full and changed is not None and previous is not None and previous.node is self._node
+        families: dict[IPFamily, FamilyRecord] = {}
         try:
             for family in self.families:
-                syncer = self._syncer(family)
-                focus = None
                 if partial and previous is not None and changed is not None:
-                    # Only the changed service ports are recompiled and compared: O(changed), plus
-                    # assembling the shared chains. The kernel's cost is another matter (see README).
-                    old = previous[0][family]
-                    fragments = compiler.update_fragments(old, state, self._node, family, changed, self._memo)
-                    focus = focus_of(old, fragments, changed)
+                    step = iptables_record.partial_step(previous, state, family, changed)
                 else:
-                    fragments = compiler.compile_fragments(state, self._node, family, self._memo)
-                desired = compiler.assemble_ruleset(fragments.values(), self._node, family)
-                if full:
-                    self._read_back(syncer, desired)
-                step = syncer.sync(desired, focus=focus)  # planned once, against what was read or applied
-                synced[family], desired_by_family[family] = fragments, (desired, step.after)
-                parts.append(f"v{int(family)} chains={len(step.chains)} jumps={len(step.jumps)}")
-                self._rule_counts.update(_rule_counts(desired, step))
-            if full:
+                    step = iptables_record.full_step(state, self._node, family)
+                current = step.current if step.current is not None else self._read_back(family, step.desired)
+                p = kernel.plan(step.desired, current, step.focus)  # planned once, against what was read or applied
+                kernel.apply(p, self.host)
+                families[family] = record = step.recorded(p.after)
+                parts.append(f"v{int(family)} chains={len(p.chains)} jumps={len(p.jumps)}")
+                self._rule_counts.update(_rule_counts(step.desired, p, record.service_rules))
+            if not partial:
                 for family in self.families:
                     kernel.ensure_canaries(self.host, family)
-            self._fragments = (synced, self._node)
-            self._record = desired_by_family
+            self._record = Record(state, self._node, families)
         except BaseException:
             # What the kernel holds is unknown now. Not cleared before: a drift check reading
             # meanwhile would find no record and force a blocking full sync; the generation
@@ -204,17 +192,18 @@ class IptablesProxier(ProxierBase):
             self._generation += 1  # after the record: a drift check that read meanwhile is stale
         return " ".join(parts)
 
-    def _read_back(self, syncer: kernel.Syncer, desired: Ruleset) -> None:
-        """A full sync's read: the kernel's state becomes what the sync plans against, once.
+    def _read_back(self, family: IPFamily, desired: Ruleset) -> KernelState:
+        """A full sync's read: the kernel's state, which the sync plans against, once.
 
         No repair is counted here: a blocking full sync runs when what we applied is unknown
         (start, after a failure) or when checks kept being overtaken by syncs, and telling our
         pending changes from someone else's would take a second plan (canonicalising every
         rule: seconds at 10,000 services). Drift is counted by the checks (`check_drift`).
         """
-        syncer.state = kernel.read_state(self.host, syncer.family)
+        state = kernel.read_state(self.host, family)
         if kernel.wants_route_localnet(desired):
             kernel.enable_route_localnet(self.host)
+        return state
 
     def rule_counts(self) -> Mapping[tuple[IPFamily, str], tuple[int, int]]:
         return dict(self._rule_counts)
@@ -236,12 +225,15 @@ class IptablesProxier(ProxierBase):
         # Comparing costs per rule (each is canonicalised): with the chains a notification
         # named, only those and the shared chains are, as in a partial sync.
         focus = Focus(chains, frozenset()) if chains is not None else None
-        read = {family: self._read_for_check(family, applied, chains) for family, (_, applied) in record.items()}
+        read = {family: self._read_for_check(family, kept.base, chains) for family, kept in record.families.items()}
+        # Compiled before the generation is compared: the owners of named chains are looked up
+        # in a map that syncs update in place (`FamilyRecord.owners`).
+        desired = {family: iptables_record.desired_for_check(record, family, chains) for family in record.families}
         if self._generation != generation:
             return DriftCheck(stale=True)  # before planning: that is the expensive part
         plans = []
-        for family, (desired, _) in record.items():
-            p = kernel.plan(desired, read[family], focus)
+        for family in record.families:
+            p = kernel.plan(desired[family], read[family], focus)
             if not p.is_empty:
                 plans.append(p)
         if not plans:
@@ -252,14 +244,15 @@ class IptablesProxier(ProxierBase):
         return DriftCheck(tuple(f"IPv{int(p.family)} {table}" for p in plans for table in p.tables),
                           (generation, tuple(plans), canaries))
 
-    def _read_for_check(self, family: IPFamily, applied: KernelState, chains: frozenset[str] | None) -> KernelState:
+    def _read_for_check(self, family: IPFamily, base: KernelState, chains: frozenset[str] | None) -> KernelState:
         """The kernel's state for a check: read whole, or, when a notification named a few
-        chains, those read afresh (`read_chains`) over what we applied (O(named), not O(cluster))."""
+        chains, those read afresh (`read_chains`) over the record's `base` (O(named), not
+        O(cluster)); the service chains not named are left out, and so not compared."""
         if chains is None or len(chains) > TARGETED_READ_LIMIT:
             return kernel.read_state(self.host, family)
-        state = applied
+        state = base
         for table in MANAGED_TABLES:
-            current = applied.table(table)
+            current = base.table(table)
             names = sorted(c for c in chains if c in current.chains or is_owned(table, c))
             merged = dict(current.chains)
             for name, chain in kernel.read_chains(self.host, family, table, names).items():
@@ -272,21 +265,19 @@ class IptablesProxier(ProxierBase):
 
     def repair(self, check: DriftCheck) -> bool:
         generation, plans, canaries = cast("tuple[int, tuple[Plan, ...], bool]", check.repair)
-        if generation != self._generation:
+        record = self._record
+        if generation != self._generation or record is None:
             return False
         try:
             kernel.apply_families(self.host, plans)
-            record = dict(self._record or {})
+            families = dict(record.families)
             for p in plans:
-                self._syncer(p.family).state = p.after
-                record[p.family] = (record[p.family][0], p.after)
+                families[p.family] = replace(families[p.family], base=without_service_chains(p.after))
                 if canaries:
                     kernel.ensure_canaries(self.host, p.family)
-            self._record = record
+            self._record = replace(record, families=families)
         except Exception:
-            for p in plans:
-                self._syncer(p.family).state = None  # trust only the kernel next time
-            self._record = None
+            self._record = None  # trust only the kernel next time
             raise
         finally:
             self._generation += 1
@@ -366,13 +357,15 @@ def _describe(p: Plan) -> list[str]:
     return lines
 
 
-def _rule_counts(desired: Ruleset, step: Plan) -> dict[tuple[IPFamily, str], tuple[int, int]]:
+def _rule_counts(desired: Ruleset, step: Plan, service_rules: int) -> dict[tuple[IPFamily, str], tuple[int, int]]:
     """Per table: the rules we own after the sync (our chains' rules and our jumps from built-in
-    chains) and the rule lines the sync wrote (kube-proxy's iptablesRulesTotal / LastSync)."""
+    chains) and the rule lines the sync wrote (kube-proxy's iptablesRulesTotal / LastSync).
+    `desired` may hold only some service chains (a partial sync's): `service_rules` counts all."""
     written = {edit.table: sum(line.startswith(("-A ", "-I ")) for line in edit.lines) for edit in step.edits}
     counts = {}
     for table in desired.tables:
-        owned = sum(len(chain.rules) for chain in table.chains)
+        owned = sum(len(chain.rules) for chain in table.chains if chain.owner is None)
+        owned += service_rules if table.name == "nat" else 0
         owned += sum(1 for jump in desired.jumps if jump.table == table.name)
         counts[(desired.family, table.name)] = (owned, written.get(table.name, 0))
     return counts
