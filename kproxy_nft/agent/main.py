@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import gc
 import logging
 import math
 import queue
@@ -47,7 +48,14 @@ def release_free_memory() -> None:
     hundreds of MB of freed heap that glibc keeps for reuse: at 10,000 services × 10 endpoints
     the agent measured 617 MB resident after its first sync and 284 MB after a trim. A no-op
     where libc has no malloc_trim (musl).
+
+    Unreachable cycles are collected first (syncs run with the collector paused,
+    `no_cyclic_gc`). The iptables agent at 10k goes from 137 to 123 MiB with it: some hundred
+    small objects in cycles (pyroute2's, from reading the node's addresses at start) lay among
+    the first sync's transient allocations and kept ~14 of pymalloc's 1 MiB arenas in use.
+    The collection takes 0.2 s at that size, after relists and full syncs only.
     """
+    gc.collect()
     trim = getattr(ctypes.CDLL(None), "malloc_trim", None)  # the process's own libc; no ldconfig lookup
     if trim is not None:
         trim(0)

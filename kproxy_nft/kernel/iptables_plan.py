@@ -530,12 +530,3 @@ def revert_plan(
         editors.append(editor)
     return _finish(current.family, current, editors)
 
-
-def without_service_chains(state: KernelState) -> KernelState:
-    """`state` without the per-service chains (`KUBE-SVC-`, `-SEP-`, …): what an agent keeps of
-    the kernel between syncs (see `kernel.iptables_record`)."""
-    tables = {}
-    for name, table in state.tables.items():
-        kept = {chain: c for chain, c in table.chains.items() if not chain.startswith(SERVICE_CHAIN_PREFIXES)}
-        tables[name] = table if len(kept) == len(table.chains) else KernelTable(name, kept)
-    return KernelState(state.family, tables)

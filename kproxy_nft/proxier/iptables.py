@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, cast
 from kproxy_nft.compile import iptables as compiler
 from kproxy_nft.kernel import iptables as kernel
 from kproxy_nft.kernel import iptables_record
-from kproxy_nft.kernel.iptables_plan import MANAGED_TABLES, Focus, Plan, is_owned, without_service_chains
+from kproxy_nft.kernel.iptables_plan import MANAGED_TABLES, Focus, Plan, is_owned
 from kproxy_nft.kernel.iptables_record import FamilyRecord, Record
 from kproxy_nft.kernel.iptables_text import KernelState, KernelTable, SaveFormatError, parse_save, render_save
 from kproxy_nft.kernel.nftables_events import Interest
@@ -242,7 +242,7 @@ class IptablesProxier(ProxierBase):
         # canary did not touch one (sparing `ensure_canaries`, 0.3 s at 10,000 services).
         canaries = chains is None or kernel.CANARY in chains
         return DriftCheck(tuple(f"IPv{int(p.family)} {table}" for p in plans for table in p.tables),
-                          (generation, tuple(plans), canaries))
+                          (generation, tuple((p, desired[p.family]) for p in plans), canaries))
 
     def _read_for_check(self, family: IPFamily, base: KernelState, chains: frozenset[str] | None) -> KernelState:
         """The kernel's state for a check: read whole, or, when a notification named a few
@@ -264,15 +264,15 @@ class IptablesProxier(ProxierBase):
         return state
 
     def repair(self, check: DriftCheck) -> bool:
-        generation, plans, canaries = cast("tuple[int, tuple[Plan, ...], bool]", check.repair)
+        generation, repairs, canaries = cast("tuple[int, tuple[tuple[Plan, Ruleset], ...], bool]", check.repair)
         record = self._record
         if generation != self._generation or record is None:
             return False
         try:
-            kernel.apply_families(self.host, plans)
+            kernel.apply_families(self.host, [p for p, _ in repairs])
             families = dict(record.families)
-            for p in plans:
-                families[p.family] = replace(families[p.family], base=without_service_chains(p.after))
+            for p, desired in repairs:
+                families[p.family] = replace(families[p.family], base=iptables_record.kept_state(p.after, desired))
                 if canaries:
                     kernel.ensure_canaries(self.host, p.family)
             self._record = replace(record, families=families)
