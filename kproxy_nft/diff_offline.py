@@ -21,7 +21,7 @@ from kproxy_nft.kernel.iptables import Host, IptablesBackend
 from kproxy_nft.kernel.iptables_fake import FakeIptables
 from kproxy_nft.kernel.nftables import NftablesBackend
 from kproxy_nft.kernel.nftables_fake import FakeNftables, FakeTransport
-from kproxy_nft.kernel.runner import Completed
+from kproxy_nft.kernel.runner import Completed, Input
 from kproxy_nft.model import ClusterState, IPFamily, NodeContext, node_families
 from kproxy_nft.proxier import KernelSides, Proxier, make_proxier
 
@@ -44,7 +44,7 @@ class _SysctlAccepted:
 
     iptables: FakeIptables
 
-    def run(self, argv: Sequence[str], input: str | None = None) -> Completed:
+    def run(self, argv: Sequence[str], input: Input = None) -> Completed:
         if tuple(argv[:1]) == ("sysctl",):
             return Completed(0, "", "")
         return self.iptables.run(argv, input)

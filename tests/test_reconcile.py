@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kproxy_nft.compile.iptables import Ruleset, compile_ruleset
+from kproxy_nft.kernel import iptables as iptables_kernel
 from kproxy_nft.kernel.iptables import (
     Host,
     IptablesBackend,
@@ -398,6 +399,29 @@ def test_payload_lines_are_numbered_like_iptables_restore() -> None:
     assert step.payload_line(0) is None
 
 
+@pytest.mark.parametrize("first_table", [0, 1])
+def test_each_line_sent_is_traced_back_to_its_payload_line_past_a_prelude(
+    first_table: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What is sent to iptables-nft may carry a prelude after `*table` (`-S` and the built-in
+    chains) and is written in pieces; an error's line number still names the plan's line."""
+    monkeypatch.setattr(iptables_kernel, "_NFT_PRELUDE_FROM", 0)  # a prelude for every table
+    step = plan(compile_ruleset(sample_state(), NODE), KernelState(IPFamily.V4))
+    edits = step.edits[first_table:]
+    first_line = 1 + sum(edit.line_count + 2 for edit in step.edits[:first_table])
+    sent = iptables_kernel._prepare(Host(IptablesBackend.NFT, None, FakeIptables()), step, edits, first_line)
+    payload, text = step.payload.splitlines(), "".join(sent.chunks()).splitlines()
+    assert len(text) > sum(edit.line_count + 2 for edit in edits)  # there is a prelude
+    traced = [sent.plan_line(Completed(2, "", f"Error occurred at line: {n}")) for n in range(1, len(text) + 2)]
+    assert traced[-1] is None  # past the end
+    for line, number in zip(text, traced, strict=False):
+        if number is None:
+            assert line == "-S" or line.startswith(":") and line.endswith(" [0:0]") and line.split()[1] == "ACCEPT"
+        else:
+            assert payload[number - 1] == line
+    assert sorted(n for n in traced if n is not None) == list(range(first_line, len(payload) + 1))
+
+
 # ---------------------------------------------------------------------------------------------
 # apply, cleanup, detection through the fake runner
 # ---------------------------------------------------------------------------------------------
@@ -501,7 +525,7 @@ def test_cleanup_removes_ours_in_one_payload() -> None:
     assert view(fake.state()) == view(foreign_state())
     # In each table, the jumps go before our chains are deleted.
     for edit in removal.edits:
-        kinds = [line[:2] for line in edit.lines]
+        kinds = [line[:2] for line in edit.text_lines()]
         assert "-D" in kinds and max(i for i, k in enumerate(kinds) if k == "-D") < kinds.index("-X")
 
 
@@ -596,7 +620,7 @@ def test_a_large_nft_payload_is_sent_with_the_cache_prelude(backend: IptablesBac
     fake = FakeIptables()
     host = Host(backend, NS, fake)
     step = plan(desired, read_state(host))
-    assert len(step.edits[0].lines) > 5000
+    assert step.edits[0].line_count > 5000
     apply(step, host)
     sent = fake.calls[-1][1] or ""
     if backend is IptablesBackend.NFT:

@@ -44,13 +44,14 @@ import enum
 import re
 import socket
 import struct
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from kproxy_nft.compile.iptables import KUBE_FIREWALL, Ruleset
 from kproxy_nft.kernel.iptables_plan import (
     MANAGED_TABLES,
     ChainChange,
+    ChainRules,
     Focus,
     JumpChange,
     Plan,
@@ -63,7 +64,7 @@ from kproxy_nft.kernel.iptables_plan import (
 )
 from kproxy_nft.kernel.iptables_text import BUILTIN_CHAINS, KernelChain, KernelState, parse_save
 from kproxy_nft.kernel.netns import entered, exec_argv
-from kproxy_nft.kernel.runner import Completed, Runner, SubprocessRunner
+from kproxy_nft.kernel.runner import Completed, Input, Runner, SubprocessRunner
 from kproxy_nft.model import IPFamily
 
 __all__ = [
@@ -206,7 +207,7 @@ class Host:
     def argv(self, family: IPFamily, action: str, *args: str) -> tuple[str, ...]:
         return exec_argv(self.netns, (tool_name(self.backend, family, action), *args))
 
-    def run(self, family: IPFamily, action: str, *args: str, input: str | None = None) -> Completed:
+    def run(self, family: IPFamily, action: str, *args: str, input: Input = None) -> Completed:
         return self.runner.run(self.argv(family, action, *args), input)
 
 
@@ -306,53 +307,68 @@ _NFT_PRELUDE_FROM = 5_000_000  # commands × distinct chains named, in one table
 
 @dataclass(frozen=True)
 class _Sent:
-    """Restore input as sent, and for each of its lines the plan payload line it is (None: added)."""
+    """Restore input as sent: table blocks of a plan, each with a prelude (lines of ours, put
+    right after `*table`; see `_NFT_PRELUDE_FROM`), the first block at plan line `first_line`."""
 
-    text: str
-    origin: tuple[int | None, ...]
+    blocks: tuple[tuple[TableEdit, tuple[str, ...]], ...]
+    first_line: int = 1
+
+    def chunks(self) -> Iterator[str]:
+        """The input as text, some lines at a time: 44 MB for a first sync at 10,000 services,
+        never made whole."""
+        for edit, prelude in self.blocks:
+            yield "".join(f"{line}\n" for line in (f"*{edit.table}", *prelude))
+            yield from edit.chunks()
+            yield "COMMIT\n"
 
     def plan_line(self, result: Completed) -> int | None:
+        """The plan payload line that the line iptables-restore complained about is (None: a prelude line)."""
         found = _ERROR_LINE.search(result.stderr)
         number = int(found.group(1)) if found else 0
-        return self.origin[number - 1] if 0 < number <= len(self.origin) else None
+        sent, planned = 1, self.first_line  # where the current block starts, in each numbering
+        for edit, prelude in self.blocks:
+            if number == sent:
+                return planned  # its `*table`
+            if number <= sent + len(prelude):
+                return None
+            size = edit.line_count + 1  # its lines and COMMIT
+            offset = number - sent - len(prelude)
+            if offset <= size:
+                return planned + offset
+            sent += 1 + len(prelude) + size
+            planned += 1 + size
+        return None
 
 
-def _chain_list_cost(block: Sequence[str]) -> int:
+def _chain_list_cost(edit: TableEdit) -> int:
     """Commands × distinct chains they name: what iptables-nft's chain list costs (see above)."""
-    if len(block) * len(block) <= _NFT_PRELUDE_FROM:
-        return len(block)  # too small to matter whatever it names: not worth counting
-    named = {line.split(" ", 2)[0][1:] if line.startswith(":") else line.split(" ", 2)[1]
-             for line in block if line.startswith((":", "-")) and " " in line}
-    return len(block) * len(named)
+    commands = edit.line_count + 2
+    if commands * commands <= _NFT_PRELUDE_FROM:
+        return commands  # too small to matter whatever it names: not worth counting
+    named = {line.chain if isinstance(line, ChainRules) else
+             line.split(" ", 2)[0][1:] if line.startswith(":") else line.split(" ", 2)[1]
+             for line in edit.lines if not isinstance(line, str) or (line.startswith((":", "-")) and " " in line)}
+    return commands * len(named)
 
 
 def _prepare(host: Host, p: Plan, edits: Sequence[TableEdit], first_line: int = 1) -> _Sent:
-    lines: list[str] = []
-    origin: list[int | None] = []
-    number = first_line
+    blocks = []
     for edit in edits:
-        block = edit.render()
-        lines.append(block[0])
-        origin.append(number)
-        if host.backend is IptablesBackend.NFT and _chain_list_cost(block) > _NFT_PRELUDE_FROM:
+        prelude: tuple[str, ...] = ()
+        if host.backend is IptablesBackend.NFT and _chain_list_cost(edit) > _NFT_PRELUDE_FROM:
             table = p.before.table(edit.table)
-            prelude = ["-S"] + [
+            prelude = ("-S", *(
                 f":{name} {table.chains[name].policy if name in table.chains else 'ACCEPT'} [0:0]"
                 for name in BUILTIN_CHAINS.get(edit.table, ())
-            ]
-            lines += prelude
-            origin += [None] * len(prelude)
-        lines += block[1:]
-        origin += range(number + 1, number + len(block))
-        number += len(block)
-    lines.append("")  # the final newline, without copying the whole text once more to add it
-    return _Sent("\n".join(lines), tuple(origin))
+            ))
+        blocks.append((edit, prelude))
+    return _Sent(tuple(blocks), first_line)
 
 
 def _restore(host: Host, family: IPFamily, sent: _Sent, test: bool = False) -> Completed:
     # -w: wait for the xtables lock instead of failing when another writer holds it.
     args = ("-w", "--noflush", *(("--test",) if test else ()))
-    return host.run(family, "restore", *args, input=sent.text)
+    return host.run(family, "restore", *args, input=sent.chunks())
 
 
 def _error(
@@ -378,7 +394,7 @@ def apply(plan: Plan, host: Host) -> KernelState:
     if plan.is_empty:
         return plan.after
     family = plan.family
-    head = len(plan.edits[0].render())
+    head = plan.edits[0].line_count + 2  # with `*table` and COMMIT
     if len(plan.edits) > 1:
         rest = _prepare(host, plan, plan.edits[1:], first_line=head + 1)
         result = _restore(host, family, rest, test=True)

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 from kproxy_nft.kernel.iptables_rule import TARGETS, canonical, jump_target, tokenize
 from kproxy_nft.kernel.iptables_text import BUILTIN_CHAINS, KernelChain, KernelState, KernelTable, render_table
-from kproxy_nft.kernel.runner import Completed
+from kproxy_nft.kernel.runner import Completed, Input, input_text
 from kproxy_nft.model import IPFamily
 
 # Targets that are extensions, not chains (a jump to anything else must name an existing chain).
@@ -198,7 +198,8 @@ class FakeIptables:
     def set_state(self, state: KernelState, backend: str = "nft") -> None:
         self.states[(backend, state.family)] = state
 
-    def run(self, argv: Sequence[str], input: str | None = None) -> Completed:
+    def run(self, argv: Sequence[str], input: Input = None) -> Completed:
+        input = input_text(input)
         self.calls.append((tuple(argv), input))
         args = list(argv)
         if args[:3] == ["ip", "netns", "exec"]:

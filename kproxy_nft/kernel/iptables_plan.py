@@ -31,7 +31,7 @@ import enum
 import functools
 import re
 from collections import Counter
-from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from difflib import SequenceMatcher
 from types import MappingProxyType
@@ -81,7 +81,7 @@ class ChainChangeKind(enum.StrEnum):
     DELETED = "deleted"
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True, order=True, slots=True)  # slots: a first sync at 10k makes 110,000
 class ChainChange:
     table: str
     chain: str
@@ -117,15 +117,61 @@ class ServiceChanges:
     deleted: tuple[ChainChange, ...] = ()
 
 
+@dataclass(frozen=True, slots=True)
+class ChainRules:
+    """A chain's rules written whole, standing for one `-A CHAIN rule` line each in a
+    `TableEdit`. The lines are made only as they are sent: at 10,000 services a first sync
+    writes 330,000 of them, 65 MiB if made all at once."""
+
+    chain: str
+    rules: tuple[str, ...]
+
+    def lines(self) -> Iterator[str]:
+        for rule in self.rules:
+            yield f"-A {self.chain} {rule}" if rule else f"-A {self.chain}"
+
+
 @dataclass(frozen=True)
 class TableEdit:
-    """The payload lines of one table, between `*table` and `COMMIT`."""
+    """The payload lines of one table, between `*table` and `COMMIT` (`ChainRules` stand for
+    their `-A` lines)."""
 
     table: str
-    lines: tuple[str, ...]
+    lines: tuple[str | ChainRules, ...]
+
+    def text_lines(self) -> Iterator[str]:
+        """Every line, `ChainRules` made into theirs."""
+        for line in self.lines:
+            if isinstance(line, str):
+                yield line
+            else:
+                yield from line.lines()
+
+    @property
+    def line_count(self) -> int:
+        return sum(1 if isinstance(line, str) else len(line.rules) for line in self.lines)
+
+    def rules_written(self) -> int:
+        """How many `-A` and `-I` lines (rules written) it has."""
+        return sum(len(line.rules) if isinstance(line, ChainRules) else line.startswith(("-A ", "-I "))
+                   for line in self.lines)
+
+    def chunks(self) -> Iterator[str]:
+        """The lines as text, each followed by a newline, some at a time (for writing)."""
+        batch: list[str] = []
+        for line in self.lines:
+            if isinstance(line, str):
+                batch.append(line)
+            else:
+                batch.extend(line.lines())
+            if len(batch) >= 4096:
+                yield "\n".join(batch) + "\n"
+                batch.clear()
+        if batch:
+            yield "\n".join(batch) + "\n"
 
     def render(self) -> list[str]:
-        return [f"*{self.table}", *self.lines, "COMMIT"]
+        return [f"*{self.table}", *self.text_lines(), "COMMIT"]
 
 
 @dataclass(frozen=True)
@@ -146,7 +192,8 @@ class Plan:
 
     @property
     def payload(self) -> str:
-        """The `iptables-restore --noflush` input (empty when there is nothing to do)."""
+        """The `iptables-restore --noflush` input (empty when there is nothing to do). Made
+        whole here, for showing and for errors; `kernel.iptables.apply` writes it in pieces."""
         lines = [line for edit in self.edits for line in edit.render()]
         return "\n".join([*lines, ""]) if lines else ""  # the final newline without a copy of the text
 
@@ -222,7 +269,7 @@ class _TableEditor:
         # Becomes the table after; a copy of the mappingproxy's dict (C speed, unlike dict(proxy)).
         self.chains: dict[str, KernelChain] = current.chains.copy()  # type: ignore[attr-defined]
         self.declare: list[str] = []
-        self.rules: list[str] = []
+        self.rules: list[ChainRules] = []
         self.builtin: list[str] = []
         self.delete: list[str] = []
         self.chain_changes: list[ChainChange] = []
@@ -257,7 +304,7 @@ class _TableEditor:
                     continue
             kind = ChainChangeKind.ADDED if existing is None else ChainChangeKind.CHANGED
             self.declare.append(name)
-            self.rules += [f"-A {name} {rule}" if rule else f"-A {name}" for rule in rules]
+            self.rules.append(ChainRules(name, rules))
             self.chains[name] = KernelChain(name, rules)
             self.chain_changes.append(ChainChange(table, name, kind, chain.owner))
         current = self.current.chains
@@ -379,7 +426,9 @@ class _TableEditor:
 
     def result(self) -> tuple[TableEdit | None, KernelTable]:
         after = KernelTable(self.current.name, MappingProxyType(self.chains))  # handed over, not copied
-        lines = [f":{name} - [0:0]" for name in self.declare] + self.rules + self.builtin
+        lines: list[str | ChainRules] = [f":{name} - [0:0]" for name in self.declare]
+        lines += self.rules
+        lines += self.builtin
         lines += [f"-X {name}" for name in self.delete]
         return (TableEdit(self.current.name, tuple(lines)) if lines else None), after
 

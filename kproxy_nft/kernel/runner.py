@@ -12,7 +12,7 @@ import collections
 import os
 import subprocess
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, NamedTuple, Protocol
@@ -26,10 +26,20 @@ class Completed(NamedTuple):
     stderr: str
 
 
+# What a command reads on stdin: text, or text in pieces (written one after the other), so that
+# a large input need not be made whole first.
+Input = str | Iterable[str] | None
+
+
 class Runner(Protocol):
-    def run(self, argv: Sequence[str], input: str | None = None) -> Completed:
+    def run(self, argv: Sequence[str], input: Input = None) -> Completed:
         """Run argv (a list, no shell) with `input` on stdin; never raises on a non-zero exit."""
         ...
+
+
+def input_text(input: Input) -> str | None:
+    """`input` made whole (for fakes, which parse it)."""
+    return input if input is None or isinstance(input, str) else "".join(input)
 
 
 # The pids of the commands started here, newest last: their nf_tables commits are ours
@@ -62,7 +72,7 @@ class SubprocessRunner:
 
     timeout: float | None = 600.0  # a full restore of 10,000 services takes tens of seconds
 
-    def run(self, argv: Sequence[str], input: str | None = None) -> Completed:
+    def run(self, argv: Sequence[str], input: Input = None) -> Completed:
         with tempfile.TemporaryFile() as stdin:
             if input is not None:
                 _write_text(stdin, input)
@@ -84,11 +94,12 @@ class SubprocessRunner:
         return Completed(proc.returncode, stdout, stderr)
 
 
-def _write_text(file: IO[bytes], text: str, chunk: int = 1 << 20) -> None:
-    """`text` to `file` as UTF-8, a chunk at a time: a 10,000-Service restore is ~35 MB, and
-    encoding it whole would hold a second copy of it at the sync's peak."""
-    for start in range(0, len(text), chunk):
-        file.write(text[start:start + chunk].encode())
+def _write_text(file: IO[bytes], text: str | Iterable[str], chunk: int = 1 << 20) -> None:
+    """`text` (or its pieces) to `file` as UTF-8, a chunk at a time: a 10,000-Service restore is
+    ~44 MB, and encoding it whole would hold a second copy of it at the sync's peak."""
+    for piece in (text,) if isinstance(text, str) else text:
+        for start in range(0, len(piece), chunk):
+            file.write(piece[start:start + chunk].encode())
 
 
 def kernel_has_ipv6() -> bool:

@@ -361,7 +361,7 @@ def _rule_counts(desired: Ruleset, step: Plan, service_rules: int) -> dict[tuple
     """Per table: the rules we own after the sync (our chains' rules and our jumps from built-in
     chains) and the rule lines the sync wrote (kube-proxy's iptablesRulesTotal / LastSync).
     `desired` may hold only some service chains (a partial sync's): `service_rules` counts all."""
-    written = {edit.table: sum(line.startswith(("-A ", "-I ")) for line in edit.lines) for edit in step.edits}
+    written = {edit.table: edit.rules_written() for edit in step.edits}
     counts = {}
     for table in desired.tables:
         owned = sum(len(chain.rules) for chain in table.chains if chain.owner is None)

@@ -149,7 +149,7 @@ def test_a_large_payload_goes_through_with_the_nft_cache_prelude(netns: str, bac
     before = {t: saved(netns, backend, IPFamily.V4, "-t", t) for t in ("filter", "nat")}
     host = Host(IptablesBackend(backend), netns)
     desired = many_services(400)
-    assert len(plan(desired, read_state(host)).edits[0].lines) > 5000
+    assert plan(desired, read_state(host)).edits[0].line_count > 5000
     sync(host, desired)
     cleanup(host)
     assert {t: saved(netns, backend, IPFamily.V4, "-t", t) for t in ("filter", "nat")} == before
