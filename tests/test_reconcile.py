@@ -21,7 +21,6 @@ from kproxy_nft.kernel.iptables import (
     Host,
     IptablesBackend,
     RestoreError,
-    Syncer,
     apply,
     choose_backend,
     cleanup,
@@ -527,24 +526,6 @@ def test_cleanup_removes_ours_in_one_payload() -> None:
     for edit in removal.edits:
         kinds = [line[:2] for line in edit.text_lines()]
         assert "-D" in kinds and max(i for i, k in enumerate(kinds) if k == "-D") < kinds.index("-X")
-
-
-def test_syncer_reads_the_kernel_only_when_it_must() -> None:
-    fake = FakeIptables()
-    syncer = Syncer(Host(IptablesBackend.NFT, NS, fake))
-    desired = compile_ruleset(sample_state(), NODE)
-    syncer.sync(desired)
-    assert [argv[4:] for argv, _ in fake.calls][:2] == [
-        ("iptables-nft-save", "-t", "nat"),
-        ("iptables-nft-save", "-t", "filter"),
-    ]
-    fake.calls.clear()
-    assert syncer.sync(desired).is_empty and fake.calls == []
-    step = syncer.sync(compile_ruleset(sample_state(endpoint_generation=1), NODE))
-    assert fake.calls == [(restore_argv(), step.payload)]
-    fake.calls.clear()
-    assert syncer.sync(compile_ruleset(sample_state(endpoint_generation=1), NODE), full=True).is_empty
-    assert len(fake.calls) == 2  # read back, nothing to send
 
 
 class ScriptedRunner:

@@ -13,8 +13,8 @@ The CLI's entry points:
     apply_families(host, [p4, p6])                     # both families, all or nothing
     cleanup(host, IPFamily.V4)                         # remove everything we own, nothing else
 
-and for an agent that syncs repeatedly, `Syncer` keeps the state after each apply so that a sync
-does not read `iptables-save` (seconds at 10,000 services) unless it is a full one.
+An agent that syncs repeatedly plans against what it applied instead of reading `iptables-save`
+(seconds at 10,000 services) each time: see `kernel.iptables_record` and `proxier.iptables`.
 
 Atomicity. `iptables-restore` commits each `*table … COMMIT` block on its own, all or nothing:
 a filter block that fails after the nat block committed leaves nat changed (checked with both
@@ -52,7 +52,6 @@ from kproxy_nft.kernel.iptables_plan import (
     MANAGED_TABLES,
     ChainChange,
     ChainRules,
-    Focus,
     JumpChange,
     Plan,
     PlanError,
@@ -79,7 +78,6 @@ __all__ = [
     "PlanError",
     "RestoreError",
     "ServiceChanges",
-    "Syncer",
     "apply",
     "apply_families",
     "choose_backend",
@@ -627,33 +625,3 @@ def ensure_canaries(host: Host, family: IPFamily) -> None:
     result = host.run(family, "restore", "-w", "--noflush", input=payload)
     if result.returncode != 0:
         raise CommandError(host.argv(family, "restore", "-w", "--noflush"), result)
-
-
-class Syncer:
-    """Applies successive rulesets, keeping the kernel state in memory between syncs.
-
-    A sync plans against the state the previous apply left (its `Plan.after`) instead of reading
-    `iptables-save` again; `full=True` (or the first sync, or the one after an error) reads the
-    kernel, which also repairs anything someone else changed in our chains meanwhile.
-    """
-
-    def __init__(self, host: Host, family: IPFamily = IPFamily.V4) -> None:
-        self.host = host
-        self.family = family
-        self.state: KernelState | None = None
-
-    def sync(self, desired: Ruleset, full: bool = False, focus: Focus | None = None) -> Plan:
-        """`focus` (see `iptables_plan.Focus`) limits the comparison to what changed since the
-        previous sync; ignored when the kernel must be read (full, first, after an error)."""
-        if full or self.state is None:
-            self.state = read_state(self.host, self.family)
-            focus = None
-            if wants_route_localnet(desired):
-                enable_route_localnet(self.host)
-        step = plan(desired, self.state, focus)
-        try:
-            self.state = apply(step, self.host)
-        except IptablesError:
-            self.state = None  # whatever happened, trust only the kernel next time
-            raise
-        return step

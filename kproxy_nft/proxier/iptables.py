@@ -44,7 +44,7 @@ TARGETED_READ_LIMIT = 64
 
 
 class IptablesProxier(ProxierBase):
-    """The iptables mode for one node: a `Syncer` per family (see the module docstring)."""
+    """The iptables mode for one node (see the module docstring)."""
 
     mode = "iptables"
     counts_partial_failures = True

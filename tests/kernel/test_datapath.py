@@ -13,7 +13,6 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from kproxy_nft.compile.iptables import compile_ruleset
 from kproxy_nft.compile.nftables import compile_all
 from kproxy_nft.kernel import iptables as iptables_kernel
 from kproxy_nft.kernel.nftables import NftablesBackend
@@ -21,7 +20,7 @@ from kproxy_nft.lab import NODE, ClientSpec, Lab, PodSpec
 from kproxy_nft.model import ClusterState, Endpoint, NodeContext, Protocol, ServicePort, ServicePortName, TrafficPolicy
 from kproxy_nft.sources.manifests import read_manifests
 from tests.helpers import EXAMPLES
-from tests.kernel.conftest import serving_lab
+from tests.kernel.conftest import iptables_apply, serving_lab
 from tests.kernel.tracecheck import mode_under_test, traced_probe
 
 pytestmark = pytest.mark.kernel
@@ -80,10 +79,9 @@ def program(request: pytest.FixtureRequest, lab: Lab) -> Iterator[Program]:
             yield lambda state, node: nft.sync(compile_all(state, node)) and None
             nft.cleanup()
         return
-    host = iptables_kernel.open_host(request.param.split("-")[1], netns=lab.node_ns)
-    syncer = iptables_kernel.Syncer(host)
-    yield lambda state, node: syncer.sync(compile_ruleset(state, node)) and None
-    iptables_kernel.cleanup(host)
+    backend = request.param.split("-")[1]
+    yield lambda state, node: iptables_apply(lab.node_ns, backend, state, node)
+    iptables_kernel.cleanup(iptables_kernel.open_host(backend, netns=lab.node_ns))
 
 
 @pytest.fixture

@@ -18,13 +18,14 @@ from __future__ import annotations
 import pytest
 
 from kproxy_nft.compile.iptables import Ruleset, compile_ruleset
-from kproxy_nft.kernel.iptables import Host, IptablesBackend, RestoreError, Syncer, apply, cleanup, plan, read_state
+from kproxy_nft.kernel.iptables import Host, IptablesBackend, RestoreError, apply, cleanup, plan, read_state
 from kproxy_nft.kernel.iptables_plan import Plan
 from kproxy_nft.kernel.iptables_rule import canonical
 from kproxy_nft.kernel.iptables_text import strip_comments
 from kproxy_nft.lab.synthetic import synthetic_cluster, synthetic_endpoints, synthetic_name
 from kproxy_nft.model import ClusterState, IPFamily, NodeContext
-from tests.kernel.conftest import BACKENDS, run_in
+from kproxy_nft.proxier.iptables import IptablesProxier
+from tests.kernel.conftest import BACKENDS, iptables_apply, run_in
 from tests.test_iptables_text import NODE_CIDR, NODE_MASQUERADE_ALL, SURVEY, examples_ruleset, variant_state
 from tests.test_reconcile import inject, many_services, ours, two_table_change, view, wanted
 
@@ -228,17 +229,24 @@ def test_a_failing_single_table_restore_changes_nothing(netns: str, backend: str
     assert saved(netns, backend) == before
 
 
+@pytest.mark.parametrize("how", ["apply", "agent"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_localhost_nodeports_turn_route_localnet_on_even_over_kubelets_chain(netns: str, backend: str) -> None:
+def test_localhost_nodeports_turn_route_localnet_on_even_over_kubelets_chain(
+    netns: str, backend: str, how: str
+) -> None:
     """kube-proxy sets route_localnet whenever localhost NodePorts are on, also when KUBE-FIREWALL
-    already exists (a pre-1.27 kubelet wrote it): our first sync must not skip it."""
+    already exists (a pre-1.27 kubelet wrote it): neither `apply` nor an agent's first sync may skip it."""
+
+    def program(state: ClusterState, node: NodeContext) -> None:
+        if how == "apply":
+            iptables_apply(netns, backend, state, node)
+        else:
+            IptablesProxier(node, netns=netns, iptables_backend=backend, families=(IPFamily.V4,)).sync(state, full=True)
+
     run_in(netns, [f"iptables-{backend}", "-N", "KUBE-FIREWALL"])
     run_in(netns, ["sysctl", "-q", "-w", "net.ipv4.conf.all.route_localnet=0"])
-    host = Host(IptablesBackend(backend), netns)
-    node = NodeContext(hostname="node1", localhost_nodeports=True)
-    Syncer(host).sync(compile_ruleset(synthetic_cluster(3, 2), node))
+    program(synthetic_cluster(3, 2), NodeContext(hostname="node1", localhost_nodeports=True))
     assert run_in(netns, ["sysctl", "-n", "net.ipv4.conf.all.route_localnet"]).stdout.strip() == "1"
-    plain = ClusterState()
     run_in(netns, ["sysctl", "-q", "-w", "net.ipv4.conf.all.route_localnet=0"])
-    Syncer(host).sync(compile_ruleset(plain, NodeContext(hostname="node1")))
+    program(ClusterState(), NodeContext(hostname="node1"))
     assert run_in(netns, ["sysctl", "-n", "net.ipv4.conf.all.route_localnet"]).stdout.strip() == "0"

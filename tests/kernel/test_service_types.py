@@ -39,7 +39,6 @@ from typing import Any
 
 import pytest
 
-from kproxy_nft.compile.iptables import compile_ruleset
 from kproxy_nft.compile.nftables import compile_all
 from kproxy_nft.kernel import iptables as iptables_kernel
 from kproxy_nft.kernel.iptables_text import strip_comments
@@ -47,7 +46,7 @@ from kproxy_nft.kernel.nftables import NftablesBackend
 from kproxy_nft.lab import NODE, ClientSpec, Lab, PodSpec, ProbeResult
 from kproxy_nft.lab import server as netlab_server
 from kproxy_nft.model import ClusterState, Endpoint, NodeContext, Protocol, ServicePort, ServicePortName, TrafficPolicy
-from tests.kernel.conftest import serving_lab
+from tests.kernel.conftest import iptables_apply, serving_lab
 from tests.kernel.tracecheck import predict, traced_probe
 
 pytestmark = pytest.mark.kernel
@@ -179,11 +178,9 @@ def mode(request: pytest.FixtureRequest, lab: Lab) -> Iterator[Mode]:
             nft.cleanup()
         return
     backend = request.param.split("-")[1]
-    host = iptables_kernel.open_host(backend, netns=lab.node_ns)
-    syncer = iptables_kernel.Syncer(host)
     save = lambda: lab.run_in(NODE, [f"iptables-{backend}-save"]).stdout  # noqa: E731
-    yield Mode(request.param, lambda state, node: syncer.sync(compile_ruleset(state, node)), save)
-    iptables_kernel.cleanup(host)
+    yield Mode(request.param, lambda state, node: iptables_apply(lab.node_ns, backend, state, node), save)
+    iptables_kernel.cleanup(iptables_kernel.open_host(backend, netns=lab.node_ns))
 
 
 @contextlib.contextmanager
