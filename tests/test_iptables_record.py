@@ -107,7 +107,15 @@ def test_a_chain_someone_else_changed_is_found_by_a_check_of_that_chain_and_repa
     assert proxier.check_drift(frozenset({"KUBE-SERVICES"})).differs == ()  # not named: not looked at
     check = proxier.check_drift(frozenset({name}))
     assert check.differs == (f"IPv{int(family)} nat",)
+    record = proxier._record  # noqa: SLF001 - what the agent keeps is the point here
+    assert record is not None
     assert proxier.repair(check)
+    # The shared chains the record keeps are the same objects, not the check's compile of them.
+    after = proxier._record  # noqa: SLF001
+    assert after is not None
+    for table in ("nat", "filter"):
+        kept, now = record.families[family].base.table(table).chains, after.families[family].base.table(table).chains
+        assert all(now[chain] is kept[chain] for chain in kept if not kept[chain].builtin)
     assert plan(compile_ruleset(state, NODE, family), fake.state(family=family)).is_empty
     assert proxier.check_drift().differs == ()
 

@@ -107,20 +107,26 @@ def _rules_in(fragments: Iterable[ServiceRules]) -> int:
     return sum(len(chain.rules) for fragment in fragments for chain in fragment.chains)
 
 
-def kept_state(after: KernelState, desired: Ruleset) -> KernelState:
+def kept_state(after: KernelState, desired: Ruleset, previous: KernelState | None = None) -> KernelState:
     """What a record keeps of the kernel once `desired` is applied: the built-in chains as they
     are (their jumps are compared by position), and our chains but the service chains, in
     `desired`'s text (which the kernel now holds, maybe spelled otherwise).
 
     Others' chains are left out: a partial plan never looks at them (only our service chains
-    can be stale in one), and a drift check reads what it compares.
+    can be stale in one), and a drift check reads what it compares. A chain equal in
+    `previous` (the record's `base` before) is kept as it was, not as just compiled again (by a
+    drift check): see the module docstring on where kept objects lie.
     """
     tables = {}
     for table in desired.tables:
         chains = {name: chain for name, chain in after.table(table.name).chains.items() if chain.builtin}
+        before = previous.table(table.name).chains if previous is not None else {}
         for chain in table.chains:
             if chain.owner is None:
-                chains[chain.name] = KernelChain(chain.name, chain.rules)
+                kept = before.get(chain.name)
+                if kept is None or kept.rules != chain.rules:
+                    kept = KernelChain(chain.name, chain.rules)
+                chains[chain.name] = kept
         tables[table.name] = KernelTable(table.name, chains)
     return KernelState(after.family, tables)
 

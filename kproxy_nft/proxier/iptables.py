@@ -272,7 +272,8 @@ class IptablesProxier(ProxierBase):
             kernel.apply_families(self.host, [p for p, _ in repairs])
             families = dict(record.families)
             for p, desired in repairs:
-                families[p.family] = replace(families[p.family], base=iptables_record.kept_state(p.after, desired))
+                kept = families[p.family]
+                families[p.family] = replace(kept, base=iptables_record.kept_state(p.after, desired, kept.base))
                 if canaries:
                     kernel.ensure_canaries(self.host, p.family)
             self._record = replace(record, families=families)
