@@ -70,6 +70,7 @@ class FakeAPIServer:
         self.drop_generation = 0
         self.open_watches = 0  # watch streams being served now
         self.requests: list[str] = []
+        self.first_request_at: float | None = None  # time.perf_counter() when the first request came
         self.request_headers: list[dict[str, str]] = []  # each request's, names lower-cased
         # Called with (resource, query) before each list is served; an HTTP status it returns
         # is served instead, as a Status (a test's fault or change between pages).
@@ -143,6 +144,8 @@ class FakeAPIServer:
     def handle(self, req: BaseHTTPRequestHandler) -> None:
         url = urlparse(req.path)
         query = {k: v[0] for k, v in parse_qs(url.query).items()}
+        if self.first_request_at is None:
+            self.first_request_at = time.perf_counter()
         self.requests.append(req.path)
         self.request_headers.append({name.lower(): value for name, value in req.headers.items()})
         if url.path not in PATHS:
