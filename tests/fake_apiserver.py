@@ -123,21 +123,26 @@ class FakeAPIServer:
             self.events.append((self.version, resource, "DELETED", obj))
             self.changed.notify_all()
 
-    def compact(self) -> None:
-        """Forget history: watches from any version before now get 410 Gone."""
+    def compact(self, once_open: int = 0) -> None:
+        """Forget history: watches from any version before now get 410 Gone (`once_open`: as
+        for `drop_watches`; a watch that starts from the current version is still served)."""
         with self.changed:
+            self._wait_for_watches(once_open)
             self.oldest_watchable = self.version + 1
             self.drop_watches()
 
-    def drop_watches(self, once_open: int = 0, timeout: float = 5.0) -> None:
+    def drop_watches(self, once_open: int = 0) -> None:
         """Cut every open watch connection mid-stream; with `once_open`, first wait until that
         many watches are open, so that a stream still between its list and its watch (or
         reconnecting after a timeout) cannot slip past the cut."""
         with self.changed:
-            if not self.changed.wait_for(lambda: self.open_watches >= once_open, timeout):
-                raise AssertionError(f"{self.open_watches} watches open, waited for {once_open}")
+            self._wait_for_watches(once_open)
             self.drop_generation += 1
             self.changed.notify_all()
+
+    def _wait_for_watches(self, count: int, timeout: float = 5.0) -> None:
+        if not self.changed.wait_for(lambda: self.open_watches >= count, timeout):
+            raise AssertionError(f"{self.open_watches} watches open, waited for {count}")
 
     # -- serving --------------------------------------------------------------------------
 
