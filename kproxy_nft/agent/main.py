@@ -103,6 +103,7 @@ class _CheckDone:
     noticed_by: str
     check: DriftCheck | None
     error: str = ""
+    whole: bool = False  # it compared everything (not only what a notification named)
 
 
 _Item = Event | _Wake | _DriftNotice | _MonitorStopped | _CheckDone
@@ -138,6 +139,9 @@ class Agent:
         self._watch_drift = False  # `run` watches from its first sync on; tests that step by hand don't
         self._noticed: frozenset[str] = frozenset()  # tables named by notifications since the last check
         self._noticed_chains: frozenset[str] | None = frozenset()  # their chains (None: compare all)
+        # A check that compared everything read the whole kernel back and compiled everything
+        # (iptables: hundreds of MiB at 10,000 services, freed once its result is dropped).
+        self._release_memory = False
         # Called with the state just synced, after the kernel took it (health-check servers).
         self.after_sync: list[Callable[[ClusterState], None]] = []
         # First, stale UDP/SCTP conntrack flows go (kproxy_nft.conntrack).
@@ -417,16 +421,18 @@ class Agent:
                          daemon=True).start()
 
     def _check_in_background(self, noticed_by: str, chains: frozenset[str] | None) -> None:
+        whole = chains is None
         try:
             check = self.proxier.check_drift(chains)
         except Exception as e:  # noqa: BLE001 - reported to the loop, which retries like a failed sync
-            self.events.put(_CheckDone(noticed_by, None, f"{type(e).__name__}: {e}"))
+            self.events.put(_CheckDone(noticed_by, None, f"{type(e).__name__}: {e}", whole))
             return
-        self.events.put(_CheckDone(noticed_by, check))
+        self.events.put(_CheckDone(noticed_by, check, whole=whole))
 
     def _finish_check(self, done: _CheckDone) -> None:
         """On the loop's thread: repair what the check found, unless a sync of ours overtook it."""
         noticed, self._noticed = self._noticed, frozenset()
+        self._release_memory |= done.whole
         check = done.check
         if check is None:
             log.error("drift check failed: %s", done.error)
@@ -475,6 +481,9 @@ class Agent:
         if max_wait is not None:
             wait = max_wait if wait is None else min(wait, max_wait)
         self._drain(wait)
+        if self._release_memory:  # the check's result is dropped by now (see `__init__`)
+            self._release_memory = False
+            release_free_memory()
         if not self.ready() or self.stop.is_set():
             return None
         outcome = self.scheduler.run_due()
