@@ -159,11 +159,8 @@ class TableEdit:
     def chunks(self) -> Iterator[str]:
         """The lines as text, each followed by a newline, some at a time (for writing)."""
         batch: list[str] = []
-        for line in self.lines:
-            if isinstance(line, str):
-                batch.append(line)
-            else:
-                batch.extend(line.lines())
+        for line in self.text_lines():
+            batch.append(line)
             if len(batch) >= 4096:
                 yield "\n".join(batch) + "\n"
                 batch.clear()
