@@ -276,6 +276,7 @@ def dump(ip_family: str | None, **options: Any) -> None:
         state = manifests.cluster_state(warn)
         family = IPFamily(int(ip_family)) if ip_family else primary_family(settings.node)
         text = make_proxier(settings).render(state, family)
+        del manifests, state
     click.echo(text, nl=False)
 
 

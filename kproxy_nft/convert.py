@@ -143,7 +143,7 @@ def convert_service(svc: V1Service) -> ServiceInfo:
     if spec is None:
         raise InvalidObject("spec", "required value")
     svc_type = spec.type or "ClusterIP"
-    check(svc_type in _SERVICE_TYPES, "spec.type", f"unsupported value {shown(svc_type)}")
+    v.one_of(svc_type, _SERVICE_TYPES, "spec.type")
     external_access = svc_type in ("NodePort", "LoadBalancer")
 
     cluster_ips = _cluster_ips(spec)
@@ -168,8 +168,8 @@ def convert_service(svc: V1Service) -> ServiceInfo:
         external_policy = TrafficPolicy.CLUSTER
     internal_policy = _policy(spec.internal_traffic_policy, "spec.internalTrafficPolicy")
     distribution = spec.traffic_distribution
-    check(distribution is None or distribution in _TRAFFIC_DISTRIBUTIONS, "spec.trafficDistribution",
-          f"unsupported value {shown(distribution)} ({', '.join(_TRAFFIC_DISTRIBUTIONS)})")
+    if distribution is not None:
+        v.one_of(distribution, _TRAFFIC_DISTRIBUTIONS, "spec.trafficDistribution", ", ".join(_TRAFFIC_DISTRIBUTIONS))
     health_check = spec.health_check_node_port
     if health_check is not None:
         # The API server's rule: only a LoadBalancer with externalTrafficPolicy Local has one
@@ -250,7 +250,7 @@ def _load_balancer_ips(svc: V1Service) -> tuple[str, ...]:
     ips = []
     for i, ing in enumerate(ingress):
         field = f"status.loadBalancer.ingress[{i}]"
-        check(ing.ip_mode in (None, *_IP_MODES), f"{field}.ipMode", f"unsupported value {shown(ing.ip_mode)}")
+        v.one_of(ing.ip_mode, (None, *_IP_MODES), f"{field}.ipMode")
         check(ing.ip_mode is None or bool(ing.ip), f"{field}.ipMode", "may only be set when `ip` is set")
         if ing.ip:
             ip = v.service_ip(ing.ip, f"{field}.ip")
@@ -261,7 +261,7 @@ def _load_balancer_ips(svc: V1Service) -> tuple[str, ...]:
 
 def _affinity_seconds(spec: Any) -> int | None:
     affinity = spec.session_affinity or "None"
-    check(affinity in ("None", "ClientIP"), "spec.sessionAffinity", f"unsupported value {shown(affinity)}")
+    v.one_of(affinity, ("None", "ClientIP"), "spec.sessionAffinity")
     if affinity == "None":
         return None
     config = spec.session_affinity_config
@@ -281,7 +281,7 @@ def _affinity_seconds(spec: Any) -> int | None:
 def _policy(value: str | None, field: str) -> TrafficPolicy:
     if value is None:
         return TrafficPolicy.CLUSTER
-    check(value in ("Cluster", "Local"), field, f"unsupported value {shown(value)} (Cluster or Local)")
+    v.one_of(value, ("Cluster", "Local"), field, "Cluster or Local")
     return TrafficPolicy(value)
 
 
@@ -311,7 +311,7 @@ def convert_endpoint_slice(eps: V1EndpointSlice) -> EndpointsByPort:
     )
     service = kept_name(v.name(service, f"metadata.labels[{SERVICE_NAME_LABEL}]", DNS1035_LABEL, "Service name", 63))
     address_type = eps.address_type
-    check(address_type in ("IPv4", "IPv6", "FQDN"), "addressType", f"unsupported value {shown(address_type)}")
+    v.one_of(address_type, ("IPv4", "IPv6", "FQDN"), "addressType")
     if address_type == "FQDN":
         return {}
 

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from functools import lru_cache
 from typing import Any
 
@@ -76,6 +76,15 @@ def shown(value: object, limit: int = MAX_SHOWN) -> str:
 def check(ok: bool, field: str, message: str) -> None:
     if not ok:
         raise InvalidObject(field, message)
+
+
+def one_of(value: object, allowed: Collection[object], field: str, listed: str = "") -> None:
+    """An enumerated field: `value` must be one of `allowed` (`listed`: how the message names them).
+
+    The message is built only on failure: these checks run for every object of a cluster.
+    """
+    if value not in allowed:
+        raise InvalidObject(field, f"unsupported value {shown(value)}" + (f" ({listed})" if listed else ""))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -129,6 +138,8 @@ def port_name_or_number(value: object, field: str) -> int | str:
 
 def port(value: object, field: str) -> int:
     """A required port number, 1–65535 (`IsValidPortNum`)."""
+    if type(value) is int and 1 <= value <= MAX_PORT:
+        return value  # the common case, without building the messages below
     check(value is not None, field, "required value")
     check(isinstance(value, int) and not isinstance(value, bool), field, f"must be an integer, got {shown(value)}")
     assert isinstance(value, int)
@@ -138,6 +149,8 @@ def port(value: object, field: str) -> int:
 
 def duplicates(items: Sequence[tuple[object, ...] | None], field: str, what: str) -> None:
     """Refuse a repeated key (the API server's "Duplicate value") at the first repeat."""
+    if len(items) < 2:
+        return  # most objects have one port: nothing can repeat
     seen: set[tuple[object, ...]] = set()
     for i, item in enumerate(items):
         if item is None:

@@ -35,3 +35,21 @@ def test_every_imported_distribution_is_declared_and_pinned() -> None:
         owners = {normalized(d) for d in distributions.get(module, [])}
         assert owners & pinned, f"kproxy_nft imports {module} ({', '.join(owners) or 'not installed'}): " \
                                 "declare and pin it in pyproject.toml"
+
+
+def test_one_shot_commands_do_not_run_the_kubernetes_package_init_and_the_agent_still_finds_its_modules() -> None:
+    """`kproxy_nft` registers `kubernetes` without running its `__init__` (0.12 s of eager imports
+    `dump` never uses, issue 14); every submodule the agent imports must still load on use."""
+    import subprocess
+
+    probe = (
+        "import sys, kproxy_nft.cli\n"
+        "eager = sorted(m for m in ('kubernetes.config', 'kubernetes.dynamic', 'kubernetes.watch', "
+        "'kubernetes.stream', 'kubernetes.leaderelection') if m in sys.modules)\n"
+        "print('eager:', eager)\n"
+        "import kproxy_nft.sources.kube\n"
+        "from kubernetes import client, config, watch\n"
+        "print('agent:', callable(config.load_kube_config), callable(watch.Watch), client.V1Service.__name__)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert result.stdout.splitlines() == ["eager: []", "agent: True True V1Service"]

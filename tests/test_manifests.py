@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from kproxy_nft.model import Protocol, ServicePortName
-from kproxy_nft.sources.manifests import ManifestError, read_manifests
+from kproxy_nft.sources.manifests import ManifestError, read_file, read_manifests
 from tests.helpers import EXAMPLES
 
 SERVICE = """\
@@ -197,3 +197,53 @@ def test_external_policy_local_is_honoured_only_for_externally_accessible_servic
         for text in (local, with_external_ip)
     }
     assert policy == {local: TrafficPolicy.CLUSTER, with_external_ip: TrafficPolicy.LOCAL}
+
+
+def _kubectl_json(items: list[dict[str, object]], newline: str = "\n") -> str:
+    return json.dumps({"apiVersion": "v1", "kind": "List", "items": items}, indent=4).replace("\n", newline)
+
+
+@pytest.mark.parametrize("newline", ["\n", "\r\n", "\r"])
+@pytest.mark.parametrize("note", ["ascii", "ünïcödé ✓"])
+def test_a_json_file_reads_as_its_text_does_whatever_its_characters_and_line_breaks(
+    tmp_path: Path, newline: str, note: str
+) -> None:
+    """Plain ASCII JSON files are read as bytes (issue 14); any other file is decoded to text
+    first, as before. Either way the result is what the same text gives through stdin."""
+    import yaml
+
+    service = yaml.safe_load(SERVICE)
+    service["metadata"]["annotations"] = {"note": note}
+    text = _kubectl_json([service, yaml.safe_load(SLICE)], newline)
+    path = tmp_path / "cluster.json"
+    path.write_bytes(text.encode())
+    from_file = read_manifests([str(path)])
+    from_stdin = read_manifests(["-"], stdin=io.StringIO(text.replace("\r\n", "\n").replace("\r", "\n")))
+    assert from_file.cluster_state() == from_stdin.cluster_state()
+    assert len(from_file.cluster_state().endpoints_of(WEB)) == 2
+
+
+@pytest.mark.parametrize("newline", ["\n", "\r\n", "\r"])
+def test_an_ascii_json_file_with_a_bad_object_names_the_same_line_as_its_text_does(
+    tmp_path: Path, newline: str
+) -> None:
+    import yaml
+
+    text = _kubectl_json([yaml.safe_load(SERVICE), yaml.safe_load(SLICE)], newline)
+    broken = text.replace('"port": 80,', '"port": 80,,')  # a syntax error: the whole text is decoded again
+    path = tmp_path / "cluster.json"
+    path.write_bytes(broken.encode())
+    with pytest.raises(ManifestError) as from_file:
+        read_manifests([str(path)])
+    with pytest.raises(ManifestError) as from_text:  # the same file's text, as text mode reads it
+        read_file(broken.replace("\r\n", "\n").replace("\r", "\n"), str(path))
+    assert str(from_file.value) == str(from_text.value)
+    assert str(from_file.value).endswith("cluster.json: line 17 column 36: malformed JSON: Expecting property name "
+                                         "enclosed in double quotes")
+
+
+def test_a_json_file_that_is_not_utf8_is_refused_by_name(tmp_path: Path) -> None:
+    path = tmp_path / "cluster.json"
+    path.write_bytes(_kubectl_json([]).encode().replace(b'"List"', b'"L\xffst"'))
+    with pytest.raises(ManifestError, match=r"cluster.json: not UTF-8 text"):
+        read_manifests([str(path)])

@@ -709,28 +709,30 @@ def kubelet_firewall_jumps() -> tuple[BuiltinJump, ...]:
 # ---------------------------------------------------------------------------------------------
 
 
-def render_table(table: Table, jumps: Iterable[BuiltinJump] = ()) -> list[str]:
-    """Lines of one `*table … COMMIT` block: all chain declarations first, then the rules.
+def render_table(table: Table, jumps: Iterable[BuiltinJump] = ()) -> str:
+    """One `*table … COMMIT` block, each line ended: all chain declarations first, then the rules.
 
-    Declarations come first because a rule may only jump to a chain that already exists.
+    Declarations come first because a rule may only jump to a chain that already exists. Each
+    chain's rules are joined with their `-A CHAIN ` prefix in one call: a 10k-Service table has
+    330,000 rules, and a string per line was a third of the text's cost (issue 14).
     """
-    lines = [f"*{table.name}"]
-    lines += [f":{c.name} - [0:0]" for c in table.chains]
+    parts = [f"*{table.name}\n"]
+    parts += [f":{c.name} - [0:0]\n" for c in table.chains]
     # kube-proxy prepends its jumps, so they run before rules other software appended to the
     # built-in chains; `-I CHAIN n` keeps that order when loaded with --noflush, too.
     position: dict[str, int] = {}
     for j in jumps:
         if j.table == table.name:
             position[j.chain] = position.get(j.chain, 0) + 1
-            lines.append(f"-I {j.chain} {position[j.chain]} {j.rule}")
-    lines += [f"-A {c.name} {rule}" for c in table.chains for rule in c.rules]
-    lines.append("COMMIT")
-    return lines
+            parts.append(f"-I {j.chain} {position[j.chain]} {j.rule}\n")
+    for c in table.chains:
+        if c.rules:
+            prefix = f"-A {c.name} "
+            parts += (prefix, f"\n{prefix}".join(c.rules), "\n")
+    parts.append("COMMIT\n")
+    return "".join(parts)
 
 
 def render_restore(ruleset: Ruleset, with_jumps: bool = True) -> str:
     """The ruleset as `iptables-restore` input, loadable as is into an empty namespace."""
-    lines: list[str] = []
-    for table in ruleset.tables:
-        lines += render_table(table, ruleset.jumps if with_jumps else ())
-    return "\n".join(lines) + "\n"
+    return "".join(render_table(table, ruleset.jumps if with_jumps else ()) for table in ruleset.tables)

@@ -153,7 +153,7 @@ class _Head(msgspec.Struct):
     kind: Any = None
 
 
-def json_list_items(text: str) -> list[msgspec.Raw] | None:
+def json_list_items(text: str | bytes) -> list[msgspec.Raw] | None:
     """The items of a JSON text that is one `kind: List`, each still as its JSON text, so that
     each becomes its Struct directly, without a dict per object (at 10,000 Services the dicts
     were 170 MiB). None for any other text, or one msgspec refuses: then the text is decoded
