@@ -9,6 +9,7 @@ listed again from its start after the backoff.
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -142,3 +143,27 @@ def test_a_stop_between_pages_abandons_the_list(api: FakeAPIServer) -> None:
         assert not h.threads[0].is_alive()
     assert replaces(h) == [] and not h.reflectors[0].synced.is_set()
     assert len(list_queries(api)) == 2
+
+
+def test_the_next_page_is_asked_for_while_this_one_is_still_being_prepared(api: FakeAPIServer) -> None:
+    """The fetch ahead (issue 14): the request for page 2 reaches the server while page 1's first
+    object is in `prepare`, which waits for that request; one page at a time, it would time out."""
+    second_page_asked = threading.Event()
+    waited: list[bool] = []
+
+    def hook(resource: str, query: dict[str, str]) -> None:
+        if "continue" in query:
+            second_page_asked.set()
+
+    def prepare(obj: Any) -> Any:
+        if not waited:
+            waited.append(second_page_asked.wait(5))
+        return obj
+
+    api.before_list = hook
+    with listed(api, prepare=prepare) as h:
+        pass
+    assert waited == [True]
+    [replace] = replaces(h)
+    assert names(replace) == NAMES  # in order, each once
+    assert ["continue" in q for q in list_queries(api)] == [False, True, True]  # still one after the other

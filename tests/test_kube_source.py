@@ -46,7 +46,7 @@ class Harness:
         options = {"watch_timeout": 2, "initial_backoff": 0.05, "jitter": lambda: 0.0, **options}
         # `prepared`: as the agent runs them, converting each object on the reflector's thread.
         self.reflectors = [Reflector(name, fn, self.events.put, self.stop,
-                                     prepare=PREPARE.get(name) if prepared else None, **options)
+                                     **{"prepare": PREPARE.get(name) if prepared else None, **options})
                            for name, fn in list_functions(self.api_client).items() if name in resources]
         self.threads = [threading.Thread(target=r.run, daemon=True) for r in self.reflectors]
 

@@ -206,6 +206,30 @@ def _as_is(obj: Any) -> Any:
     return obj
 
 
+class _Fetch:
+    """`fetch(*args)` run on a daemon thread of its own; `result()` waits for it, then returns
+    what it returned or raises what it raised. A fetch abandoned (the agent stopping, a page
+    that failed) ends on its own with its request; being a daemon, it never holds up an exit."""
+
+    def __init__(self, fetch: Callable[..., Any], *args: Any, name: str) -> None:
+        self._outcome: tuple[bool, Any] = (False, None)
+        self._thread = threading.Thread(target=self._run, args=(fetch, args), name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self, fetch: Callable[..., Any], args: tuple[Any, ...]) -> None:
+        try:
+            self._outcome = (True, fetch(*args))
+        except BaseException as e:  # noqa: BLE001 - handed to the waiting thread, which raises it
+            self._outcome = (False, e)
+
+    def result(self) -> Any:
+        self._thread.join()
+        done, value = self._outcome
+        if not done:
+            raise value
+        return value
+
+
 class _Stopped(Exception):
     """`stop` was set between two pages of a list: the list is abandoned, nothing is emitted."""
 
@@ -293,54 +317,60 @@ class Reflector:
         `FullListIfExpired` (set by `pager.New`) does; an `Expired` first page, or any other
         error, is the caller's (`run`: at once for 410, as client-go's `Reflector.list` retries
         an expired list at once; after a backoff for the rest).
+
+        The requests are the pager's, one after the other; but each next page is fetched (on a
+        thread of its own, `_Fetch`) while this one's objects are decoded and prepared, which
+        otherwise waited for the server in turn: at 10,000 Services the list of EndpointSlices
+        spent 0.6 of its 1.5 s waiting (issue 14). At most one page is fetched ahead.
         """
         items: list[Any] = []
         token = ""
+        upcoming = _Fetch(self._fetch_page, self._page_size, token, name=f"{self.resource}-page")
         while True:
             try:
-                page, version, token_next = self._list_page(self._page_size, token)
+                page, version, token_next = upcoming.result()
             except ApiException as e:
                 if not token or not _expired(e):
                     raise
                 log.info("%s: list's continue token expired (410 Expired); listing whole", self.resource)
                 items.clear()  # the pages so far are of a snapshot that is gone
-                page, version, _ = self._list_page(0, "")
-                return page, version
-            items += page
-            del page
+                page, version, _ = self._fetch_page(0, "")
+                return self._decoded(page), version
             token = token_next
             if not token:
+                items += self._decoded(page)
                 return items, version
             if self._stop.is_set():  # as the pager checks its context between pages
                 raise _Stopped
+            upcoming = _Fetch(self._fetch_page, self._page_size, token, name=f"{self.resource}-page")
+            items += self._decoded(page)
+            del page
 
-    def _list_page(self, limit: int, token: str) -> tuple[list[Any], str, str]:
-        """One list request: its items, resourceVersion and continue token ("" on the last page)."""
+    def _fetch_page(self, limit: int, token: str) -> tuple[list[Any], str, str]:
+        """One list request: its items (still JSON text, for a resource with a slim Struct),
+        resourceVersion and continue token ("" on the last page)."""
         options: dict[str, Any] = {}
         if limit:
             options["limit"] = limit
         if token:
             options["_continue"] = token
-        kind = RESOURCE_KINDS.get(self.resource)
-        if kind is None:  # a resource without a slim Struct: the client's typed objects
+        if self.resource not in RESOURCE_KINDS:  # a resource without a slim Struct: the client's typed objects
             result = self._list(**options)
             meta = result.metadata
-            return self._prepared(list(result.items or ())), str(meta.resource_version), meta.var_continue or ""
-        # The raw body decoded straight into slim Structs (`slim.api_list`): the client's
-        # typed objects of a 10,000-Service list were most of the agent's first-list peak.
+            return list(result.items or ()), str(meta.resource_version), meta.var_continue or ""
         response = self._list(_preload_content=False, **options)
         try:
-            items, version, token = slim.api_list(kind, response.data)
+            return slim.api_list_page(response.data)
         finally:
             response.release_conn()
-        del response  # and its body (`data` keeps it) before the page is prepared
-        return self._prepared(items), version, token
 
-    def _prepared(self, page: list[Any]) -> list[Any]:
-        """The page's objects through `prepare`, in place: each decoded object goes as its value
-        comes, and the page's are all gone before the next page is fetched."""
+    def _decoded(self, page: list[Any]) -> list[Any]:
+        """A page's items as what is handed on: each decoded straight into its slim Struct
+        (`slim.api_item`; the client's typed objects of a 10,000-Service list were most of the
+        agent's first-list peak), then prepared, in place, so that no page's Structs outlive it."""
+        kind = RESOURCE_KINDS.get(self.resource)
         for i, obj in enumerate(page):
-            page[i] = self._prepare(obj)
+            page[i] = self._prepare(obj if kind is None else slim.api_item(kind, obj))
         return page
 
     def _watch_from(self, version: str) -> None:

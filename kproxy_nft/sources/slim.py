@@ -49,8 +49,8 @@ try:  # libyaml's C parser; without it there is nothing to speed up
 except ImportError:  # pragma: no cover - depends on how PyYAML was built
     from yaml import SafeLoader as YamlLoader  # type: ignore[assignment]
 
-__all__ = ["KINDS", "STRUCTS", "Unsure", "api_list", "json_kind", "json_list_items", "lean_yaml_load",
-           "struct_from_json", "to_struct", "watch_event"]
+__all__ = ["KINDS", "STRUCTS", "Unsure", "api_item", "api_list", "api_list_page", "json_kind", "json_list_items",
+           "lean_yaml_load", "struct_from_json", "to_struct", "watch_event"]
 
 
 class Unsure(Exception):
@@ -199,26 +199,29 @@ class _ApiList(msgspec.Struct):
     items: list[msgspec.Raw] | None = None
 
 
-def api_list(key: tuple[str, str], body: bytes) -> tuple[list[Any], str, str]:
-    """The items of an API list response (or one page of a list) of kind `key` (items carry no
-    kind of their own) as slim Structs, the list's resourceVersion and its `continue` token
-    ("" on a list's last or only page): no dict, no pydantic model per object.
-
-    An item msgspec cannot judge becomes the client's model, which raises as the client's own
-    deserialization would (the reflector then lists again, after a backoff); so does a body
-    that is not JSON (a truncated response).
-    """
+def api_list_page(body: bytes) -> tuple[list[msgspec.Raw], str, str]:
+    """The items of an API list response (or one page of a list), each still as its JSON text
+    (`api_item` decodes one), the list's resourceVersion and its `continue` token ("" on a
+    list's last or only page). A body that is not JSON (a truncated response) raises
+    msgspec.DecodeError; the reflector then lists again, after a backoff."""
     listing = msgspec.json.decode(body, type=_ApiList)
-    items = [_struct_or_model(key, item) for item in listing.items or ()]
-    return items, listing.metadata.resource_version, listing.metadata.continue_
+    return listing.items or [], listing.metadata.resource_version, listing.metadata.continue_
 
 
-def _struct_or_model(key: tuple[str, str], item: msgspec.Raw) -> Any:
-    """An API object's Struct, or the client's model where msgspec cannot judge it."""
+def api_item(key: tuple[str, str], item: msgspec.Raw) -> Any:
+    """An item of a list of kind `key` (items carry no kind of their own) as its slim Struct: no
+    dict, no pydantic model. One msgspec cannot judge becomes the client's model, which raises
+    as the client's own deserialization would."""
     try:
         return struct_from_json(key, item)
     except Unsure:
         return KINDS[key].model_validate(msgspec.json.decode(item))
+
+
+def api_list(key: tuple[str, str], body: bytes) -> tuple[list[Any], str, str]:
+    """`api_list_page` with every item decoded (`api_item`)."""
+    items, version, token = api_list_page(body)
+    return [api_item(key, item) for item in items], version, token
 
 
 class _WatchEvent(msgspec.Struct):
@@ -235,7 +238,7 @@ def watch_event(key: tuple[str, str], line: str | bytes) -> tuple[str, Any] | No
         return None
     if event.type not in ("ADDED", "MODIFIED", "DELETED"):
         return None
-    return event.type, _struct_or_model(key, event.object)
+    return event.type, api_item(key, event.object)
 
 
 def to_struct(key: tuple[str, str], obj: dict[str, Any]) -> Any:
