@@ -22,14 +22,18 @@ the agent rows need root. Usage:
     python bench/bench_ingest.py [--sizes 1000,10000,30000] [--decoder-sizes 1000,10000] [--endpoints 10]
                                  [--dir /tmp/kproxy-ingest] [--before DIR] [--agent-sizes 1000,10000,30000]
                                  [--agent-modes nftables,iptables] [--settle 10] [--chart bench/ingest.png]
+                                 [--repeat 3]
 """
 
 from __future__ import annotations
 
 import argparse
+import compileall
 import contextlib
+import functools
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -42,6 +46,7 @@ import msgspec
 import yaml
 from _common import exit_on_sigterm
 
+import kproxy_nft
 from kproxy_nft.lab.netns import throwaway_netns
 from kproxy_nft.lab.synthetic import synthetic_objects
 from kproxy_nft.sources import slim
@@ -112,6 +117,16 @@ def decoders() -> dict[str, Callable[[str], Any]]:
     except ImportError:
         pass
     return found
+
+
+def byte_compiled(package: Path) -> None:
+    """Write the package's bytecode, as `pip install` does, so that the runs timed load it.
+
+    Without it a source tree's runs compile every module again when bytecode is not written
+    (PYTHONDONTWRITEBYTECODE, set on this machine): 0.1 s more per `dump`, not what a user sees.
+    """
+    if not compileall.compile_dir(str(package), quiet=1, force=False, legacy=False):
+        raise SystemExit(f"{package}: does not compile")
 
 
 def measured(argv: list[str], tree: str | None) -> tuple[float, float, str]:
@@ -229,18 +244,35 @@ def compare_decoders(json_path: Path, yaml_path: Path) -> None:
         print(f"{name:<26} {time.perf_counter() - t0:8.2f}")
 
 
-def dump_figures(paths: tuple[Path, Path], before: str | None) -> dict[str, float]:
+def median_of(runs: int, measure: Callable[[], dict[str, float]]) -> dict[str, float]:
+    """Each figure of `measure()` as the median of `runs` runs: this 2-core VM's timings vary by
+    ±20% from one run to the next, and one run can land on a slow moment."""
+    results = [measure() for _ in range(runs)]
+    return {key: statistics.median(r[key] for r in results) for key in results[0]}
+
+
+def dump_once(path: Path, tree: str | None) -> dict[str, float]:
+    """One `dump` of `path` and one ingestion alone: wall s (inner s for ingestion) and peak MiB."""
+    fmt = path.suffix[1:]
+    wall, dump_rss, _ = measured([sys.executable, "-c", CLI, "dump", "-f", str(path)], tree)
+    _, rss, inner = measured([sys.executable, "-c", INGEST, str(path)], tree)
+    return {f"dump {fmt} s": wall, f"dump {fmt} peak MiB": dump_rss, f"ingest {fmt} s": float(inner),
+            f"ingest {fmt} peak MiB": rss}
+
+
+def dump_figures(paths: tuple[Path, Path], before: str | None, runs: int) -> dict[str, float]:
     """Print `dump` and ingestion alone per file (and per version); return the current version's."""
     figures: dict[str, float] = {}
-    print(f"{'what':<26} {'file':>5} {'version':>8} {'wall s':>8} {'peak RSS MiB':>13}")
+    print(f"{'what':<26} {'file':>5} {'version':>8} {'wall s':>8} {'peak RSS MiB':>13}   (median of {runs})")
     for path in paths:
         fmt = path.suffix[1:]
         for version, tree in [("before", before)] * bool(before) + [("now", None)]:
-            wall, dump_rss, _ = measured([sys.executable, "-c", CLI, "dump", "-f", str(path)], tree)
-            print(f"{'kproxy-nft dump':<26} {fmt:>5} {version:>8} {wall:8.2f} {dump_rss:13.0f}")
-            _, rss, inner = measured([sys.executable, "-c", INGEST, str(path)], tree)
-            print(f"{'ingestion alone':<26} {fmt:>5} {version:>8} {float(inner):8.2f} {rss:13.0f}")
-        figures |= {f"dump {fmt} s": wall, f"dump {fmt} peak MiB": dump_rss, f"ingest {fmt} s": float(inner)}
+            run = median_of(runs, functools.partial(dump_once, path, tree))
+            for what, key in (("kproxy-nft dump", "dump"), ("ingestion alone", "ingest")):
+                print(f"{what:<26} {fmt:>5} {version:>8} {run[f'{key} {fmt} s']:8.2f} "
+                      f"{run[f'{key} {fmt} peak MiB']:13.0f}")
+        del run[f"ingest {fmt} peak MiB"]
+        figures |= run
     return figures
 
 
@@ -256,8 +288,11 @@ def main() -> None:
     parser.add_argument("--agent-modes", default="nftables,iptables", help="proxy modes to run the agent in")
     parser.add_argument("--settle", type=float, default=10.0, help="seconds after the first sync to read VmRSS")
     parser.add_argument("--chart", default="bench/ingest.png")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per figure; each printed is their median")
     args = parser.parse_args()
     exit_on_sigterm()  # `timeout`/`kill` still stops the agent and deletes its namespace
+    for tree in (Path(kproxy_nft.__file__).parent, *([Path(args.before) / "kproxy_nft"] if args.before else [])):
+        byte_compiled(tree)
     directory = Path(args.dir)
     directory.mkdir(parents=True, exist_ok=True)
     agent_sizes = (args.sizes if args.agent_sizes is None else args.agent_sizes).split(",")
@@ -268,9 +303,9 @@ def main() -> None:
               f"(JSON {json_path.stat().st_size / 2**20:.0f} MiB, YAML {yaml_path.stat().st_size / 2**20:.0f} MiB)")
         if str(n) in args.decoder_sizes.split(","):
             compare_decoders(json_path, yaml_path)
-        results[n] = dump_figures((json_path, yaml_path), args.before)
+        results[n] = dump_figures((json_path, yaml_path), args.before, args.repeat)
         for mode in args.agent_modes.split(",") if str(n) in agent_sizes else ():
-            agent = agent_figures(n, args.endpoints, args.settle, mode)
+            agent = median_of(args.repeat, functools.partial(agent_figures, n, args.endpoints, args.settle, mode))
             print(" ".join(f"agent {mode} {key}: {value:.2f}" for key, value in agent.items()), flush=True)
             results[n] |= {f"agent {mode} {key}": value for key, value in agent.items()}
         print(flush=True)
