@@ -13,8 +13,8 @@ records and merged endpoint tuples of the previous snapshot. Pure: no I/O, no cl
 Converting is `prepare_service` / `prepare_slice`: an object → the small frozen value the tracker
 keeps of it (its key, its owning service, its converted ports or endpoints, or why it is invalid,
 and the trigger-time annotation the agent reads). They are pure, so the API's reflectors call
-them on their own threads, on each page of a list as it is decoded (`Reflector(prepare=...)`),
-and the decoded objects of a page are dropped before the next page is fetched: at 10,000
+them on their own threads, on each object of a list as it is decoded (`Reflector(prepare=...)`),
+and each decoded object is dropped before the next is decoded: at 10,000
 Services × 10 endpoints the EndpointSlice Structs were ~98 MiB, all alive at once until the
 loop had converted the whole list. The tracker prepares whatever it is handed, and a prepared
 value prepares to itself, so callers with raw objects (manifests, tests) go the same one way;

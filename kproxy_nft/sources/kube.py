@@ -9,10 +9,12 @@ after a jittered, doubling backoff.
 
 The list comes in pages (`limit`, then each page's `continue` token), as client-go's pager
 gives its reflector: every page is at the first page's resourceVersion (the server's promise),
-each page's raw body is decoded straight into slim Structs (`slim.api_list`: the client's
-attribute names, checked against its schema in C) and dropped before the next is fetched, so
-a 10,000-Service list's tens of MB of JSON are never held at once with their decoded objects.
-Only the complete list is handed on; a failed page fails the whole list. Each watch event's
+each page's items are decoded straight into slim Structs (`slim.api_item`: the client's
+attribute names, checked against its schema in C) and its body dropped once they are, so a
+10,000-Service list's tens of MB of JSON are never held at once with their decoded objects;
+only the next page's body is fetched meanwhile (`_Fetch`), so that decoding does not wait
+for the server. Only the complete list is handed on; a failed page fails the whole list.
+While a list is decoded the cyclic collector is paused (`no_cyclic_gc`). Each watch event's
 object is decoded the same way (`_SlimWatch`); the official client keeps the connection, auth
 and the watch protocol.
 
