@@ -215,11 +215,12 @@ def primary_family(node: NodeContext) -> IPFamily:
     return ip_family(node.node_ips[0]) if node.node_ips else IPFamily.V4
 
 
-def load_inputs(paths: Sequence[str], **flags: Any) -> tuple[Manifests, ProxySettings]:
-    """Read settings and manifests, turning any problem into `fail` (exit 2)."""
+def load_inputs(paths: Sequence[str], keep_objects: bool = True, **flags: Any) -> tuple[Manifests, ProxySettings]:
+    """Read settings and manifests, turning any problem into `fail` (exit 2). `keep_objects`:
+    see `read_manifests` (False for a command that only compiles them)."""
     try:
         settings = load_settings(**flags)
-        manifests = read_manifests(paths)
+        manifests = read_manifests(paths, keep_objects=keep_objects)
     except (ConfigError, ManifestError) as e:
         fail(str(e))
         raise  # unreachable: fail exits
@@ -272,7 +273,7 @@ def dump(ip_family: str | None, **options: Any) -> None:
     # Reading, merging and compiling build millions of objects and no cycles: without the
     # collector's rescans of them a 10k-Service dump takes a third less (issue 14).
     with no_cyclic_gc():
-        manifests, settings = load_inputs(**options)
+        manifests, settings = load_inputs(keep_objects=False, **options)
         state = manifests.cluster_state(warn)
         family = IPFamily(int(ip_family)) if ip_family else primary_family(settings.node)
         text = make_proxier(settings).render(state, family)
@@ -360,7 +361,7 @@ def apply(dry_run: bool, iptables_backend: str, **options: Any) -> None:
     was; the one line says so, or says it could not be), 3 internal error. After a change,
     UDP/SCTP conntrack flows that may be stale are deleted (a failure there is a warning).
     """
-    manifests, settings = load_inputs(**options)
+    manifests, settings = load_inputs(keep_objects=False, **options)
     state = manifests.cluster_state(warn)
     settings = with_local_addresses(settings, None)  # `--nodeport-addresses CIDR` matches these too
     proxier = make_proxier(settings, iptables_backend=None if iptables_backend == "auto" else iptables_backend)
