@@ -102,7 +102,8 @@ def _sides(sides: Sequence[str], live: bool) -> list[tuple[str, ...]]:
 def run_diff(sides: Sequence[str], load_inputs: LoadInputs, output: str, live: bool, iptables_backend: str,
              netns: str | None, **flags: Any) -> DiffReport:
     """Read the sides, compare them, print the report in `output` format; return it."""
-    inputs = [load_inputs(paths, **flags) for paths in _sides(sides, live)]
+    # Only the models are compared and compiled: the decoded objects are not kept (see `read_manifests`).
+    inputs = [load_inputs(paths, keep_objects=False, **flags) for paths in _sides(sides, live)]
     states = [manifests.cluster_state(warn) for manifests, _ in inputs]
     backend = None if iptables_backend == "auto" else iptables_backend
     if live:
