@@ -140,7 +140,6 @@ def test_memory_is_handed_back_after_a_check_that_compared_everything_not_after_
         assert len(releases) == expected, noticed_by
 
 
-
 def test_the_collector_stays_paused_from_the_snapshot_to_the_release_and_is_on_again_after(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
